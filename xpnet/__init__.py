@@ -1,0 +1,21 @@
+"""xpnet: a small, fast, honest deep-learning library on NumPy (CPU) or CuPy (GPU).
+
+    import xpnet
+    xpnet.use("numpy")                 # or XPNET_BACKEND=cupy|numpy|auto
+    model = xpnet.models.captcha_net()
+"""
+
+__version__ = "0.1.0"
+
+from . import backend, errors, layers, models, ops  # noqa: E402
+from .backend import (  # noqa: E402
+    asarray, get_array_module, get_dtype, seed, set_dtype, to_numpy, use, using,
+)
+from .layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU  # noqa: E402
+from .model import Sequential  # noqa: E402
+
+__all__ = [
+    "backend", "errors", "layers", "models", "ops",
+    "use", "using", "asarray", "to_numpy", "get_array_module", "get_dtype", "set_dtype", "seed",
+    "Sequential", "Conv2D", "MaxPool2D", "Dense", "ReLU", "Flatten", "Dropout", "BatchNorm",
+]

@@ -1,0 +1,79 @@
+"""The ``xpnet`` command.  Subcommands register themselves in ``COMMANDS``.
+
+Error policy: an ``XpnetError`` is printed as one sentence on stderr and the
+process exits with its ``exit_code`` (2 for usage errors, 1 for runtime
+failures); a traceback is shown only with ``--debug``.  argparse's own usage
+errors exit 2 as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+
+from .errors import XpnetError
+
+
+def _cmd_info(args) -> int:
+    from . import backend
+
+    data = backend.info()
+    if args.json:
+        print(json.dumps(data, indent=2, default=str))
+        return 0
+    print(f"backend      {data['backend']}  ({data['reason']})")
+    print(f"dtype        {data['dtype']}")
+    print(f"CuPy         {'importable' if data['cupy_importable'] else 'not importable'}; "
+          f"CUDA device {'usable' if data['cuda_device_usable'] else 'not usable'} ({data['device_probe']})")
+    dev = data.get("device") or {}
+    if dev:
+        gib = 1024 ** 3
+        print(f"device       {dev['name']} (#{dev['id']}, compute capability {dev['compute_capability']}), "
+              f"{dev['memory_free_bytes'] / gib:.1f} GiB free of {dev['memory_total_bytes'] / gib:.1f} GiB")
+        print(f"CUDA         runtime {data.get('cuda_runtime')}, driver {data.get('cuda_driver')}")
+    print(f"python       {data['python']} on {data['platform']}, {data['cpu_count']} CPU cores")
+    print("versions     " + ", ".join(f"{k} {v}" for k, v in data["versions"].items() if v))
+    return 0
+
+
+def _add_info(sub):
+    p = sub.add_parser("info", help="show the backend in use, why, the device and library versions")
+    p.add_argument("--json", action="store_true", help="print as JSON (default: a readable table)")
+    p.set_defaults(func=_cmd_info)
+
+
+# Each entry adds one subcommand to the parser.  Other modules append to it.
+COMMANDS = [_add_info]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="xpnet", description="xpnet: train and use CAPTCHA readers on NumPy (CPU) or CuPy (GPU).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except XpnetError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"xpnet: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("xpnet: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""2-D max pooling, forward and backward.
+
+Shapes: x (N, C, H, W) -> y (N, C, OH, OW) with
+OH = floor((H + 2*pad - size) / stride) + 1 (rows the windows never reach are
+ignored, as in every framework).  Padding counts as -inf, so a padded cell is
+never the maximum.  Ties go to the first position in the window in row-major
+order (deterministic on both backends).
+
+Two paths, one contract:
+* the general one builds the windows with the strided view of im2col
+  (overlapping windows, padding, any stride);
+* a fast one for the common non-overlapping case (stride == size, no
+  padding) that only reshapes.  Tests hold them equal.
+"""
+
+from __future__ import annotations
+
+from ..backend import get_array_module
+from ..errors import ShapeError
+from .im2col import output_hw, pad_input, pair, window_view
+
+
+def _take_max(windows):
+    """windows (..., K) -> (max (...), argmax index (...)), first maximum wins."""
+    return windows.max(axis=-1), windows.argmax(axis=-1)
+
+
+def max_pool2d_forward(x, size=2, stride=None, pad=0):
+    """Returns (y (N, C, OH, OW), cache)."""
+    if getattr(x, "ndim", None) != 4:
+        raise ShapeError(f"max_pool2d needs x of shape (N, C, H, W), got {getattr(x, 'shape', None)}.")
+    kh, kw = pair(size, "pool size")
+    sh, sw = pair(stride if stride is not None else (kh, kw), "pool stride")
+    ph, pw = pair(pad, "pool padding")
+    if ph > kh // 2 or pw > kw // 2:
+        raise ShapeError(f"pool padding {pad} must be at most half the window {size}.")
+    output_hw(x.shape[2], x.shape[3], (kh, kw), (sh, sw), (ph, pw))  # validates the window fits
+    if (sh, sw) == (kh, kw) and ph == 0 and pw == 0:
+        return forward_reshape(x, (kh, kw))
+    return forward_strided(x, (kh, kw), (sh, sw), (ph, pw))
+
+
+def forward_reshape(x, size):
+    """Non-overlapping windows (stride == size, no padding): crop, reshape, reduce."""
+    kh, kw = size
+    n, c, h, w = x.shape
+    oh, ow = h // kh, w // kw
+    xc = x[:, :, : oh * kh, : ow * kw]
+    windows = xc.reshape(n, c, oh, kh, ow, kw).transpose(0, 1, 2, 4, 3, 5).reshape(n, c, oh, ow, kh * kw)
+    return _finish(x, windows, (kh, kw), (kh, kw), (0, 0), "reshape")
+
+
+def forward_strided(x, size, stride, pad):
+    """The general path: any stride and padding, windows from the im2col strided view."""
+    (kh, kw), (ph, pw) = size, pad
+    n, c = x.shape[:2]
+    windows = window_view(pad_input(x, ph, pw, value=-float("inf")), kh, kw, *stride)  # (N, OH, OW, C, KH, KW)
+    oh, ow = windows.shape[1], windows.shape[2]
+    windows = windows.transpose(0, 3, 1, 2, 4, 5).reshape(n, c, oh, ow, kh * kw)
+    return _finish(x, windows, size, stride, pad, "strided")
+
+
+def _finish(x, windows, size, stride, pad, path):
+    y, idx = _take_max(windows)
+    y = get_array_module(x).ascontiguousarray(y)
+    return y, (x.shape, x.dtype, idx, size, stride, pad, path)
+
+
+def max_pool2d_backward(dy, cache):
+    """dx (N, C, H, W): each dy goes to the position that held its window's maximum."""
+    x_shape, dtype, idx, (kh, kw), (sh, sw), (ph, pw), path = cache
+    n, c, h, w = x_shape
+    oh, ow = idx.shape[2], idx.shape[3]
+    if dy.shape != (n, c, oh, ow):
+        raise ShapeError(f"max_pool2d_backward got dy of shape {dy.shape}, expected {(n, c, oh, ow)}.")
+    xp = get_array_module(dy)
+    # Scatter by comparison with the window positions (no put_along_axis needed).
+    dwin = (idx[..., None] == xp.arange(kh * kw)) * dy[..., None]
+    if path == "reshape":
+        dx = xp.zeros(x_shape, dtype=dtype)
+        block = dwin.reshape(n, c, oh, ow, kh, kw).transpose(0, 1, 2, 4, 3, 5).reshape(n, c, oh * kh, ow * kw)
+        dx[:, :, : oh * kh, : ow * kw] = block
+        return dx
+    # General path: add each window offset back (windows may overlap).
+    hp, wp = h + 2 * ph, w + 2 * pw
+    canvas = xp.zeros((n, c, hp, wp), dtype=dtype)
+    dwin = dwin.reshape(n, c, oh, ow, kh, kw)
+    for i in range(kh):
+        for j in range(kw):
+            canvas[:, :, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw] += dwin[..., i, j]
+    return xp.ascontiguousarray(canvas[:, :, ph:ph + h, pw:pw + w])

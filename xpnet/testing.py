@@ -1,0 +1,118 @@
+"""Test helpers used by xpnet's own tests and by users: one tolerance table,
+finite-difference gradients, and the cross-backend parity report.
+
+Tolerances are keyed by dtype and used everywhere two backends (or a fast and
+a reference path) are compared, so a change of policy happens in one place.
+"""
+
+from __future__ import annotations
+
+import numpy
+
+from . import backend
+from .errors import BackendError
+
+# CuPy vs NumPy (or fast path vs reference path) on identical inputs.  float32
+# sums of a few thousand products differ by summation order: ~1e-6 relative
+# per op, growing through a deep network, hence the looser model tolerance.
+TOLERANCES = {
+    "float64": {"op": dict(rtol=1e-10, atol=1e-12), "model": dict(rtol=1e-8, atol=1e-10)},
+    "float32": {"op": dict(rtol=1e-4, atol=1e-5), "model": dict(rtol=2e-3, atol=2e-4)},
+}
+
+# Central finite differences, always in float64.
+GRADCHECK = dict(eps=1e-6, rtol=1e-5, atol=1e-8)
+
+
+def tolerance(dtype, kind: str = "op") -> dict:
+    """rtol/atol for comparing arrays of ``dtype``; kind is "op" or "model"."""
+    name = numpy.dtype(dtype).name
+    if name not in TOLERANCES:
+        raise KeyError(f"no tolerance for dtype {name}")
+    return dict(TOLERANCES[name][kind])
+
+
+def assert_allclose(actual, desired, kind: str = "op", dtype=None, err_msg: str = "") -> None:
+    """Compare shape, dtype, then values with the table's tolerance (arrays of any backend)."""
+    a = backend.to_numpy(actual)
+    d = backend.to_numpy(desired)
+    assert a.shape == d.shape, f"shape {a.shape} != {d.shape} {err_msg}"
+    assert a.dtype == d.dtype, f"dtype {a.dtype} != {d.dtype} {err_msg}"
+    numpy.testing.assert_allclose(a, d, err_msg=err_msg, **tolerance(dtype or d.dtype, kind))
+
+
+def max_abs_diff(a, b) -> float:
+    a, b = backend.to_numpy(a), backend.to_numpy(b)
+    return float(numpy.max(numpy.abs(a.astype(numpy.float64) - b))) if a.size else 0.0
+
+
+def max_rel_diff(a, b) -> float:
+    """max |a - b| / max |b|: the error relative to the array's scale."""
+    b_np = backend.to_numpy(b).astype(numpy.float64)
+    scale = float(numpy.max(numpy.abs(b_np))) if b_np.size else 0.0
+    return max_abs_diff(a, b) / scale if scale > 0 else max_abs_diff(a, b)
+
+
+def numerical_gradient(f, x, eps: float = GRADCHECK["eps"]):
+    """d f / d x by central differences, element by element.  x: float64 NumPy array (restored)."""
+    if x.dtype != numpy.float64:
+        raise TypeError("finite-difference checks need float64 arrays")
+    grad = numpy.zeros_like(x)
+    it = numpy.nditer(x, flags=["multi_index"])
+    for _ in it:
+        i = it.multi_index
+        old = x[i]
+        x[i] = old + eps
+        fp = f()
+        x[i] = old - eps
+        fm = f()
+        x[i] = old
+        grad[i] = (fp - fm) / (2 * eps)
+    return grad
+
+
+def check_parity(model, x, targets=None, loss=None) -> list[dict]:
+    """Largest difference per layer between NumPy and CuPy on the same weights and input.
+
+    Runs ``model`` (any backend) as a NumPy copy and a CuPy copy: forward layer by
+    layer (each backend propagates its own activations, as a user's run would),
+    then, when ``targets`` are given, ``loss`` (default sigmoid + BCE) and backward,
+    comparing every gradient.  Returns rows {"layer", "what", "max_abs", "max_rel"}.
+    """
+    if not backend.has_cupy_gpu:
+        raise BackendError(f"check_parity needs CuPy and a CUDA device: {backend._device_reason}.")
+    from .ops import sigmoid_bce_with_logits
+
+    loss = loss or sigmoid_bce_with_logits
+    m_np, m_cp = model.clone("numpy"), model.clone("cupy")
+    x_np = backend.to_numpy(x)
+    x_cp = backend.cupy.asarray(x_np)
+    train = targets is not None
+    rows = []
+    a_np, a_cp = x_np, x_cp
+    m_np._check_batch(a_np)
+    for l_np, l_cp in zip(m_np.layers, m_cp.layers):
+        a_np = l_np.forward(a_np, train=train)
+        a_cp = l_cp.forward(a_cp, train=train)
+        rows.append({"layer": l_np.name, "what": "output", "max_abs": max_abs_diff(a_cp, a_np),
+                     "max_rel": max_rel_diff(a_cp, a_np)})
+    if train:
+        t_np = backend.to_numpy(targets).astype(a_np.dtype)
+        loss_np, d_np = loss(a_np, t_np)
+        loss_cp, d_cp = loss(a_cp, backend.cupy.asarray(t_np))
+        rows.append({"layer": "loss", "what": "value", "max_abs": max_abs_diff(loss_cp, loss_np),
+                     "max_rel": max_rel_diff(loss_cp, loss_np)})
+        m_np.backward(d_np)
+        m_cp.backward(d_cp)
+        g_cp = m_cp.gradients()
+        for name, g in m_np.gradients().items():
+            rows.append({"layer": name.split(".")[0], "what": "grad " + name.split(".", 1)[1],
+                         "max_abs": max_abs_diff(g_cp[name], g), "max_rel": max_rel_diff(g_cp[name], g)})
+    return rows
+
+
+def format_parity(rows) -> str:
+    lines = [f"{'layer':<12}{'what':<18}{'max |diff|':>14}{'rel. to scale':>16}"]
+    for r in rows:
+        lines.append(f"{r['layer']:<12}{r['what']:<18}{r['max_abs']:>14.3e}{r['max_rel']:>16.3e}")
+    return "\n".join(lines)

@@ -1,0 +1,5 @@
+"""Data: label codec, CAPTCHA generation, labelled-folder loading, MNIST."""
+
+from .labels import DIGITS_UPPER, Charset
+
+__all__ = ["Charset", "DIGITS_UPPER"]

@@ -25,6 +25,10 @@ def sigmoid_bce_with_logits(logits, targets):
 
         loss = max(x, 0) - x*t + log1p(exp(-|x|))      # = -t log s(x) - (1-t) log(1 - s(x))
         dloss/dx = (sigmoid(x) - t) / N
+
+    computed as max(x,0)*(1-t) - min(x,0)*t + log1p(exp(-|x|)): the same value, but a
+    sum of non-negative terms, so a huge logit with a soft target cannot cancel to a
+    negative loss.
     """
     if getattr(logits, "ndim", 0) < 1:
         raise ShapeError("sigmoid_bce_with_logits needs logits of shape (N, K).")
@@ -37,7 +41,7 @@ def sigmoid_bce_with_logits(logits, targets):
     t = _as_logits_dtype(targets, logits, "targets")
     n = logits.shape[0]
     e = xp.exp(-xp.abs(logits))  # in (0, 1]
-    per_unit = xp.maximum(logits, 0) - logits * t + xp.log1p(e)
+    per_unit = xp.maximum(logits, 0) * (1 - t) - xp.minimum(logits, 0) * t + xp.log1p(e)
     loss = per_unit.sum(dtype=logits.dtype) / logits.dtype.type(n)
     sig = xp.where(logits >= 0, 1 / (1 + e), e / (1 + e))
     dlogits = (sig - t) / logits.dtype.type(n)

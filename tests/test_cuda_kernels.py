@@ -349,6 +349,72 @@ def test_emulation_reads_outside_an_array_show_as_nan(emulated_rt):
     assert np.isnan(col).any()
 
 
+def test_wrappers_argument_lists_fit_the_kernel_signatures(emulated_rt):
+    """The emulation checks every launch against the parsed CUDA signature; a wrong list fails."""
+    assert set(emulate.kernel_signatures()) == set(KERNEL_NAMES)
+    x = np.zeros((1, 1, 4, 4), np.float32)
+    col = np.zeros((1, 2, 2, 1, 3, 3), np.float32)
+    good = [("p", x), ("p", col), ("I", col.size)] + K._window_args(1, 4, 4, 2, 2, 3, 3, 1, 1, 0, 0)
+    for bad in (good[:-1], [("p", x), ("p", col.astype(np.float64))] + good[2:], good[:2] + [("i", 36)] + good[3:]):
+        with pytest.raises(BackendError, match="kernel xpnet_im2col"):
+            emulated_rt.launch("xpnet_im2col", np.float32, False, col.size, bad)
+
+
+class RecordingCupyRuntime(K.CupyRuntime):
+    """CupyRuntime's own argument conversion, on NumPy arrays, checked against the signatures
+    with the exact scalar types CuPy will pass to the kernel (int32 vs int64, float vs double)."""
+
+    xp = np
+
+    def __init__(self, emulated):
+        super().__init__()
+        self.emulated = emulated
+        self.calls = []
+
+    def function(self, name, dtype_char, wide):
+        params = emulate.kernel_signatures()[name]
+        scalar = {"I": np.int64 if wide else np.int32, "int": np.int32, "T": np.dtype(dtype_char).type}
+
+        def launch(grid, block, args):
+            assert len(grid) == 1 and len(block) == 1 and grid[0] >= 1 and block[0] == K.BLOCK
+            assert len(args) == len(params)
+            for ptype, arg in zip(params, args):
+                base = ptype.replace("const ", "")
+                if base.endswith("*"):
+                    assert isinstance(arg, np.ndarray) and arg.flags.c_contiguous
+                else:
+                    assert type(arg) is scalar[base], (name, ptype, type(arg))
+            self.calls.append(name)
+            # Run it too, through the emulation, with the converted values.
+            kinds = [("p", a) if isinstance(a, np.ndarray) else
+                     ({np.int32: "i", np.int64: "I"}.get(type(a), "T"), a) for a in args]
+            kinds = [("I", v) if p == "I" else (k, v) for p, (k, v) in zip(params, kinds)]
+            self.emulated.launch(name, np.dtype(dtype_char), wide, int(args[params.index("I")]), kinds)
+
+        return launch
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_cupy_runtime_passes_the_scalar_types_the_kernels_declare(emulated_rt, rng, monkeypatch, wide):
+    if wide:
+        monkeypatch.setattr(K, "_INT32_LIMIT", 10)
+    rt = RecordingCupyRuntime(emulated_rt)
+    for dtype in DTYPES:
+        x = tie_free(rng, POOL_SHAPE, dtype)
+        col = K._im2col(rt, x, 3, 2, 1)
+        assert np.array_equal(col, ops.im2col(x, 3, 2, 1))
+        K._col2im(rt, col, x.shape, 3, 2, 1)
+        y, idx = K._max_pool_forward(rt, x, 3, 2, 1)
+        assert np.array_equal(y, ops.max_pool2d_forward(x, 3, 2, 1)[0])
+        K._max_pool_backward(rt, y, idx, x.shape, 3, 2, 1, relu_y=y)
+        K._bias_act(rt, x, x[0, :, 0, 0].copy(), True)
+        K._nhwc_to_nchw(rt, x.reshape(-1, 7), None, (2, 7, 3, 9), relu=True)
+        K._relu_backward(rt, x, x)
+        loss, d = K._sigmoid_bce_with_logits(rt, x.reshape(2, -1), (x.reshape(2, -1) > 0).astype(dtype))
+        assert_allclose(loss, ops.sigmoid_bce_with_logits(x.reshape(2, -1), (x.reshape(2, -1) > 0).astype(dtype))[0])
+    assert set(rt.calls) == set(KERNEL_NAMES)
+
+
 # ------------------------------------------------------------- compile checks
 
 def test_kernel_sources_compile_with_nvcc_for_sm90(tmp_path):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -32,7 +33,7 @@ import tempfile
 import numpy
 
 from ..errors import BackendError
-from .source import ELEMENT_TYPES, module_source
+from .source import ELEMENT_TYPES, SOURCE, module_source
 
 # Enough to make blockIdx & co. plain variables and the CUDA keywords vanish.
 CPU_SHIM = r"""
@@ -52,6 +53,43 @@ extern "C" void xpemu_set(unsigned block, unsigned thread, unsigned block_dim, u
 GUARD = 64  # elements of guard zone on each side of every array
 
 VARIANTS = [(c, wide) for c in ELEMENT_TYPES for wide in (False, True)]
+
+
+def kernel_signatures() -> dict:
+    """{kernel name: [parameter types]} parsed from SOURCE, e.g. ["const T*", "T*", "I", "int"].
+
+    Both runtimes' argument lists are checked against these, so a wrapper that
+    passes arguments in the wrong order or of the wrong kind fails on the CPU.
+    """
+    sigs = {}
+    for match in re.finditer(r'extern "C" __global__ void (\w+)\((.*?)\)', SOURCE, re.S):
+        params = []
+        for param in match.group(2).split(","):
+            words = param.replace("__restrict__", "").split()
+            params.append(" ".join(words[:-1]).replace(" *", "*"))
+        sigs[match.group(1)] = params
+    return sigs
+
+
+def check_arguments(name: str, dtype, args) -> None:
+    """Raise BackendError when ``args`` ([(kind, value)], as the wrappers build them)
+    do not fit kernel ``name``'s parameters: count, kind, and pointer element types."""
+    dtype = numpy.dtype(dtype)
+    params = kernel_signatures().get(name)
+    if params is None:
+        raise BackendError(f"there is no kernel named {name} in the CUDA source.")
+    if len(params) != len(args):
+        raise BackendError(f"kernel {name} takes {len(params)} arguments, the wrapper passed {len(args)}.")
+    for i, (ptype, (kind, value)) in enumerate(zip(params, args)):
+        base = ptype.replace("const ", "")
+        if base.endswith("*"):
+            want = {"T*": dtype, "int*": numpy.dtype(numpy.int32)}[base]
+            ok = kind == "p" and getattr(value, "dtype", None) == want
+        else:
+            ok = kind == {"I": "I", "int": "i", "T": "T"}[base]
+        if not ok:
+            got = f"{kind} {getattr(value, 'dtype', type(value).__name__)}"
+            raise BackendError(f"kernel {name} argument {i} is '{ptype}' but the wrapper passed {got}.")
 
 
 def find_cxx() -> str | None:
@@ -135,6 +173,7 @@ class EmulatedRuntime:
 
     def launch(self, name: str, dtype, wide: bool, total: int, args) -> None:
         dtype = numpy.dtype(dtype)
+        check_arguments(name, dtype, args)
         self.launches.append((name, dtype.char, bool(wide), int(total)))
         if total == 0:
             return

@@ -48,9 +48,14 @@ def op_cases(cp, K, n, rng):
         c = shape[1]
         oh, ow = shape[2] - 2, shape[3] - 2
         col = arr(n, oh, ow, c, 3, 3)
+        colT = cp.ascontiguousarray(col.transpose(3, 4, 5, 0, 1, 2))
         cases.append((f"{name} im2col", str(shape), lambda x=x: ops.im2col(x, 3), lambda x=x: K.im2col(x, 3)))
+        cases.append((f"{name} im2col (cnhw)", str(shape), lambda x=x: ops.im2col(x, 3).transpose(3, 4, 5, 0, 1, 2),
+                      lambda x=x: K.im2col_cnhw(x, 3)))
         cases.append((f"{name} col2im", str(col.shape), lambda col=col, s=shape: ops.col2im(col, s, 3),
                       lambda col=col, s=shape: K.col2im(col, s, 3)))
+        cases.append((f"{name} col2im (cnhw)", str(colT.shape), lambda col=col, s=shape: ops.col2im(col, s, 3),
+                      lambda colT=colT, s=shape: K.col2im_cnhw(colT, s, 3)))
         y2, b = arr(n * oh * ow, f), arr(f)
 
         def generic_epilogue(y2=y2, b=b, s=(n, oh, ow, f)):
@@ -59,6 +64,14 @@ def op_cases(cp, K, n, rng):
 
         cases.append((f"{name} bias+NCHW+ReLU", str((n, f, oh, ow)), generic_epilogue,
                       lambda y2=y2, b=b, s=(n, f, oh, ow): K.nhwc_to_nchw(y2, b, s, relu=True)))
+        yT = arr(f, n * oh * ow)
+
+        def generic_fnp(yT=yT, b=b, s=(f, n, oh, ow)):
+            y = cp.ascontiguousarray(yT.reshape(s).transpose(1, 0, 2, 3)) + b.reshape(1, -1, 1, 1)
+            return cp.maximum(y, 0)
+
+        cases.append((f"{name} bias+FNP->NFP+ReLU", str((n, f, oh, ow)), generic_fnp,
+                      lambda yT=yT, b=b, s=(n, f, oh, ow): K.fnp_to_nfp(yT, b, s, relu=True)))
     pools = [("pool1", (n, 32, 30, 78)), ("pool2", (n, 64, 13, 37)), ("pool3", (n, 128, 4, 16))]
     for name, shape in pools:
         x = arr(*shape, tie_free=True)
@@ -136,22 +149,26 @@ def main(argv=None) -> int:
 
     tf32 = os.environ.get("CUPY_TF32", "0")
     print(f"\nwhole training step (forward, fused loss, backward, SGD), float32, CUPY_TF32={tf32}:")
-    print(f"{'model':<18}{'generic ms':>11}{'kernels ms':>11}{'speedup':>9}{'img/s generic':>15}{'img/s kernels':>15}")
+    print(f"{'model':<16}{'path':<22}{'ms/step':>9}{'images/s':>10}{'vs generic':>12}{'host ms':>9}")
     for name in ("captcha_net", "captcha_net_bn"):
         backend.seed(0)
         model = models.build(name)
         step = training_step_fn(cp, model, args.batch, rng)
-        with K.disabled():
-            step()
-            g_ms, _ = time_gpu(benchmark, step, 3 * args.max_duration, n_repeat=30)
-        with cuda_ops.installed():
-            step()
-            k_ms, _ = time_gpu(benchmark, step, 3 * args.max_duration, n_repeat=30)
-        results.append({"op": f"{name} training step", "shape": f"batch {args.batch}", "generic_ms": g_ms,
-                        "kernel_ms": k_ms, "images_per_s_generic": args.batch / g_ms * 1e3,
-                        "images_per_s_kernels": args.batch / k_ms * 1e3})
-        print(f"{name:<18}{g_ms:>11.2f}{k_ms:>11.2f}{g_ms / k_ms:>8.2f}x"
-              f"{args.batch / g_ms * 1e3:>15,.0f}{args.batch / k_ms * 1e3:>15,.0f}")
+        generic_ms = None
+        for path in ("generic CuPy", "kernels, cnhw conv", "kernels, nhwc conv"):
+            if path == "generic CuPy":
+                scope = K.disabled()
+            else:
+                layout = path.split(", ")[1].split()[0]
+                scope = cuda_ops.installed(cuda_ops.KernelOps(K.CupyRuntime(), conv_layout=layout))
+            with scope:
+                step()
+                ms, host_ms = time_gpu(benchmark, step, 3 * args.max_duration, n_repeat=30)
+            generic_ms = generic_ms or ms
+            results.append({"op": f"{name} training step", "path": path, "batch": args.batch, "ms": ms,
+                            "host_ms": host_ms, "images_per_s": args.batch / ms * 1e3})
+            print(f"{name:<16}{path:<22}{ms:>9.2f}{args.batch / ms * 1e3:>10,.0f}{generic_ms / ms:>11.2f}x"
+                  f"{host_ms:>9.2f}")
     payload = {"device": info.get("name"), "cupy": cp.__version__, "batch": args.batch, "results": results}
     print("RESULT_JSON " + json.dumps(payload))
     if args.json:

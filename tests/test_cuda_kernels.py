@@ -143,6 +143,38 @@ def test_col2im_rejects_a_wrong_shape(dev):
         K._col2im(dev.rt, dev.put(np.zeros((1, 2, 2, 1, 3, 3), np.float32)), (1, 1, 5, 5), 3, 1, 0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_cnhw_column_layout_kernels(dev, rng, dtype, case):
+    """colT (C, KH, KW, N, OH, OW) is im2col's col with its axes moved; col2im_cnhw its adjoint."""
+    shape, kernel, stride, pad = case
+    x = rng.standard_normal(shape).astype(dtype)
+    expected = ops.im2col(x, kernel, stride, pad).transpose(3, 4, 5, 0, 1, 2)
+    colT = dev.get(K._im2col_cnhw(dev.rt, dev.put(x), kernel, stride, pad))
+    assert colT.dtype == dtype and np.array_equal(colT, expected)
+    c = rng.standard_normal(colT.shape).astype(dtype)
+    dx = dev.get(K._col2im_cnhw(dev.rt, dev.put(c), shape, kernel, stride, pad))
+    assert_allclose(dx, ops.col2im(np.ascontiguousarray(c.transpose(3, 4, 5, 0, 1, 2)), shape, kernel, stride, pad))
+    assert dx.tobytes() == dev.get(K._col2im_cnhw(dev.rt, dev.put(c), shape, kernel, stride, pad)).tobytes()
+    with pytest.raises(ShapeError, match="colT has shape"):
+        K._col2im_cnhw(dev.rt, dev.put(c), (shape[0] + 1,) + shape[1:], kernel, stride, pad)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_bias,relu", [(True, True), (True, False), (False, False)])
+def test_fnp_to_nfp_epilogue(dev, rng, dtype, with_bias, relu):
+    n, f, oh, ow = 3, 5, 4, 7
+    yT = rng.standard_normal((f, n * oh * ow)).astype(dtype)
+    b = rng.standard_normal(f).astype(dtype) if with_bias else None
+    expected = yT.reshape(f, n, oh, ow).transpose(1, 0, 2, 3)
+    if with_bias:
+        expected = expected + b.reshape(1, f, 1, 1)
+    if relu:
+        expected = ops.relu_forward(expected)[0]
+    got = K._fnp_to_nfp(dev.rt, dev.put(yT), None if b is None else dev.put(b), (n, f, oh, ow), relu)
+    assert np.array_equal(dev.get(got), expected)
+
+
 # ---------------------------------------------------------------- max pooling
 
 def window_positions(idx, size, stride, pad):
@@ -404,6 +436,10 @@ def test_cupy_runtime_passes_the_scalar_types_the_kernels_declare(emulated_rt, r
         col = K._im2col(rt, x, 3, 2, 1)
         assert np.array_equal(col, ops.im2col(x, 3, 2, 1))
         K._col2im(rt, col, x.shape, 3, 2, 1)
+        colT = K._im2col_cnhw(rt, x, 3, 2, 1)
+        assert np.array_equal(colT, col.transpose(3, 4, 5, 0, 1, 2))
+        K._col2im_cnhw(rt, colT, x.shape, 3, 2, 1)
+        K._fnp_to_nfp(rt, x.reshape(3, -1), x[0, :, 0, 0].copy(), (2, 3, 9, 7), relu=True)
         y, idx = K._max_pool_forward(rt, x, 3, 2, 1)
         assert np.array_equal(y, ops.max_pool2d_forward(x, 3, 2, 1)[0])
         K._max_pool_backward(rt, y, idx, x.shape, 3, 2, 1, relu_y=y)

@@ -15,10 +15,16 @@ from xpnet.testing import assert_allclose, check_parity, max_rel_diff, tolerance
 
 
 @pytest.fixture(scope="module")
-def emulated_ops():
+def emulated_rt():
     if emulate.find_cxx() is None:
         pytest.skip("no C++ compiler (g++, c++ or clang++) for the CPU emulation of the CUDA kernels")
-    return cuda_ops.KernelOps(emulate.EmulatedRuntime())
+    return emulate.EmulatedRuntime()
+
+
+@pytest.fixture(params=cuda_ops.LAYOUTS)
+def emulated_ops(request, emulated_rt):
+    """Kernel-backed ops on the emulation, with each conv column layout."""
+    return cuda_ops.KernelOps(emulated_rt, conv_layout=request.param)
 
 
 def always(*arrays):
@@ -49,6 +55,8 @@ def test_conv_matches_generic(emulated_ops, rng, dtype, case):
 
 
 def test_conv_errors_are_clear(emulated_ops):
+    with pytest.raises(xpnet.errors.ShapeError, match="conv_layout"):
+        cuda_ops.KernelOps(emulated_ops.rt, conv_layout="nchw")
     x = np.zeros((1, 3, 5, 5), np.float32)
     with pytest.raises(xpnet.errors.ShapeError, match="3 channels but the kernel expects 2"):
         emulated_ops.conv2d_forward(x, np.zeros((4, 2, 3, 3), np.float32))
@@ -111,7 +119,8 @@ def test_whole_model_parity_with_kernels_installed(rng, build):
 
 
 @pytest.mark.gpu
-def test_kernel_and_generic_cupy_training_steps_agree(rng):
+@pytest.mark.parametrize("layout", cuda_ops.LAYOUTS)
+def test_kernel_and_generic_cupy_training_steps_agree(rng, layout):
     """The same CuPy model, kernels on vs off: same loss and gradients, and kernels really ran."""
     xpnet.use("cupy")
     model = models.captcha_net().astype(np.float64)
@@ -128,7 +137,7 @@ def test_kernel_and_generic_cupy_training_steps_agree(rng):
 
     with K.disabled():
         loss, grads, _ = step(model)
-    with cuda_ops.installed():
+    with cuda_ops.installed(cuda_ops.KernelOps(K.CupyRuntime(), conv_layout=layout)):
         loss_k, grads_k, caches = step(twin)
     assert "KernelCache" in caches
     assert abs(float(loss_k) - float(loss)) <= 1e-10 * abs(float(loss))

@@ -14,6 +14,7 @@ step that uses these functions never synchronises.
     max_pool_backward(dy, idx, x_shape, size, stride=None, pad=0, relu_y=None) -> dx
     bias_act(y, b, relu=True, out=None)                  -> y + b[channel] (ReLU'd)
     nhwc_to_nchw(y2, b, out_shape, relu=False)          -> (N, F, OH, OW)
+    im2col_cnhw / col2im_cnhw / fnp_to_nfp              -> the same with col as (C, KH, KW, N, OH, OW)
     relu_backward(dy, y)                                 -> dy * (y > 0)
     sigmoid_bce_with_logits(logits, targets)             -> (loss 0-d, dlogits)
 
@@ -339,6 +340,54 @@ def _nhwc_to_nchw(rt, y2, b, out_shape, relu=False):
     return out
 
 
+def _im2col_cnhw(rt, x, kernel, stride=1, pad=0):
+    """colT (C, KH, KW, N, OH, OW): im2col with the channel-and-offset axes outermost."""
+    xp = rt.xp
+    dtype = _float_dtype(x, "im2col input")
+    n, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw = _geometry(x.shape, kernel, stride, pad)
+    x = xp.ascontiguousarray(x)
+    out = xp.empty((c, kh, kw, n, oh, ow), dtype=dtype)
+    total = out.size
+    rt.launch("xpnet_im2col_cnhw", dtype, _is_wide(total, x.size), total,
+              [("p", x), ("p", out), ("I", total), ("I", n)]
+              + _window_args(c, h, w, oh, ow, kh, kw, sh, sw, ph, pw))
+    return out
+
+
+def _col2im_cnhw(rt, colT, x_shape, kernel, stride=1, pad=0):
+    xp = rt.xp
+    dtype = _float_dtype(colT, "col2im input")
+    n, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw = _geometry(x_shape, kernel, stride, pad)
+    if tuple(colT.shape) != (c, kh, kw, n, oh, ow):
+        raise ShapeError(f"colT has shape {tuple(colT.shape)}, expected {(c, kh, kw, n, oh, ow)}.")
+    colT = xp.ascontiguousarray(colT)
+    dx = xp.empty((n, c, h, w), dtype=dtype)
+    total = dx.size
+    rt.launch("xpnet_col2im_cnhw", dtype, _is_wide(total, colT.size), total,
+              [("p", colT), ("p", dx), ("I", total), ("I", n)]
+              + _window_args(c, h, w, oh, ow, kh, kw, sh, sw, ph, pw))
+    return dx
+
+
+def _fnp_to_nfp(rt, yT, b, out_shape, relu=False):
+    xp = rt.xp
+    dtype = _float_dtype(yT, "fnp_to_nfp input")
+    n, f = int(out_shape[0]), int(out_shape[1])
+    p = int(numpy.prod(out_shape[2:], dtype=numpy.int64))
+    if yT.size != n * f * p or yT.shape[0] != f:
+        raise ShapeError(f"fnp_to_nfp needs yT of shape ({f}, {n * p}), got {tuple(yT.shape)}.")
+    if b is not None and (tuple(b.shape) != (f,) or b.dtype != dtype):
+        raise ShapeError(f"fnp_to_nfp needs a {dtype} bias of shape ({f},), got {tuple(b.shape)} {b.dtype}.")
+    yT = xp.ascontiguousarray(yT)
+    out = xp.empty(tuple(int(s) for s in out_shape), dtype=dtype)
+    bias = yT if b is None else xp.ascontiguousarray(b)
+    total = out.size
+    rt.launch("xpnet_fnp_to_nfp", dtype, _is_wide(total), total,
+              [("p", yT), ("p", bias), ("p", out), ("I", total), ("I", n), ("I", f), ("I", p),
+               ("i", b is not None), ("i", bool(relu))])
+    return out
+
+
 def _relu_backward(rt, dy, y):
     xp = rt.xp
     dtype = _float_dtype(dy, "relu_backward dy")
@@ -413,6 +462,21 @@ def nhwc_to_nchw(y2, b, out_shape, relu=False):
     return _nhwc_to_nchw(_CUPY, y2, b, out_shape, relu)
 
 
+def im2col_cnhw(x, kernel, stride=1, pad=0):
+    """colT (C, KH, KW, N, OH, OW) = im2col(x).transpose(3, 4, 5, 0, 1, 2), built directly (coalesced)."""
+    return _im2col_cnhw(_CUPY, x, kernel, stride, pad)
+
+
+def col2im_cnhw(colT, x_shape, kernel, stride=1, pad=0):
+    """Adjoint of im2col_cnhw: dx (N, C, H, W) by gathering, deterministic."""
+    return _col2im_cnhw(_CUPY, colT, x_shape, kernel, stride, pad)
+
+
+def fnp_to_nfp(yT, b, out_shape, relu=False):
+    """(N, F, ...) from yT (F, N*...): swap the first two axes, add bias b (F,) or None, ReLU if asked."""
+    return _fnp_to_nfp(_CUPY, yT, b, out_shape, relu)
+
+
 def relu_backward(dy, y):
     """dx = dy where y > 0 else 0 (one kernel instead of a compare and a multiply)."""
     return _relu_backward(_CUPY, dy, y)
@@ -429,6 +493,6 @@ def sigmoid_bce_with_logits(logits, targets):
 
 __all__ = [
     "enabled", "set_enabled", "disabled", "usable",
-    "im2col", "col2im", "max_pool_forward", "max_pool_backward", "bias_act", "nhwc_to_nchw",
+    "im2col", "col2im", "im2col_cnhw", "col2im_cnhw", "fnp_to_nfp", "max_pool_forward", "max_pool_backward", "bias_act", "nhwc_to_nchw",
     "relu_backward", "sigmoid_bce_with_logits", "CupyRuntime",
 ]

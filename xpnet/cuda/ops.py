@@ -7,6 +7,7 @@ Their caches are ``KernelCache`` objects, so a backward op can tell which
 forward produced its cache::
 
     conv2d_forward(x, w, b=None, stride=1, pad=0)   -> (y (N, F, OH, OW), KernelCache)
+                                                       (KernelOps(rt, conv_layout="cnhw"|"nhwc"))
     conv2d_backward(dy, cache, need_dx=True)        -> (dx or None, dw, db or None)
     max_pool2d_forward(x, size=2, stride=None, pad=0) -> (y (N, C, OH, OW), KernelCache)
     max_pool2d_backward(dy, cache)                  -> dx (N, C, H, W)
@@ -43,11 +44,24 @@ class KernelCache:
         self.kind, self.data = kind, data
 
 
-class KernelOps:
-    """The ops on one runtime (``kernels.CupyRuntime()`` or an emulated one)."""
+LAYOUTS = ("cnhw", "nhwc")
 
-    def __init__(self, rt):
+
+class KernelOps:
+    """The ops on one runtime (``kernels.CupyRuntime()`` or an emulated one).
+
+    ``conv_layout``: how the convolution lays out its im2col columns.
+    "cnhw" (default): colT (C*KH*KW, N*OH*OW), built and folded back with
+    coalesced memory access, one GEMM w @ colT, then a batch-first epilogue;
+    "nhwc": xpnet.ops' own (N*OH*OW, C*KH*KW) layout, GEMM col @ w.T, then the
+    NHWC->NCHW epilogue.  Same results; the benchmark times both.
+    """
+
+    def __init__(self, rt, conv_layout: str = "cnhw"):
+        if conv_layout not in LAYOUTS:
+            raise ShapeError(f"conv_layout must be one of {', '.join(LAYOUTS)}, got {conv_layout!r}.")
         self.rt = rt
+        self.conv_layout = conv_layout
 
     # ------------------------------------------------------------ convolution
     def conv2d_forward(self, x, w, b=None, stride=1, pad=0):
@@ -63,9 +77,15 @@ class KernelOps:
             raise ShapeError(f"conv2d bias must have shape ({w.shape[0]},), got {tuple(b.shape)}.")
         n = x.shape[0]
         f, c, kh, kw = w.shape
+        w2 = w.reshape(f, c * kh * kw)
+        if self.conv_layout == "cnhw":
+            colT = K._im2col_cnhw(self.rt, x, (kh, kw), stride, pad)  # (C, KH, KW, N, OH, OW)
+            oh, ow = colT.shape[4], colT.shape[5]
+            yT = w2 @ colT.reshape(c * kh * kw, n * oh * ow)          # (F, N*OH*OW), one GEMM
+            y = K._fnp_to_nfp(self.rt, yT, b, (n, f, oh, ow))          # batch first, + bias
+            return y, KernelCache("conv_cnhw", (tuple(x.shape), colT, w, stride, pad, b is not None))
         col = K._im2col(self.rt, x, (kh, kw), stride, pad)       # (N, OH, OW, C, KH, KW)
         oh, ow = col.shape[1], col.shape[2]
-        w2 = w.reshape(f, c * kh * kw)
         y2 = col.reshape(n * oh * ow, c * kh * kw) @ w2.T      # one GEMM, pixels x channels
         y = K._nhwc_to_nchw(self.rt, y2, b, (n, f, oh, ow))     # + bias, channels first, one pass
         return y, KernelCache("conv", (tuple(x.shape), col, w, stride, pad, b is not None))
@@ -73,11 +93,22 @@ class KernelOps:
     def conv2d_backward(self, dy, cache, need_dx=True):
         x_shape, col, w, stride, pad, has_bias = cache.data
         f, c, kh, kw = w.shape
-        n, _, oh, ow = dy.shape
-        if tuple(dy.shape) != (x_shape[0], f, col.shape[1], col.shape[2]):
+        oh, ow = (col.shape[4], col.shape[5]) if cache.kind == "conv_cnhw" else (col.shape[1], col.shape[2])
+        if tuple(dy.shape) != (x_shape[0], f, oh, ow):
             raise ShapeError(f"conv2d_backward got dy of shape {tuple(dy.shape)}, expected "
-                             f"{(x_shape[0], f, col.shape[1], col.shape[2])}.")
+                             f"{(x_shape[0], f, oh, ow)}.")
+        n = x_shape[0]
         xp = self.rt.xp
+        if cache.kind == "conv_cnhw":
+            dyT = xp.ascontiguousarray(dy.transpose(1, 0, 2, 3)).reshape(f, n * oh * ow)
+            colT = col.reshape(c * kh * kw, n * oh * ow)
+            dw = (dyT @ colT.T).reshape(w.shape)
+            db = dyT.sum(axis=1) if has_bias else None
+            dx = None
+            if need_dx:
+                dcolT = (w.reshape(f, c * kh * kw).T @ dyT).reshape(col.shape)
+                dx = K._col2im_cnhw(self.rt, dcolT, x_shape, (kh, kw), stride, pad)
+            return dx, dw, db
         dy2 = xp.ascontiguousarray(dy.transpose(0, 2, 3, 1)).reshape(n * oh * ow, f)
         col2 = col.reshape(n * oh * ow, c * kh * kw)
         dw = (dy2.T @ col2).reshape(w.shape)

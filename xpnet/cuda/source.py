@@ -38,6 +38,9 @@ KERNEL_NAMES = (
     "xpnet_nhwc_to_nchw",
     "xpnet_relu_bwd",
     "xpnet_bce_logits",
+    "xpnet_im2col_cnhw",
+    "xpnet_col2im_cnhw",
+    "xpnet_fnp_to_nfp",
 )
 
 SOURCE = r"""
@@ -235,6 +238,83 @@ extern "C" __global__ void xpnet_bce_logits(
         terms[i] = relu - xi * ti + xp_log1p(e);
         const T s = xi >= (T)0 ? (T)1 / ((T)1 + e) : e / ((T)1 + e);
         dx[i] = (s - ti) / n;
+    }
+}
+
+// ---- the channels-outermost column layout used by the kernel-backed conv ----
+// colT (C, KH, KW, N, OH, OW), i.e. (C*KH*KW, N*OH*OW): consecutive threads
+// walk consecutive output pixels, so reading x and writing colT are both
+// coalesced (and so are col2im's reads).  One GEMM w (F, CKK) @ colT gives
+// (F, N*OH*OW); xpnet_fnp_to_nfp puts the batch axis first.
+
+extern "C" __global__ void xpnet_im2col_cnhw(
+    const T* __restrict__ x, T* __restrict__ colT, I total, I N,
+    I C, I H, I W, I OH, I OW, I KH, I KW, I SH, I SW, I PH, I PW)
+{
+    XP_LOOP(i, total) {
+        I t = i;
+        const I ow = t % OW; t /= OW;
+        const I oh = t % OH; t /= OH;
+        const I n = t % N; t /= N;
+        const I kw = t % KW; t /= KW;
+        const I kh = t % KH;
+        const I c = t / KH;
+        const I h = oh * SH - PH + kh;
+        const I w = ow * SW - PW + kw;
+        T v = (T)0;
+        if (h >= 0 && h < H && w >= 0 && w < W) {
+            v = x[((n * C + c) * H + h) * W + w];
+        }
+        colT[i] = v;
+    }
+}
+
+// Adjoint of xpnet_im2col_cnhw by gathering, kernel-offset order (kh, then kw).
+extern "C" __global__ void xpnet_col2im_cnhw(
+    const T* __restrict__ colT, T* __restrict__ dx, I total, I N,
+    I C, I H, I W, I OH, I OW, I KH, I KW, I SH, I SW, I PH, I PW)
+{
+    XP_LOOP(i, total) {
+        I t = i;
+        const I w = t % W; t /= W;
+        const I h = t % H; t /= H;
+        const I c = t % C;
+        const I n = t / C;
+        const I npix = N * OH * OW;
+        T acc = (T)0;
+        for (I kh = 0; kh < KH; ++kh) {
+            const I dh = h + PH - kh;
+            if (dh < 0) break;
+            if (dh % SH != 0) continue;
+            const I oh = dh / SH;
+            if (oh >= OH) continue;
+            for (I kw = 0; kw < KW; ++kw) {
+                const I dw = w + PW - kw;
+                if (dw < 0) break;
+                if (dw % SW != 0) continue;
+                const I ow = dw / SW;
+                if (ow >= OW) continue;
+                acc += colT[((c * KH + kh) * KW + kw) * npix + (n * OH + oh) * OW + ow];
+            }
+        }
+        dx[i] = acc;
+    }
+}
+
+// out (N, F, P) = yT (F, N, P) with the first two axes swapped, + bias, ReLU if asked.
+extern "C" __global__ void xpnet_fnp_to_nfp(
+    const T* __restrict__ yT, const T* __restrict__ b, T* __restrict__ out, I total,
+    I N, I F, I P, int has_bias, int relu)
+{
+    XP_LOOP(i, total) {
+        const I p = i % P;
+        const I t = i / P;
+        const I f = t % F;
+        const I n = t / F;
+        T v = yT[(f * N + n) * P + p];
+        if (has_bias) v += b[f];
+        if (relu && v < (T)0) v = (T)0;
+        out[i] = v;
     }
 }
 """

@@ -237,8 +237,9 @@ def test_max_pool_first_maximum_wins_and_padding_never_wins(dev):
     x[0, 0, 1, 1] = x[0, 0, 1, 2] = 3.0  # a tie inside one window
     y, idx = K._max_pool_forward(dev.rt, dev.put(x), 3, 1, 1)
     y, idx = dev.get(y), dev.get(idx)
-    y_ref, cache = ops.max_pool2d_forward(x, 3, 1, 1)
-    assert np.array_equal(y, y_ref) and np.array_equal(idx, cache[2])
+    y_ref, _ = ops.max_pool2d_forward(x, 3, 1, 1)
+    _, arg_naive = oracles.max_pool2d(x, (3, 3), (1, 1), (1, 1))
+    assert np.array_equal(y, y_ref) and np.array_equal(window_positions(idx, 3, 1, 1), arg_naive)
     assert idx[0, 0, 1, 1] == 4  # window rows/cols 0..2 holds both 3.0s (positions 4 and 5): first wins
     assert idx[0, 0, 0, 0] == 8  # window rows/cols -1..1: the 3.0 at (1, 1) is its last cell
     assert (y > -np.inf).all()   # -5 beats padding
@@ -248,9 +249,11 @@ def test_max_pool_all_minus_inf_and_nan_follow_numpy_argmax(dev):
     x = np.full((1, 1, 4, 4), -np.inf, np.float64)
     x[0, 0, 3, 3] = np.nan
     y, idx = K._max_pool_forward(dev.rt, dev.put(x), 2, 2, 0)
-    y_ref, cache = ops.max_pool2d_forward(x, 2, 2, 0)
+    y_ref, _ = ops.max_pool2d_forward(x, 2, 2, 0)
+    windows = x.reshape(1, 1, 2, 2, 2, 2).transpose(0, 1, 2, 4, 3, 5).reshape(1, 1, 2, 2, 4)
     assert np.array_equal(dev.get(y), y_ref, equal_nan=True)
-    assert np.array_equal(dev.get(idx), cache[2])
+    assert np.array_equal(dev.get(idx), np.argmax(windows, axis=-1))  # all -inf: 0; NaN wins
+    assert dev.get(idx)[0, 0, 1, 1] == 3 and dev.get(idx)[0, 0, 0, 0] == 0
 
 
 def test_max_pool_rejects_bad_arguments(dev):

@@ -513,6 +513,13 @@ def test_usable_only_for_cupy_float_arrays_and_disabled_scopes():
         K.set_enabled(previous)
 
 
+def test_a_bad_switch_value_does_not_break_numpy_ops(monkeypatch):
+    monkeypatch.setattr(K, "_env_error", BackendUsageError("XPNET_CUDA_KERNELS='maybe' is not understood."))
+    assert not K.usable(np.zeros(3, np.float32))  # NumPy arrays never ask the switch
+    with pytest.raises(BackendUsageError, match="XPNET_CUDA_KERNELS"):
+        K.enabled()
+
+
 @pytest.mark.gpu
 def test_usable_on_cupy_arrays():
     cp = backend.cupy

@@ -97,17 +97,18 @@ def disabled():
 def usable(*arrays) -> bool:
     """The ops' guard: kernels on, and every array a CuPy float32/float64 array of one dtype.
 
-    Cheap (type and dtype checks only), so an op can ask it on every call.
+    Cheap (type and dtype checks only), so an op can ask it on every call.  A bad
+    ``XPNET_CUDA_KERNELS`` value raises here, at the first CuPy array only.
     """
+    cupy = backend.cupy
+    if cupy is None or not arrays or not isinstance(arrays[0], cupy.ndarray):
+        return False
     if _env_error is not None:
         raise _env_error
-    if not _enabled or backend.cupy is None or not arrays:
+    char = arrays[0].dtype.char
+    if not _enabled or char not in _FLOAT_CHARS:
         return False
-    nd = backend.cupy.ndarray
-    char = arrays[0].dtype.char if isinstance(arrays[0], nd) else None
-    if char not in _FLOAT_CHARS:
-        return False
-    return all(isinstance(a, nd) and a.dtype.char == char for a in arrays[1:])
+    return all(isinstance(a, cupy.ndarray) and a.dtype.char == char for a in arrays[1:])
 
 
 # -------------------------------------------------------------------- runtimes

@@ -1,0 +1,92 @@
+"""Whole-model parity, NumPy vs CuPy, per layer: one training step and the weights after it.
+
+    python benchmarks/gpu_parity.py [--batch 16] [--lr 0.1]
+
+For captcha_net and captcha_net_bn (dropout off: the two backends draw their
+masks from different generators), same weights and batch on both backends:
+every layer's output, the loss, every gradient (``xpnet.testing.check_parity``)
+and every parameter and BatchNorm statistic after one in-place SGD step.  Run
+twice on the CuPy side: generic ``xp`` code (kernels off) and with xpnet's CUDA
+kernels behind ``xpnet.ops``.  Prints one table per run; exits 1 when a
+relative difference passes the float32 model tolerance, 3 without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import xpnet  # noqa: E402
+from xpnet import backend, models, ops  # noqa: E402
+from xpnet.testing import check_parity, format_parity, max_abs_diff, max_rel_diff, tolerance  # noqa: E402
+
+BUILDERS = {
+    "captcha_net": lambda: models.captcha_net(),
+    "captcha_net_bn": lambda: models.captcha_net_bn(dropout=0.0),
+}
+
+
+def sgd_step_rows(model, x, t, lr):
+    """Rows comparing every parameter and buffer after one SGD step on each backend."""
+    after = {}
+    for name in ("numpy", "cupy"):
+        m = model.clone(name)
+        xb, tb = (x, t) if name == "numpy" else (backend.cupy.asarray(x), backend.cupy.asarray(t))
+        logits = m.forward(xb, train=True)
+        _, d = ops.sigmoid_bce_with_logits(logits, tb)
+        m.backward(d)
+        grads = m.gradients()
+        for key, p in m.parameters().items():
+            p -= p.dtype.type(lr) * grads[key]  # in place, as the optimizers do
+        after[name] = m.state_dict()
+    rows = []
+    for key, v in after["numpy"].items():
+        layer, what = key.split(".", 1)
+        rows.append({"layer": layer, "what": "after SGD " + what, "max_abs": max_abs_diff(after["cupy"][key], v),
+                     "max_rel": max_rel_diff(after["cupy"][key], v)})
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--models", nargs="+", default=list(BUILDERS), choices=list(BUILDERS))
+    args = parser.parse_args(argv)
+    if not backend.has_cupy_gpu:
+        print(f"gpu_parity: needs CuPy and a CUDA device: {backend._device_reason}.", file=sys.stderr)
+        return 3
+    from xpnet.cuda import kernels, ops as cuda_ops
+
+    tol = tolerance(np.float32, "model")["rtol"]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((args.batch, 3, 32, 80)).astype(np.float32)
+    t = np.zeros((args.batch, 144), np.float32)
+    t[np.arange(args.batch)[:, None], np.arange(4) * 36 + rng.integers(0, 36, (args.batch, 4))] = 1
+    failures = []
+    for name in args.models:
+        xpnet.use("numpy")
+        backend.seed(0)
+        model = BUILDERS[name]()
+        for mode, scope in (("generic CuPy", kernels.disabled), ("xpnet CUDA kernels", cuda_ops.installed)):
+            with scope():
+                rows = check_parity(model, x, t) + sgd_step_rows(model, x, t, args.lr)
+            worst = max(rows, key=lambda r: r["max_rel"])
+            ok = worst["max_rel"] < tol
+            print(f"\n=== {name}, batch {args.batch}, float32, CuPy side: {mode} ===")
+            print(format_parity(rows))
+            print(f"worst: {worst['layer']} {worst['what']} rel {worst['max_rel']:.3e} "
+                  f"(tolerance {tol:.0e}): {'OK' if ok else 'FAIL'}")
+            if not ok:
+                failures.append(f"{name} / {mode}: {worst['layer']} {worst['what']} {worst['max_rel']:.3e}")
+    print("\nPARITY " + ("OK" if not failures else "FAIL: " + "; ".join(failures)))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,6 +11,7 @@ import numpy
 
 from . import backend
 from .errors import BackendError
+from .layers import Dropout
 
 # CuPy vs NumPy (or fast path vs reference path) on identical inputs.  float32
 # sums of a few thousand products differ by summation order: ~1e-6 relative
@@ -93,7 +94,12 @@ def check_parity(model, x, targets=None, loss=None) -> list[dict]:
     m_np._check_batch(a_np)
     for l_np, l_cp in zip(m_np.layers, m_cp.layers):
         a_np = l_np.forward(a_np, train=train)
-        a_cp = l_cp.forward(a_cp, train=train)
+        if train and isinstance(l_np, Dropout) and not isinstance(l_np._cache, str):
+            # The backends draw masks from different generators: give CuPy NumPy's mask.
+            l_cp._cache = backend.cupy.asarray(l_np._cache)
+            a_cp = a_cp * l_cp._cache
+        else:
+            a_cp = l_cp.forward(a_cp, train=train)
         rows.append({"layer": l_np.name, "what": "output", "max_abs": max_abs_diff(a_cp, a_np),
                      "max_rel": max_rel_diff(a_cp, a_np)})
     if train:

@@ -7,8 +7,8 @@ masks from different generators), same weights and batch on both backends:
 every layer's output, the loss, every gradient (``xpnet.testing.check_parity``)
 and every parameter and BatchNorm statistic after one in-place SGD step.  Run
 twice on the CuPy side: generic ``xp`` code (kernels off) and with xpnet's CUDA
-kernels behind ``xpnet.ops``.  Prints one table per run; exits 1 when a
-relative difference passes the float32 model tolerance, 3 without a GPU.
+kernels behind ``xpnet.ops``; in float32 and in float64.  Prints one table per
+run; exits 1 when ``xpnet.testing.parity_verdict`` fails, 3 without a GPU.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import xpnet  # noqa: E402
 from xpnet import backend, models, ops  # noqa: E402
-from xpnet.testing import check_parity, format_parity, max_abs_diff, max_rel_diff, tolerance  # noqa: E402
+from xpnet.testing import _row, check_parity, format_parity, parity_verdict  # noqa: E402
 
 BUILDERS = {
     "captcha_net": lambda: models.captcha_net(),
@@ -47,8 +47,7 @@ def sgd_step_rows(model, x, t, lr):
     rows = []
     for key, v in after["numpy"].items():
         layer, what = key.split(".", 1)
-        rows.append({"layer": layer, "what": "after SGD " + what, "max_abs": max_abs_diff(after["cupy"][key], v),
-                     "max_rel": max_rel_diff(after["cupy"][key], v)})
+        rows.append(_row(layer, "after SGD " + what, after["cupy"][key], v))
     return rows
 
 
@@ -63,27 +62,29 @@ def main(argv=None) -> int:
         return 3
     from xpnet.cuda import kernels, ops as cuda_ops
 
-    tol = tolerance(np.float32, "model")["rtol"]
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((args.batch, 3, 32, 80)).astype(np.float32)
-    t = np.zeros((args.batch, 144), np.float32)
-    t[np.arange(args.batch)[:, None], np.arange(4) * 36 + rng.integers(0, 36, (args.batch, 4))] = 1
     failures = []
-    for name in args.models:
-        xpnet.use("numpy")
-        backend.seed(0)
-        model = BUILDERS[name]()
-        for mode, scope in (("generic CuPy", kernels.disabled), ("xpnet CUDA kernels", cuda_ops.installed)):
-            with scope():
-                rows = check_parity(model, x, t) + sgd_step_rows(model, x, t, args.lr)
-            worst = max(rows, key=lambda r: r["max_rel"])
-            ok = worst["max_rel"] < tol
-            print(f"\n=== {name}, batch {args.batch}, float32, CuPy side: {mode} ===")
-            print(format_parity(rows))
-            print(f"worst: {worst['layer']} {worst['what']} rel {worst['max_rel']:.3e} "
-                  f"(tolerance {tol:.0e}): {'OK' if ok else 'FAIL'}")
-            if not ok:
-                failures.append(f"{name} / {mode}: {worst['layer']} {worst['what']} {worst['max_rel']:.3e}")
+    for dtype in (np.float32, np.float64):
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((args.batch, 3, 32, 80)).astype(dtype)
+        t = np.zeros((args.batch, 144), dtype)
+        t[np.arange(args.batch)[:, None], np.arange(4) * 36 + rng.integers(0, 36, (args.batch, 4))] = 1
+        for name in args.models:
+            xpnet.use("numpy")
+            xpnet.set_dtype(dtype)
+            backend.seed(0)
+            model = BUILDERS[name]()
+            for mode, scope in (("generic CuPy", kernels.disabled), ("xpnet CUDA kernels", cuda_ops.installed)):
+                with scope():
+                    rows = check_parity(model, x, t) + sgd_step_rows(model, x, t, args.lr)
+                ok, worst, rule = parity_verdict(rows, dtype)
+                label = np.dtype(dtype).name
+                print(f"\n=== {name}, batch {args.batch}, {label}, CuPy side: {mode} ===")
+                print(format_parity(rows))
+                print(f"worst: {worst['layer']} {worst['what']} rel {worst['max_rel']:.3e} "
+                      f"(L2 {worst['rel_l2']:.3e}; rule: {rule}): {'OK' if ok else 'FAIL'}")
+                if not ok:
+                    failures.append(f"{name} {label} / {mode}: {worst['layer']} {worst['what']} "
+                                    f"{worst['max_rel']:.3e}")
     print("\nPARITY " + ("OK" if not failures else "FAIL: " + "; ".join(failures)))
     return 1 if failures else 0
 

@@ -11,7 +11,7 @@ from xpnet import backend, models, ops
 from xpnet.cuda import emulate
 from xpnet.cuda import kernels as K
 from xpnet.cuda import ops as cuda_ops
-from xpnet.testing import assert_allclose, check_parity, max_rel_diff, tolerance
+from xpnet.testing import assert_allclose, check_parity, max_rel_diff, parity_verdict
 
 
 @pytest.fixture(scope="module")
@@ -105,17 +105,19 @@ def test_install_falls_back_for_arrays_the_kernels_do_not_take(rng):
 # ------------------------------------------------------------------ GPU
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("build", [models.captcha_net, lambda: models.captcha_net_bn(dropout=0.0)])
-def test_whole_model_parity_with_kernels_installed(rng, build):
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("build", [models.captcha_net, models.captcha_net_bn])
+def test_whole_model_parity_with_kernels_installed(rng, build, dtype):
     """check_parity (NumPy vs CuPy, per layer) with the CuPy side running xpnet's kernels."""
+    xpnet.set_dtype(dtype)
     model = build()
-    x = rng.standard_normal((16, 3, 32, 80)).astype(np.float32)
-    t = np.zeros((16, 144), np.float32)
+    x = rng.standard_normal((16, 3, 32, 80)).astype(dtype)
+    t = np.zeros((16, 144), dtype)
     t[np.arange(16)[:, None], np.arange(4) * 36 + rng.integers(0, 36, (16, 4))] = 1
     with cuda_ops.installed():
         rows = check_parity(model, x, t)
-    worst = max(rows, key=lambda r: r["max_rel"])
-    assert worst["max_rel"] < tolerance(np.float32, "model")["rtol"], worst
+    ok, worst, rule = parity_verdict(rows, dtype)
+    assert ok, f"{rule}: {worst}"
 
 
 @pytest.mark.gpu

@@ -8,7 +8,7 @@ import pytest
 import xpnet
 from xpnet import backend, models, ops
 from xpnet.errors import DeviceMismatchError
-from xpnet.testing import assert_allclose, check_parity, format_parity, tolerance
+from xpnet.testing import assert_allclose, check_parity, format_parity, parity_verdict
 
 pytestmark = pytest.mark.gpu
 
@@ -92,18 +92,22 @@ def test_losses_dense_relu_bn_cupy_match_numpy(rng, dtype):
         assert_allclose(a, e)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("build", [models.captcha_net, models.captcha_net_bn])
-def test_whole_model_parity_one_training_step(rng, build):
-    """The headline GPU test: same weights, same batch -> same loss and every gradient."""
+def test_whole_model_parity_one_training_step(rng, build, dtype):
+    """The headline GPU test: same weights, same batch -> same loss and every gradient.
+
+    float64 is held to 1e-8 everywhere; float32 per xpnet.testing.parity_verdict (a
+    ReLU/max-pool branch decided by rounding may reroute a gradient entry)."""
+    xpnet.set_dtype(dtype)
     model = build()
-    x = rng.standard_normal((16, 3, 32, 80)).astype(np.float32)
-    t = np.zeros((16, 144), np.float32)
+    x = rng.standard_normal((16, 3, 32, 80)).astype(dtype)
+    t = np.zeros((16, 144), dtype)
     t[np.arange(16)[:, None], np.arange(4) * 36 + rng.integers(0, 36, (16, 4))] = 1
     rows = check_parity(model, x, t)
     print("\n" + format_parity(rows))
-    tol = tolerance(np.float32, "model")
-    worst = max(rows, key=lambda r: r["max_rel"])
-    assert worst["max_rel"] < tol["rtol"], f"largest relative difference {worst}"
+    ok, worst, rule = parity_verdict(rows, dtype)
+    assert ok, f"{rule}: {worst}"
     assert {r["what"] for r in rows} >= {"output", "value", "grad W", "grad b"}
 
 

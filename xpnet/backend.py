@@ -69,7 +69,9 @@ def _probe_device() -> tuple[bool, str]:
         built_for = 0
     if driver == 0:
         return False, "no NVIDIA driver was found"
-    if built_for and driver < built_for:
+    # CUDA's minor-version compatibility: a 13.2 runtime runs on a 13.0 driver; only a
+    # newer MAJOR version than the driver's is unusable.
+    if built_for and driver // 1000 < built_for // 1000:
         major = driver // 1000
         wheel = f"cupy-cuda{major}x" if major >= 11 else "a CuPy wheel for your CUDA version"
         return False, (

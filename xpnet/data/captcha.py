@@ -282,7 +282,8 @@ def write_captcha_pngs(out, count: int, seed: int, charset=DIGITS_UPPER, length:
     Without ``preprocess`` the PNGs are the 160 x 60 renders (any preprocessing
     can be chosen at load time); with one, they are the resized images.  The
     index in the name keeps repeated texts apart, and ``load_folder`` reads the
-    label back from the name.  Characters unsafe in file names are refused.
+    label back from the name.  Characters unsafe in file names are refused
+    (``UsageError``); existing files of the same name are replaced.
     """
     count, seed, cs = _check_count(count), check_seed(seed), make_charset(charset, length)
     folder = _png_folder(out, cs)
@@ -365,9 +366,13 @@ def _do_chunk(task, first, n):
             if kind == "png" and pp is not None:
                 image = pp._resize(_to_pp_mode(image, pp))
             path = _safe_png_path(folder, text, first + j)
-            try:
-                image.save(path, format="PNG")
+            tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+            try:  # write then rename: a killed run never leaves a half-written LABEL_INDEX.png
+                image.save(tmp, format="PNG")
+                os.replace(tmp, path)
             except OSError as exc:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
                 raise StorageError(f"cannot write {path} ({exc.strerror or exc}): check the folder is "
                                    f"writable and has free space.") from None
     return first, texts, arrays
@@ -473,8 +478,10 @@ class CaptchaStream:
                     except queue.Empty:
                         code = proc.exitcode
                         self.close()
-                        raise DataError(f"CAPTCHA stream worker {w} died unexpectedly (exit code {code}); "
-                                        f"was it killed, or out of memory?") from None
+                        raise DataError(
+                            f"CAPTCHA stream worker {w} died unexpectedly (exit code {code}): it was killed or ran "
+                            f"out of memory, or, if it died at start, the script that makes the stream lacks "
+                            f"`if __name__ == \"__main__\":` (or pass workers=0).") from None
         kind, got, *rest = msg
         if kind == "error":
             self.close()

@@ -60,7 +60,7 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class LabelledImages:
     """Images with text labels.
 

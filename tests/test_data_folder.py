@@ -257,10 +257,12 @@ def test_npz_damaged_or_hostile_files_are_refused(tmp_path):
         load_npz(tmp_path / "absent.npz")
 
 
-def test_parallel_decode_matches_serial(tmp_path):
+def test_parallel_decode_matches_serial(tmp_path, monkeypatch):
     for i, name in enumerate(sorted(os.listdir(REAL))[:12]):
         shutil.copy(os.path.join(REAL, name), tmp_path / name)
     (tmp_path / "ZZZZ.png").write_bytes(b"junk")
+    Image.new("L", (50, 50)).save(tmp_path / "YYYY.png")  # 2500 pixels: over the limit set below
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # worker processes must follow the caller's limit
     import xpnet.data.folder as folder
 
     serial = load_folder(tmp_path, workers=1)
@@ -271,7 +273,8 @@ def test_parallel_decode_matches_serial(tmp_path):
     finally:
         folder._CHUNK = old
     assert np.array_equal(serial.images, par.images) and serial.labels == par.labels
-    assert serial.skipped == par.skipped and len(par.skipped) == 1
+    assert serial.skipped == par.skipped and len(par.skipped) == 2
+    assert "limit of 2000" in _skipped(par)["YYYY.png"] and len(par) == 12
 
 
 # ---------------------------------------------------------------- fuzz

@@ -27,6 +27,7 @@ import statistics
 import warnings
 
 import numpy
+from PIL import Image
 
 from ..errors import DataError, UsageError
 from .images import ImageProblem, Preprocess, decode_to_array, image_size
@@ -281,15 +282,16 @@ def _decode_all(paths, pp: Preprocess, workers, progress):
     out = numpy.empty((n,) + pp.shape, dtype=numpy.uint8)
     good = numpy.zeros(n, dtype=bool)
     problems = []
+    limit = Image.MAX_IMAGE_PIXELS  # workers start with Pillow's default: pass on the caller's setting
     bar = _progress_bar(n, "loading images", progress)
     try:
         if workers == 1:
-            results = (_decode_chunk(start, chunk, pp.to_dict()) for start, chunk in chunks)
+            results = (_decode_chunk(start, chunk, pp.to_dict(), limit) for start, chunk in chunks)
             _collect(results, out, good, problems, bar)
         else:
             ctx = multiprocessing.get_context("spawn")
             with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-                futures = [pool.submit(_decode_chunk, start, chunk, pp.to_dict()) for start, chunk in chunks]
+                futures = [pool.submit(_decode_chunk, start, chunk, pp.to_dict(), limit) for start, chunk in chunks]
                 try:
                     _collect((f.result() for f in futures), out, good, problems, bar)
                 except BaseException:
@@ -311,8 +313,9 @@ def _collect(results, out, good, problems, bar):
         bar.update(len(ok) + len(probs))
 
 
-def _decode_chunk(start, paths, pp_dict):
+def _decode_chunk(start, paths, pp_dict, limit):
     """Worker: decode a chunk -> (start, stacked arrays, chunk offsets decoded, [(path, reason)])."""
+    Image.MAX_IMAGE_PIXELS = limit
     pp = Preprocess.from_dict(pp_dict)
     arrays, ok, problems = [], [], []
     with warnings.catch_warnings():

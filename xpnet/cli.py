@@ -47,6 +47,10 @@ def _add_info(sub):
 # Each entry adds one subcommand to the parser.  Other modules append to it.
 COMMANDS = [_add_info]
 
+from .data.captcha import add_generate_command  # noqa: E402
+
+COMMANDS.append(add_generate_command)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(

@@ -39,10 +39,10 @@ def make_data(n=N_TRAIN, seed=5):
     return x.astype(np.uint8), np.eye(3, dtype=np.uint8)[labels]
 
 
-def build(epochs, seed=7):
+def build(epochs, seed=7, dropout=0.2):
     xpnet.set_dtype("float32")
     xpnet.seed(seed)
-    model = Sequential([Conv2D(4, 3, pad=1), BatchNorm(), ReLU(), MaxPool2D(2), Flatten(), Dropout(0.2), Dense(3)],
+    model = Sequential([Conv2D(4, 3, pad=1), BatchNorm(), ReLU(), MaxPool2D(2), Flatten(), Dropout(dropout), Dense(3)],
                        input_shape=(1, 6, 6), name="tiny")
     opt = optim.AdamW(model, lr=optim.OneCycle(0.05, total_steps=epochs * STEPS_PER_EPOCH), weight_decay=1e-3)
     return model, opt
@@ -65,8 +65,10 @@ def make_trainer(model, opt, out_dir, slow=0.0, **kwargs):
     return xpnet.Trainer(model, opt, **options)
 
 
-def run(out_dir, epochs=4, resume=False, slow=0.0, **kwargs):
-    model, opt = build(epochs)
+def run(out_dir, epochs=4, resume=False, slow=0.0, make_opt=None, dropout=0.2, **kwargs):
+    model, opt = build(epochs, dropout=dropout)
+    if make_opt is not None:
+        opt = make_opt(model)
     trainer = make_trainer(model, opt, out_dir, slow, **kwargs)
     val = make_data(48, seed=6)
     trainer.fit(make_data(), epochs=epochs, val=val, resume=resume)

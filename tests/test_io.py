@@ -276,3 +276,19 @@ def test_files_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert oct(path.stat().st_mode & 0o777) == oct(0o644)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("to", ["numpy", "cupy"])
+def test_a_model_saved_from_cupy_loads_on_either_backend(tmp_path, rng, to):
+    from xpnet.testing import tolerance
+
+    model = trained_a_little(every_layer_model(), rng)
+    x = rng.standard_normal((3, 2, 8, 10)).astype(np.float32)
+    want = model.predict(x)
+    model.to("cupy")
+    xpnet.save(model, tmp_path / "m.npz")
+    loaded, _ = xpnet.load(tmp_path / "m.npz", to=to)
+    assert loaded.backend == to
+    xb = backend.module_for(to).asarray(x)
+    np.testing.assert_allclose(backend.to_numpy(loaded.predict(xb)), want, **tolerance(np.float32, "model"))

@@ -91,3 +91,18 @@ def test_shape_errors_name_the_problem():
         metrics.char_accuracy(np.zeros((2, 6)), np.zeros((3, 2), dtype=np.int64), 2)
     with pytest.raises(ShapeError, match="needs 6"):
         metrics.decode_text(np.zeros((2, 8)), CS)
+
+
+@pytest.mark.gpu
+def test_metrics_on_cupy_logits_match_numpy(rng):
+    from xpnet import backend
+
+    cp = backend.module_for("cupy")
+    z = rng.standard_normal((50, 6)).astype(np.float32)
+    z[:5] = 0.0  # ties
+    y = CS.encode(["".join(rng.choice(list("ABC"), 2)) for _ in range(50)])
+    for fn in (metrics.char_accuracy, metrics.string_accuracy):
+        assert fn(cp.asarray(z), cp.asarray(y), 2) == fn(z, y, 2)
+        assert fn(cp.asarray(z), y, 2) == fn(z, y, 2)  # host labels with device logits
+    assert metrics.decode_text(cp.asarray(z), CS) == metrics.decode_text(z, CS)
+    np.testing.assert_array_equal(metrics.confusion_matrix(cp.asarray(z), y, 2), metrics.confusion_matrix(z, y, 2))

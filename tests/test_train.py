@@ -236,3 +236,46 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     model, opt = W.build(2)
     with pytest.raises(UsageError, match="batch_size 16 and seed 11.*8 and 11"):
         W.make_trainer(model, opt, tmp_path, batch_size=8).fit(W.make_data(), epochs=2, resume=True)
+
+
+@pytest.mark.gpu
+def test_training_on_cupy_matches_numpy(tmp_path):
+    """Same seed, same data, SGD: the CuPy run ends with the NumPy run's weights (float32 model tolerance).
+
+    No Dropout here: on the GPU its masks come from CuPy's generator."""
+    from xpnet.testing import tolerance
+
+    def sgd(m):
+        return optim.SGD(m, lr=0.05, momentum=0.9)
+
+    ref, _ = W.run(tmp_path / "np", epochs=2, make_opt=sgd, dropout=0.0)
+    with xpnet.using("cupy"):
+        model, trainer = W.run(tmp_path / "cp", epochs=2, make_opt=sgd, dropout=0.0)
+    assert model.backend == "cupy"
+    for k, v in weights(ref).items():
+        np.testing.assert_allclose(xpnet.to_numpy(model.state_dict()[k]), v, err_msg=k,
+                                   **tolerance(np.float32, "model"))
+    loaded, _ = xpnet.load(tmp_path / "cp" / "model.npz")  # written from CuPy, read on NumPy
+    assert loaded.backend == "numpy"
+
+
+@pytest.mark.gpu
+def test_resume_on_cupy_matches_an_uninterrupted_cupy_run(tmp_path):
+    with xpnet.using("cupy"):
+        reference, _ = W.run(tmp_path / "ref", epochs=2, dropout=0.0)
+        model, opt = W.build(2, dropout=0.0)
+        trainer = W.make_trainer(model, opt, tmp_path / "run", checkpoint_every=None, checkpoint_seconds=None)
+        inner, calls = trainer.transform, {"n": 0}
+
+        def ctrl_c_at_step_5(x, t):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                os.kill(os.getpid(), signal.SIGINT)
+            return inner(x, t)
+
+        trainer.transform = ctrl_c_at_step_5
+        with pytest.raises(KeyboardInterrupt):
+            trainer.fit(W.make_data(), epochs=2, val=W.make_data(48, seed=6))
+        resumed, _ = W.run(tmp_path / "run", epochs=2, resume=True, dropout=0.0)
+    assert_same_weights({k: xpnet.to_numpy(v) for k, v in resumed.state_dict().items()},
+                        {k: xpnet.to_numpy(v) for k, v in reference.state_dict().items()})

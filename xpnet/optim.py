@@ -424,16 +424,28 @@ class Adam(Optimizer):
                 g = g + self.weight_decay * p
         xp = backend.get_array_module(p)
         m, v = slots["m"], slots["v"]
+        tmp = self._scratch(name, p, xp)  # one reused buffer: no fresh allocations per step
         m *= b1
-        m += (1.0 - b1) * g
+        xp.multiply(g, 1.0 - b1, out=tmp)
+        m += tmp
         v *= b2
-        v += (1.0 - b2) * (g * g)
+        xp.multiply(g, g, out=tmp)
+        tmp *= 1.0 - b2
+        v += tmp
         t = self.step_count + 1
-        step_size = lr / (1.0 - b1 ** t)
-        denom = xp.sqrt(v)
-        denom *= 1.0 / math.sqrt(1.0 - b2 ** t)
-        denom += self.eps
-        p -= step_size * (m / denom)
+        xp.sqrt(v, out=tmp)
+        tmp *= 1.0 / math.sqrt(1.0 - b2 ** t)
+        tmp += self.eps
+        xp.divide(m, tmp, out=tmp)
+        tmp *= lr / (1.0 - b1 ** t)
+        p -= tmp
+
+    def _scratch(self, name, p, xp):
+        store = self.__dict__.setdefault("_scratch_buffers", {})
+        buf = store.get(name)
+        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or not backend.same_backend(buf, p):
+            buf = store[name] = xp.empty_like(p)
+        return buf
 
     def config(self):
         return {**super().config(), "betas": list(self.betas), "eps": self.eps}

@@ -203,8 +203,10 @@ def _model_arrays(model) -> dict:
     for k, v in arrays.items():
         if not numpy.isfinite(v).all():
             # Such a file could never be loaded (load refuses it): better to fail now, naming the array.
-            raise ModelFileError(f"refusing to save: the model's {k[len(STATE_PREFIX):]!r} holds NaN or "
+            exc = ModelFileError(f"refusing to save: the model's {k[len(STATE_PREFIX):]!r} holds NaN or "
                                  "infinite values (the training diverged).")
+            exc.array_name = k[len(STATE_PREFIX):]
+            raise exc
     return arrays
 
 

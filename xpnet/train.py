@@ -123,7 +123,7 @@ class _ArraySource:
         self.steps_per_epoch = -(-n // batch_size)
         self._order = None
 
-    def start_epoch(self, rng):
+    def start_epoch(self, rng, skip=0):
         order = rng.permutation(self.n)
         xp = backend.get_array_module(self.x)
         self._order = xp.asarray(order) if xp is not numpy else order
@@ -135,8 +135,6 @@ class _ArraySource:
 
 class _IterSource:
     """An iterable/iterator of (x, y) batches."""
-
-    resumable = False
 
     def __init__(self, data, steps_per_epoch):
         if not hasattr(data, "__iter__"):
@@ -161,11 +159,16 @@ class _IterSource:
         if int(steps_per_epoch) < 1:
             raise UsageError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}.")
         self.steps_per_epoch = int(steps_per_epoch)
+        # A pass-per-epoch source (a list of batches) can be replayed up to the resume point.
+        self.resumable = self.pass_per_epoch
         self._it = None
 
-    def start_epoch(self, rng):
+    def start_epoch(self, rng, skip=0):
         if self._it is None or self.pass_per_epoch:
             self._it = iter(self.data)
+            if self.pass_per_epoch and skip:
+                for _ in range(skip):  # resumed inside an epoch: skip the batches already trained on
+                    next(self._it)
 
     def batch(self, b):
         try:
@@ -435,10 +438,16 @@ class Trainer:
     def _save(self, path, st):
         try:
             return xio.save_checkpoint(path, self.model, self.optimizer, self._train_state(st), self.metadata)
-        except ModelFileError as exc:  # non-finite weights: the step that made them is lost anyway
+        except ModelFileError as exc:
+            name = getattr(exc, "array_name", None)
+            if name is None:
+                raise
+            # Non-finite weights (a loss can stay finite while e.g. BatchNorm statistics overflow).
+            where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                     else "no checkpoint had been written yet")
             raise TrainingError(
-                f"the weights are no longer finite at step {st['step']} ({exc}); the last good checkpoint is "
-                f"{self.last_checkpoint or 'none'} -- lower the learning rate or clip gradients."
+                f"the weights became NaN or infinite by step {st['step']} (first in '{name}'); {where} "
+                "-- lower the learning rate or clip gradients (clip_norm)."
             ) from None
 
     def _checkpoint(self, st):
@@ -617,7 +626,7 @@ class Trainer:
                 st["epoch_images"], st["epoch_seconds"] = 0, 0.0
             else:  # resumed inside this epoch: replay its shuffle from the saved state
                 self._data_rng.bit_generator.state = st["epoch_rng_state"]
-            source.start_epoch(self._data_rng)
+            source.start_epoch(self._data_rng, skip=st["batch_in_epoch"])
             if self._bar is not None:
                 self._bar.set_description(f"epoch {epoch + 1}/{epochs}", refresh=False)
             t_epoch = time.monotonic()

@@ -12,11 +12,23 @@ import pytest
 
 import xpnet
 from xpnet import metrics, optim
-from xpnet.data.augment import random_shift
 from xpnet.data.mnist import load_mnist, read_idx
 from xpnet.errors import DataError
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _example():
+    """examples/train_mnist.py as a module (its random_shift helper is tested here)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_mnist_example", ROOT / "examples" / "train_mnist.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+random_shift = _example().random_shift
 MNIST_DIR = ROOT.parent / "shared" / "data" / "mnist"
 needs_mnist = pytest.mark.skipif(not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists(),
                                  reason=f"the MNIST test set is not at {MNIST_DIR} (only developer machines and CI "

@@ -2,7 +2,7 @@
 
     import xpnet
     from xpnet import metrics, optim
-    from xpnet.data.augment import random_shift
+    from xpnet.data import augment       # random per-image shifts (xpnet.data.augment)
 
     xpnet.seed(0)
     model = xpnet.models.simple_convnet()
@@ -11,11 +11,11 @@
     def to_float(x, y):                  # runs on the device, after the uint8 batch got there
         return x.astype("float32") / 255, y.astype("float32")
 
-    def augment(x, y):
-        return to_float(random_shift(x, 2), y)
+    def train_transform(x, y):           # draws from xpnet's generator: resumes exactly
+        return to_float(augment(x, xpnet.backend.rng(), max_shift=2, fill=0), y)
 
     trainer = xpnet.Trainer(model, opt, out_dir="runs/mnist", batch_size=128,
-                            transform=augment, eval_transform=to_float,
+                            transform=train_transform, eval_transform=to_float,
                             metrics={"accuracy": metrics.accuracy})
     history = trainer.fit((x_train, y_onehot), epochs=20, val=(x_test, y_test_onehot))
     # after a crash or Ctrl-C, the same call with resume=True continues where it stopped

@@ -3,19 +3,28 @@
     import xpnet
     xpnet.use("numpy")                 # or XPNET_BACKEND=cupy|numpy|auto
     model = xpnet.models.captcha_net()
+    xpnet.save(model, "m.npz", metadata={...});  model, metadata = xpnet.load("m.npz")
+    xpnet.Trainer(model, xpnet.AdamW(model), out_dir="runs/x").fit((x, y), epochs=10)
 """
 
 __version__ = "0.1.0"
 
 from . import backend, errors, layers, models, ops  # noqa: E402
+from . import io, metrics, optim  # noqa: E402
 from .backend import (  # noqa: E402
     asarray, get_array_module, get_dtype, seed, set_dtype, to_numpy, use, using,
 )
 from .layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU  # noqa: E402
 from .model import Sequential  # noqa: E402
+from .io import load, load_checkpoint, save, save_checkpoint  # noqa: E402
+from .optim import SGD, Adam, AdamW  # noqa: E402
+from .train import Trainer, fit  # noqa: E402
+from . import train  # noqa: E402,F811  (the module, next to the fit shortcut)
 
 __all__ = [
     "backend", "errors", "layers", "models", "ops",
     "use", "using", "asarray", "to_numpy", "get_array_module", "get_dtype", "set_dtype", "seed",
     "Sequential", "Conv2D", "MaxPool2D", "Dense", "ReLU", "Flatten", "Dropout", "BatchNorm",
+    "io", "metrics", "optim", "train", "save", "load", "save_checkpoint", "load_checkpoint",
+    "SGD", "Adam", "AdamW", "Trainer", "fit",
 ]

@@ -695,8 +695,9 @@ class FastExecutor:
         return dx_full
 
     def _run(self, fn, t):
-        if t == 1:
-            return shard_pool().run(fn, 1)
+        # One BLAS thread per shard, also when there is a single shard (a small
+        # batch): waking BLAS helper threads for tiny products costs more than it
+        # gives, and on a busy machine it can wait a whole scheduler slice.
         with blas_threads(1):
             return shard_pool().run(fn, t)
 

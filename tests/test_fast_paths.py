@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import xpnet
-from xpnet import fuse, ops, settings
+from xpnet import fuse, ops, settings, stages
 from xpnet.errors import ShapeError, UsageError
 from xpnet.layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
 from xpnet.model import Sequential
@@ -20,12 +20,12 @@ from xpnet.testing import assert_allclose
 @pytest.fixture(autouse=True)
 def _restore_settings():
     saved = (settings.fast_paths_enabled(), settings.get_num_threads(), settings.get_im2col_budget_bytes(),
-             fuse.CHUNK_BYTES)
+             stages.CHUNK_BYTES)
     yield
     settings.fast_paths(saved[0])
     settings.set_num_threads(saved[1])
     settings._budget_bytes = saved[2]
-    fuse.CHUNK_BYTES = saved[3]
+    stages.CHUNK_BYTES = saved[3]
 
 
 def one_step(model, x, t, fast, seed=7, input_grad=True):
@@ -121,9 +121,9 @@ def test_seed_networks_match_plain_path():
 
 
 def test_small_chunks_give_the_same_result():
-    fuse.CHUNK_BYTES = 1  # one image per chunk everywhere
+    stages.CHUNK_BYTES = 1  # one image per chunk everywhere
     assert_paths_agree(seed_like, (3, 17, 22), n=7, threads=2)
-    fuse.CHUNK_BYTES = 1 << 30  # the whole shard in one chunk
+    stages.CHUNK_BYTES = 1 << 30  # the whole shard in one chunk
     assert_paths_agree(seed_like, (3, 17, 22), n=7, threads=2)
 
 
@@ -188,7 +188,7 @@ def test_error_in_one_shard_reaches_the_caller_and_the_pool_recovers(rng):
     assert y.shape == (8, 2) and np.isfinite(y).all()
 
 
-def test_workspaces_are_reused_after_the_first_step(rng):
+def test_buffers_are_reused_after_the_first_step(rng):
     m = xpnet.models.captcha_net(input_shape=(3, 32, 40))
     x = rng.standard_normal((8, 3, 32, 40)).astype(np.float32)
     t = np.zeros((8, 144), np.float32)
@@ -197,11 +197,16 @@ def test_workspaces_are_reused_after_the_first_step(rng):
         _, d = ops.sigmoid_bce_with_logits(m.forward(x, train=True), t)
         m.backward(d)
 
+    def buffers():
+        return sorted((sh.k, key, name, id(v)) for sh in m._fast.shards for key, p in sh.plans.items()
+                      if key[2] for name, v in vars(p).items() if isinstance(v, np.ndarray))
+
     step()
-    before = [(id(b), b.shape) for sh in m._fast.shards for slots in sh.ws._store.values() for b in slots.values()]
+    before = buffers()
     step()
-    after = [(id(b), b.shape) for sh in m._fast.shards for slots in sh.ws._store.values() for b in slots.values()]
-    assert before == after and len(before) > 10
+    m.forward(x[:5], train=False)  # another batch size gets its own plan...
+    step()
+    assert buffers() == before and len(before) > 10  # ...and the training plan survives
 
 
 def test_switch_and_conditions_for_the_fast_path(rng):

@@ -10,7 +10,6 @@ import xpnet
 from xpnet import ops, settings
 from xpnet.ops import nhwc
 from xpnet.parallel import ShardPool, shard_bounds
-from xpnet.workspace import Workspace
 
 from . import oracles
 
@@ -133,14 +132,3 @@ def test_shard_pool_runs_each_shard_once_and_allreduces_in_order():
     assert all(r[1][0] == 6.0 for r in results)
     assert sorted(seen) == [(0, True), (1, False), (2, False)]  # shard 0 on the caller's thread
     assert shard_bounds(10, 3) == [(0, 3), (3, 6), (6, 10)]
-
-
-def test_workspace_keeps_two_shapes_per_name():
-    ws = Workspace(keep=2)
-    a = ws.get("b", (4, 3), np.float32, zero=True)
-    assert not a.any()
-    assert ws.get("b", (4, 3), np.float32) is a
-    b = ws.get("b", (2, 3), np.float32)
-    assert ws.get("b", (4, 3), np.float32) is a
-    ws.get("b", (1, 3), np.float32)  # evicts the least recently used, (2, 3)
-    assert ws.get("b", (4, 3), np.float32) is a and ws.get("b", (2, 3), np.float32) is not b

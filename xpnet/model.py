@@ -114,6 +114,8 @@ class Sequential:
         self._check_batch(x)
         fast = self._fast_executor(x)
         if fast is not None:
+            if self.compute_input_grad != self.layers[0].needs_input_grad:
+                self._set_input_grad_flags()
             for layer in self.layers:  # the plain path's caches are stale from here on
                 layer._cache = None
             return fast.forward(x, train)

@@ -108,22 +108,31 @@ def im2col_grouped(xpad, g: ConvGeometry, out, plain: bool = False):
     return out
 
 
-def col2im_grouped_taps(dcol_taps, g: ConvGeometry, dxpad, plain: bool = False):
-    """Add dcol_taps (KH*KW, N*rows, C) -- one slab per kernel tap -- into dxpad (N, Hp, Wp, C).
+def tap_views(dxpad, g: ConvGeometry, plain: bool = False):
+    """Writable views of dxpad (N, Hp, Wp, C), one per kernel tap, each shaped like that tap's rows.
 
-    Within one tap distinct rows reach distinct pixels, so each tap is one
-    strided in-place addition (KH*KW of them, fixed order: deterministic).
+    Within one tap distinct rows reach distinct pixels, so adding a tap's
+    (rows, C) slab into its view is an ordinary element-wise addition.
     """
     xp = get_array_module(dxpad)
     n = dxpad.shape[0]
     strides = _grouped_strides(dxpad, g) + (dxpad.strides[3],)
     shape = (n, g.pkh, g.pkw, g.qh, g.qw, g.c)
+    views = []
     for i in range(g.kh):
         for j in range(g.kw):
             view = xp.lib.stride_tricks.as_strided(dxpad[:, i:, j:, :], shape=shape, strides=strides)
-            if plain:
-                view = view.transpose(_PLAIN + (5,))
-            view += dcol_taps[i * g.kw + j].reshape(view.shape)
+            views.append(view.transpose(_PLAIN + (5,)) if plain else view)
+    return views
+
+
+def col2im_grouped_taps(dcol_taps, g: ConvGeometry, dxpad, plain: bool = False):
+    """Add dcol_taps (KH*KW, N*rows, C) -- one slab per kernel tap -- into dxpad (N, Hp, Wp, C).
+
+    KH*KW strided in-place additions in a fixed order: deterministic.
+    """
+    for t, view in enumerate(tap_views(dxpad, g, plain)):
+        view += dcol_taps[t].reshape(view.shape)
     return dxpad
 
 

@@ -100,6 +100,15 @@ def test_strides_padding_rectangular_kernels_and_big_pool_windows():
     assert_paths_agree(layers, (2, 21, 19), n=9, threads=2)
 
 
+def test_same_padding_input_gradient_by_im2col_with_rows_no_pool_reads():
+    # 'same' conv on 21x21 then a 2x2 pool: the last row and column are never pooled, and the
+    # input gradient goes through one product over the padded dz (not tap by tap).
+    def layers():
+        return [Conv2D(3, 3, pad="same"), Conv2D(5, 3, pad="same"), ReLU(), MaxPool2D(2), Flatten(), Dense(4)]
+    fast = assert_paths_agree(layers, (2, 21, 21), n=6, threads=2)
+    assert [s.dx_im2col for s in fast._fast.stages[:2]] == [True, True]
+
+
 def test_overlapping_and_padded_pools_and_standalone_layers():
     def layers():
         return [ReLU(), MaxPool2D(3, stride=1, pad=1), Conv2D(9, 3), MaxPool2D(2, stride=1),

@@ -43,9 +43,10 @@ class _ShardPlan:
         self.n, self.train, self.need_dx = n, train, need_dx
         pooled = blk.pool is not None
         bn_train = blk.bn is not None and train
-        # BatchNorm keeps z for backward: plain row order, like backward's im2col.
-        self.fwd_plain = bn_train
-        self.bwd_plain = bn_train or need_dx
+        # Backward works in plain row order only for the tap-by-tap input gradient
+        # (long runs for its additions); BatchNorm keeps z in backward's order.
+        self.bwd_plain = need_dx and not blk.dx_im2col
+        self.fwd_plain = bn_train and self.bwd_plain
         emp, zer = numpy.empty, numpy.zeros
         self.xbuf, self.xin = blk.padded(n, dt, zer)  # the padding border stays zero
         self.interior = self.xin[:, g.ph:g.ph + g.h, g.pw:g.pw + g.w]
@@ -70,7 +71,12 @@ class _ShardPlan:
             if pooled:
                 later, mask = emp((chunk, g.qh, g.qw, g.f), bool), emp((chunk, g.qh, g.qw, g.f), bool)
                 fmask = emp((chunk, g.qh, g.qw, g.f), dt)
-            if need_dx:
+            if need_dx and blk.dx_im2col:
+                gd = blk.gd
+                dzpad = zer((chunk, gd.hp, gd.wp, gd.c), dt)  # borders (and rows no pool reads) stay zero
+                dcol = emp((chunk * gd.rows, gd.kdim), dt)
+                self.dxbuf = emp((n, g.h, g.w, g.c), dt)
+            elif need_dx:
                 self.dxbuf, self.dxpad = blk.padded(n, dt, emp)
                 slab = emp((cr, g.c), dt)
         self.chunks = []
@@ -90,7 +96,7 @@ class _ShardPlan:
                 ch.zall = self.zall[a * g.rows:e * g.rows]
                 ch.tmp = self.tmp[:r]
                 ch.u = u[:r] if pooled else ch.y2
-                ch.u_blocks = nhwc.grouped_blocks(ch.u, g, m, plain=True) if pooled else None
+                ch.u_blocks = nhwc.grouped_blocks(ch.u, g, m, plain=self.fwd_plain) if pooled else None
             if train:
                 if self.bwd_plain == self.fwd_plain:
                     ch.b_src, ch.b_dst, ch.b_mat = ch.f_src, ch.f_dst, ch.f_mat
@@ -104,8 +110,19 @@ class _ShardPlan:
                     ch.later, ch.mask, ch.fmask = later[:m], mask[:m], fmask[:m]
                 if bn_train:
                     ch.du = self.du_all[a * g.rows:e * g.rows]
-                    ch.du_blocks = nhwc.grouped_blocks(ch.du, g, m, plain=True) if pooled else None
-                if need_dx:
+                    ch.du_blocks = nhwc.grouped_blocks(ch.du, g, m, plain=self.bwd_plain) if pooled else None
+                if need_dx and blk.dx_im2col:
+                    # dz (grouped rows) -> a zero-padded NHWC map -> im2col -> one product.
+                    gd = blk.gd
+                    inner = dzpad[:m, gd.ph:gd.ph + g.qh * g.pkh, gd.pw:gd.pw + g.qw * g.pkw]
+                    ch.dz_dst = inner.reshape(m, g.qh, g.pkh, g.qw, g.pkw, g.f).transpose(0, 2, 4, 1, 3, 5)
+                    ch.dz_src = ch.dz.reshape(ch.dz_dst.shape)
+                    rd = m * gd.rows
+                    ch.dcol_src = nhwc.grouped_window_view(dzpad[:m], gd)
+                    ch.dcol_dst = dcol[:rd].reshape(ch.dcol_src.shape)
+                    ch.dcol = dcol[:rd]
+                    ch.dx2 = self.dxbuf[a:e].reshape(rd, g.c)
+                elif need_dx:
                     ch.dx = self.dxbuf[a:e]
                     views = nhwc.tap_views(self.dxpad[a:e], g, plain=True)
                     ch.taps = [(blk.wtaps_views[t], slab[:r], v, slab[:r].reshape(v.shape))
@@ -137,6 +154,14 @@ class ConvBlock(Stage):
         self.has_bias = {True: conv.bias, False: conv.bias or bn is not None}
         self.wtaps = numpy.empty((g.kh * g.kw, g.f, g.c), dt)
         self.wtaps_views = list(self.wtaps)
+        # Input gradient: for a stride-1 conv whose output covers about as many
+        # pixels as its input ('same' padding), one product with the flipped kernel
+        # over the im2col of the zero-padded dz (K = KH*KW*F) beats KH*KW thin
+        # products (K = F) and their additions.  Otherwise tap by tap.
+        self.dx_im2col = (g.sh, g.sw) == (1, 1) and g.ph < g.kh and g.pw < g.kw and g.h * g.w <= 1.15 * g.rows
+        if self.dx_im2col:
+            self.gd = nhwc.ConvGeometry(g.f, g.oh, g.ow, g.c, g.kh, g.kw, 1, 1, g.kh - 1 - g.ph, g.kw - 1 - g.pw)
+            self.wflip = numpy.empty((g.kh * g.kw * g.f, g.c), dt)
 
     @staticmethod
     def can_group(conv: Conv2D, bn, pool: MaxPool2D) -> bool:
@@ -203,7 +228,9 @@ class ConvBlock(Stage):
         numpy.copyto(self.wmat[train].reshape(g.kh, g.kw, g.c, g.f), w.transpose(2, 3, 1, 0))
         if b is not None:
             numpy.copyto(self.bias[train], b)
-        if train:
+        if train and self.dx_im2col:
+            numpy.copyto(self.wflip.reshape(g.kh, g.kw, g.f, g.c), w[:, :, ::-1, ::-1].transpose(2, 3, 0, 1))
+        elif train:
             numpy.copyto(self.wtaps.reshape(g.kh, g.kw, g.f, g.c), w.transpose(2, 3, 0, 1))
 
     # -- forward
@@ -301,7 +328,11 @@ class ConvBlock(Stage):
             numpy.copyto(ch.b_dst, ch.b_src)  # im2col again
             mm(ch.b_matT, ch.dz, out=p.dwtmp)
             add(p.dwmat, p.dwtmp, out=p.dwmat)
-            if need_dx:
+            if need_dx and self.dx_im2col:
+                numpy.copyto(ch.dz_dst, ch.dz_src)
+                numpy.copyto(ch.dcol_dst, ch.dcol_src)
+                mm(ch.dcol, self.wflip, out=ch.dx2)
+            elif need_dx:
                 ch.dx.fill(0)
                 for wt, slab, view, slab_v in ch.taps:  # one kernel tap: a product, then a strided add
                     mm(ch.dz, wt, out=slab)
@@ -312,7 +343,8 @@ class ConvBlock(Stage):
         if not need_dx:
             return None
         # dx in the layout the input came in (the block reads either).
-        return convert(p.dxpad[:, g.ph:g.ph + g.h, g.pw:g.pw + g.w], NHWC, step.layouts[self.index])
+        dx = p.dxbuf if self.dx_im2col else p.dxpad[:, g.ph:g.ph + g.h, g.pw:g.pw + g.w]
+        return convert(dx, NHWC, step.layouts[self.index])
 
     def _bn_backward_terms(self, p, sh, step):
         """Gradient through the pool and BatchNorm, as dz = du*c_a + z*c_z + c_0 per channel."""

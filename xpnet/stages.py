@@ -102,10 +102,7 @@ def batch_moments(z2d, dtype, scratch=None):
     r = z2d.shape[0]
     s = z2d.sum(axis=0).astype(numpy.float64)
     centred = numpy.subtract(z2d, (s / r).astype(dtype), out=scratch)
-    m2 = numpy.einsum("ij,ij->j", centred, centred).astype(numpy.float64)
-    # Correct for centring on the rounded mean (exact in real arithmetic).
-    d = centred.sum(axis=0).astype(numpy.float64)
-    return r, s, m2 - d * d / r
+    return r, s, numpy.einsum("ij,ij->j", centred, centred).astype(numpy.float64)
 
 
 class BatchStats:

@@ -116,13 +116,19 @@ def tap_views(dxpad, g: ConvGeometry, plain: bool = False):
     """
     xp = get_array_module(dxpad)
     n = dxpad.shape[0]
-    strides = _grouped_strides(dxpad, g) + (dxpad.strides[3],)
-    shape = (n, g.pkh, g.pkw, g.qh, g.qw, g.c)
+    oh, ow = g.qh * g.pkh, g.qw * g.pkw  # the output pixels that have rows
     views = []
     for i in range(g.kh):
         for j in range(g.kw):
-            view = xp.lib.stride_tricks.as_strided(dxpad[:, i:, j:, :], shape=shape, strides=strides)
-            views.append(view.transpose(_PLAIN + (5,)) if plain else view)
+            if plain:
+                # A basic slice: NumPy then sees at once that the in-place addition cannot
+                # overlap itself (on an as_strided view it runs an overlap solver and
+                # copies, holding the GIL).
+                views.append(dxpad[:, i:i + g.sh * (oh - 1) + 1:g.sh, j:j + g.sw * (ow - 1) + 1:g.sw, :])
+                continue
+            strides = _grouped_strides(dxpad, g) + (dxpad.strides[3],)
+            views.append(xp.lib.stride_tricks.as_strided(
+                dxpad[:, i:, j:, :], shape=(n, g.pkh, g.pkw, g.qh, g.qw, g.c), strides=strides))
     return views
 
 
@@ -225,3 +231,4 @@ def im2col_grouped_kmajor(xpad, g: ConvGeometry, out, plain: bool = False):
     view = grouped_window_view(xpad, g, plain)
     xp.copyto(out.reshape(view.shape[5:] + view.shape[:5]), view.transpose(5, 6, 7, 0, 1, 2, 3, 4))
     return out
+

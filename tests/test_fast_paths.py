@@ -143,6 +143,16 @@ def test_small_chunks_give_the_same_result():
     assert_paths_agree(seed_like, (3, 17, 22), n=7, threads=2)
     stages.CHUNK_BYTES = 1 << 30  # the whole shard in one chunk
     assert_paths_agree(seed_like, (3, 17, 22), n=7, threads=2)
+    settings.set_im2col_budget(0.001)  # below one image's im2col: one image per chunk, both paths
+    assert_paths_agree(seed_like, (3, 17, 22), n=7, threads=2)
+
+
+def test_conv_layer_reports_its_im2col_bytes():
+    m = xpnet.models.captcha_net()
+    conv2 = m.layers[3]
+    assert conv2.im2col_nbytes(500) == 500 * 13 * 37 * 32 * 9 * 4 == ops.im2col_nbytes((500, 32, 15, 39), 3)
+    with pytest.raises(UsageError, match="not built"):
+        Conv2D(4, 3).im2col_nbytes(1)
 
 
 def test_same_seed_same_threads_is_bitwise_reproducible_and_thread_count_only_reorders_sums(rng):

@@ -6,8 +6,10 @@ K-1 element-wise maxima of contiguous blocks (rows grouped by pool window, see
 ``xpnet.ops.nhwc``), then bias and ReLU on the 4x smaller pooled map (max
 commutes with a per-channel shift and with ReLU).  Backward: the ReLU mask, the
 pool's routing (from K-1 bool "beat the running max" records), im2col again
-(cheaper than keeping it), the weight gradient, and the input gradient one
-kernel tap at a time, each tap's (rows, C) slab added into dx while it is hot.
+(cheaper than keeping it), the weight gradient, and the input gradient: for
+'same' stride-1 convs one product with the flipped kernel over the im2col of
+the zero-padded dz, otherwise one kernel tap at a time, each tap's (rows, C)
+slab added into dx while it is hot.
 
 With BatchNorm in training the order changes: convolve every chunk and keep z,
 all-reduce the batch statistics between shards, then normalise, pool and ReLU;
@@ -27,7 +29,7 @@ import numpy
 from .errors import UsageError
 from .layers import Conv2D, MaxPool2D
 from .ops import nhwc
-from .stages import (NHWC, BatchStats, Stage, batch_moments, bn_check_batch, bn_update_running, chunk_images,
+from .stages import (NCHW, NHWC, BatchStats, Stage, batch_moments, bn_check_batch, bn_update_running, chunk_images,
                      convert)
 
 
@@ -133,11 +135,11 @@ class _ShardPlan:
 class ConvBlock(Stage):
     """Conv2D [-> BatchNorm] [-> ReLU] [-> MaxPool2D (grouped)] on NHWC chunks."""
 
-    accepts = (NHWC, "nchw")
+    accepts = (NHWC, NCHW)
     # Below this many bytes per window row (KW*C values) im2col is built K-major
     # from an NCHW copy of the input: runs along the width are longer (first layers).
     KMAJOR_BELOW_BYTES = 64
-    KEEP_PLANS = 2  # per shard: e.g. the training batch and an evaluation batch
+    KEEP_PLANS = 3  # per shard: e.g. the training batch, the last short batch, an evaluation batch
 
     def __init__(self, index, conv: Conv2D, bn=None, relu=None, pool=None):
         super().__init__(index, [l for l in (conv, bn, relu, pool) if l is not None])

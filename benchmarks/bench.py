@@ -899,6 +899,8 @@ def machine_info():
 
 
 def plot(groups_out, path, title):
+    """One horizontal bar chart per training/inference comparison: images/s, linear scale,
+    whiskers from the first to the third quartile of the step time."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -907,29 +909,31 @@ def plot(groups_out, path, title):
     bars = [g for g in groups_out if g["kind"] in ("train", "infer")]
     if not bars:
         return
-    fig, axes = plt.subplots(len(bars), 1, figsize=(9, 1.2 + 0.42 * sum(len(g["results"]) for g in bars)),
-                             squeeze=False)
+    heights = [0.9 + 0.32 * sum(1 for r in g["results"] if r["config"]["backend"] != "peak") for g in bars]
+    fig, axes = plt.subplots(len(bars), 1, figsize=(9, sum(heights) + 0.6), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
     for ax, grp in zip(axes[:, 0], bars):
         rows = [(r["label"], r["tasks"]["step"]) for r in grp["results"]
                 if "error" not in r and "step" in r["tasks"] and r["config"]["backend"] != "peak"]
         names = [n for n, _ in rows]
+        n = grp["batch"]
         vals = [st["images_per_s"] for _, st in rows]
-        errs = [[st["images_per_s"] - grp["batch"] / st["q25_s"] for _, st in rows],
-                [grp["batch"] / st["q25_s"] - st["images_per_s"] for _, st in rows]]
-        errs = [[abs(v) for v in e] for e in errs]
-        colors = ["#2b7bba" if n.startswith("xpnet") else "#e07b39" if n.startswith("torch") else "#888888"
-                  for n in names]
-        ax.barh(range(len(rows)), vals, xerr=errs, color=colors)
+        lo = [max(0.0, v - n / st["q75_s"]) for v, (_, st) in zip(vals, rows)]
+        hi = [max(0.0, n / st["q25_s"] - v) for v, (_, st) in zip(vals, rows)]
+        colors = ["#2b7bba" if n_.startswith("xpnet") else "#e07b39" if n_.startswith("torch") else "#888888"
+                  for n_ in names]
+        ax.barh(range(len(rows)), vals, xerr=[lo, hi], color=colors, error_kw={"elinewidth": 0.8})
         ax.set_yticks(range(len(rows)))
         ax.set_yticklabels(names, fontsize=8)
         ax.invert_yaxis()
-        ax.set_xscale("log")
-        ax.set_title(grp["title"] + "  (images/s, log scale)", fontsize=9)
+        ax.set_xlim(0, max(v + h for v, h in zip(vals, hi)) * 1.15 if vals else 1)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.set_title(grp["title"] + "  (images/s)", fontsize=9)
         for i, v in enumerate(vals):
             ax.text(v, i, f" {v:.0f}", va="center", fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -944,10 +948,18 @@ def main(argv=None):
     ap.add_argument("--name", default=None, help="results file name (default: cpu/quick/gpu + date)")
     ap.add_argument("--no-torch", action="store_true", help="skip PyTorch even when installed")
     ap.add_argument("--only", default=None, help="run only the comparisons whose title contains this text")
+    ap.add_argument("--plot-only", metavar="JSON", help="redraw the bar chart of an earlier results file")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         worker_main(json.loads(args.worker))
+        return 0
+    if args.plot_only:
+        with open(args.plot_only) as fh:
+            doc = json.load(fh)
+        info = doc["machine"]
+        plot(doc["groups"], os.path.splitext(args.plot_only)[0] + ".png",
+             f"xpnet benchmark {doc['date']} ({info.get('cpu', '')}, {info.get('usable_cores')} cores)")
         return 0
     t_start = time.time()
     rounds = args.rounds or (5 if (args.quick or args.gpu) else 7)

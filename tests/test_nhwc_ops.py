@@ -132,3 +132,31 @@ def test_shard_pool_runs_each_shard_once_and_allreduces_in_order():
     assert all(r[1][0] == 6.0 for r in results)
     assert sorted(seen) == [(0, True), (1, False), (2, False)]  # shard 0 on the caller's thread
     assert shard_bounds(10, 3) == [(0, 3), (3, 6), (6, 10)]
+
+
+def test_models_stepped_from_two_threads_leave_blas_threads_as_they_were(rng):
+    from threadpoolctl import threadpool_info
+
+    before = [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"]
+    first = xpnet.models.captcha_net(input_shape=(3, 32, 40))
+    models = [first, first.clone()]
+    x = rng.standard_normal((8, 3, 32, 40)).astype(np.float32)
+    t = np.zeros((8, 144), np.float32)
+    errors = []
+
+    def train(m):
+        try:
+            for _ in range(3):
+                _, d = ops.sigmoid_bce_with_logits(m.forward(x, train=True), t)
+                m.backward(d)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=train, args=(m,)) for m in models]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    np.testing.assert_array_equal(models[0].gradients()["conv1.W"], models[1].gradients()["conv1.W"])
+    assert [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"] == before

@@ -34,7 +34,7 @@ from . import settings
 from .conv_block import ConvBlock
 from .errors import ShapeError, UsageError
 from .layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
-from .parallel import blas_threads, can_limit_blas, shard_pool
+from .parallel import can_limit_blas, shard_pool
 from .stages import (FLAT, NCHW, BatchNormStage, DenseStage, DropoutStage, FlattenStage, PoolStage, ReLUStage,
                      Shard, Stage, Step, convert)
 
@@ -182,8 +182,7 @@ class FastExecutor:
         # One BLAS thread per shard, also when there is a single shard (a small
         # batch): waking BLAS helper threads for tiny products costs more than it
         # gives, and on a busy machine it can wait a whole scheduler slice.
-        with blas_threads(1):
-            return shard_pool().run(fn, t)
+        return shard_pool().run(fn, t, blas=1)
 
     def invalidate(self):
         self.pending = None

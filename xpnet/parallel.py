@@ -119,7 +119,8 @@ class ShardPool:
 
     def __init__(self):
         self._workers: list[_Worker] = []
-        self._lock = threading.Lock()
+        # One parallel region at a time per pool (re-entrant for the calling thread).
+        self._lock = threading.RLock()
         self.reducers: dict[int, Reducer] = {}
 
     def reducer(self, t: int) -> Reducer:
@@ -128,11 +129,16 @@ class ShardPool:
             r = self.reducers[t] = Reducer(t)
         return r
 
-    def run(self, fn, t: int):
-        """[fn(0), ..., fn(t-1)], shard 0 on this thread; the first error (by shard) is raised."""
-        if t == 1:
-            return [fn(0)]
-        with self._lock:  # one parallel region at a time per pool
+    def run(self, fn, t: int, blas: int | None = None):
+        """[fn(0), ..., fn(t-1)], shard 0 on this thread; the first error (by shard) is raised.
+
+        ``blas``: limit BLAS to that many threads for the region.  Set and restored
+        under the pool's lock, so two Python threads running regions one after the
+        other cannot leave BLAS limited.
+        """
+        with self._lock, (blas_threads(blas) if blas else contextlib.nullcontext()):
+            if t == 1:
+                return [fn(0)]
             while len(self._workers) < t - 1:
                 self._workers.append(_Worker(len(self._workers) + 1))
             reducer = self.reducer(t)

@@ -21,6 +21,7 @@ from xpnet.testing import assert_allclose
 def _restore_settings():
     saved = (settings.fast_paths_enabled(), settings.get_num_threads(), settings.get_im2col_budget_bytes(),
              stages.CHUNK_BYTES)
+    settings.fast_paths(True)  # these tests are about the fast path, whatever XPNET_FAST says
     yield
     settings.fast_paths(saved[0])
     settings.set_num_threads(saved[1])

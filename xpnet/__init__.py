@@ -9,7 +9,7 @@
 
 __version__ = "0.1.0"
 
-from . import backend, errors, layers, models, ops  # noqa: E402
+from . import backend, errors, layers, models, ops, settings  # noqa: E402
 from . import io, metrics, optim  # noqa: E402
 from .backend import (  # noqa: E402
     asarray, get_array_module, get_dtype, seed, set_dtype, to_numpy, use, using,
@@ -20,10 +20,15 @@ from .io import load, load_checkpoint, save, save_checkpoint  # noqa: E402
 from .optim import SGD, Adam, AdamW  # noqa: E402
 from .train import Trainer, fit  # noqa: E402
 from . import train  # noqa: E402,F811  (the module, next to the fit shortcut)
+from .settings import (  # noqa: E402
+    fast_paths, fast_paths_enabled, get_im2col_budget_bytes, get_num_threads, set_im2col_budget, set_num_threads,
+)
 
 __all__ = [
     "backend", "errors", "layers", "models", "ops",
     "use", "using", "asarray", "to_numpy", "get_array_module", "get_dtype", "set_dtype", "seed",
+    "fast_paths", "fast_paths_enabled", "set_num_threads", "get_num_threads",
+    "set_im2col_budget", "get_im2col_budget_bytes",
     "Sequential", "Conv2D", "MaxPool2D", "Dense", "ReLU", "Flatten", "Dropout", "BatchNorm",
     "io", "metrics", "optim", "train", "save", "load", "save_checkpoint", "load_checkpoint",
     "SGD", "Adam", "AdamW", "Trainer", "fit",

@@ -155,6 +155,15 @@ class Conv2D(Layer):
         if self.bias:
             self.params["b"] = backend.asarray(numpy.zeros(self.out_channels, dtype=dtype))
 
+    def im2col_nbytes(self, batch_size: int) -> int:
+        """Bytes of the im2col matrix the plain path builds for a batch (chunked above
+        ``xpnet.set_im2col_budget``; the fast path works on ~1 MiB chunks)."""
+        if self.input_shape is None:
+            raise UsageError(f"Conv2D '{self.name}' is not built yet: its input shape is unknown.")
+        itemsize = numpy.dtype(self.params["W"].dtype).itemsize
+        return ops.im2col_nbytes((int(batch_size),) + self.input_shape, self.kernel_size, self.stride, self.pad,
+                                 itemsize)
+
     def forward(self, x, train=False):
         self._check_input(x)
         y, cache = ops.conv2d_forward(x, self.params["W"], self.params.get("b"), self.stride, self.pad)

@@ -17,7 +17,7 @@ from collections import OrderedDict
 
 import numpy
 
-from . import backend
+from . import backend, settings
 from .errors import ShapeError, UsageError
 from .layers import LAYER_TYPES, Layer
 
@@ -37,6 +37,7 @@ class Sequential:
         self.input_shape: tuple | None = None
         self.dtype: numpy.dtype | None = None
         self.compute_input_grad = False  # backward returns dx for the input only when True
+        self._fast = None  # the fused CPU executor (xpnet.fuse), built on first use
         self._name_layers()
         if input_shape is not None:
             self.build(input_shape)
@@ -111,9 +112,34 @@ class Sequential:
         if not self.built:
             self.build(x.shape[1:])
         self._check_batch(x)
+        fast = self._fast_executor(x)
+        if fast is not None:
+            if self.compute_input_grad != self.layers[0].needs_input_grad:
+                self._set_input_grad_flags()
+            for layer in self.layers:  # the plain path's caches are stale from here on
+                layer._cache = None
+            return fast.forward(x, train)
+        if self._fast is not None:
+            self._fast.invalidate()
         for layer in self.layers:
             x = layer.forward(x, train=train)
         return x
+
+    def _fast_executor(self, x):
+        """The fused batch-parallel executor for a NumPy batch, or None for the plain path.
+
+        Used when fast paths are on (``xpnet.fast_paths``), x is a NumPy array and
+        every layer is a built-in type the planner knows (``xpnet.fuse``).
+        """
+        if not settings.fast_paths_enabled() or not isinstance(x, numpy.ndarray):
+            return None
+        from . import fuse
+
+        if not fuse.plannable(self):
+            return None
+        if self._fast is None or self._fast.key != fuse.FastExecutor._key(self):
+            self._fast = fuse.FastExecutor(self)
+        return self._fast
 
     __call__ = forward
 
@@ -124,6 +150,8 @@ class Sequential:
         """
         if self.compute_input_grad != self.layers[0].needs_input_grad:
             self._set_input_grad_flags()
+        if self._fast is not None and self._fast.pending is not None:
+            return self._fast.backward(dout)
         for layer in reversed(self.layers):
             dout = layer.backward(dout)
         return dout
@@ -195,6 +223,7 @@ class Sequential:
                 for k, v in store.items():
                     store[k] = backend.to_numpy(v) if xp is numpy else xp.asarray(v)
             l._cache = None
+        self._fast = None
         return self
 
     def astype(self, dtype):
@@ -207,6 +236,7 @@ class Sequential:
             l.grads.clear()
             l._cache = None
         self.dtype = dtype
+        self._fast = None
         return self
 
     def clone(self, to: str | None = None) -> "Sequential":

@@ -10,13 +10,15 @@ Two paths, one contract:
 * the general one builds the windows with the strided view of im2col
   (overlapping windows, padding, any stride);
 * a fast one for the common non-overlapping case (stride == size, no
-  padding) that only reshapes.  Tests hold them equal.
+  padding): element-wise maxima of the kh*kw strided position views, with
+  bool records of where each window's first maximum is.  Tests hold them equal.
 """
 
 from __future__ import annotations
 
 from ..backend import get_array_module
 from ..errors import ShapeError
+from . import nhwc
 from .im2col import output_hw, pad_input, pair, window_view
 
 
@@ -40,14 +42,23 @@ def max_pool2d_forward(x, size=2, stride=None, pad=0):
     return forward_strided(x, (kh, kw), (sh, sw), (ph, pw))
 
 
+def _position_views(a, kh, kw, oh, ow):
+    """The kh*kw strided views a[:, :, i::kh, j::kw] (cropped to oh x ow), in window order."""
+    return [a[:, :, i:i + kh * (oh - 1) + 1:kh, j:j + kw * (ow - 1) + 1:kw] for i in range(kh) for j in range(kw)]
+
+
 def forward_reshape(x, size):
-    """Non-overlapping windows (stride == size, no padding): crop, reshape, reduce."""
+    """Non-overlapping windows (stride == size, no padding): element-wise maxima of the
+    kh*kw strided position views, recording where each window's first maximum is
+    (``nhwc.pool_blocks_forward``) -- no copy of the windows, no arg-max over a tiny axis."""
     kh, kw = size
     n, c, h, w = x.shape
     oh, ow = h // kh, w // kw
-    xc = x[:, :, : oh * kh, : ow * kw]
-    windows = xc.reshape(n, c, oh, kh, ow, kw).transpose(0, 1, 2, 4, 3, 5).reshape(n, c, oh, ow, kh * kw)
-    return _finish(x, windows, (kh, kw), (kh, kw), (0, 0), "reshape")
+    xp = get_array_module(x)
+    y = xp.empty((n, c, oh, ow), dtype=x.dtype)
+    gt = xp.empty((kh * kw - 1, n, c, oh, ow), dtype=bool)
+    nhwc.pool_blocks_forward(_position_views(x, kh, kw, oh, ow), y, gt)
+    return y, (x.shape, x.dtype, gt, (kh, kw), (kh, kw), (0, 0), "reshape")
 
 
 def forward_strided(x, size, stride, pad):
@@ -70,17 +81,17 @@ def max_pool2d_backward(dy, cache):
     """dx (N, C, H, W): each dy goes to the position that held its window's maximum."""
     x_shape, dtype, idx, (kh, kw), (sh, sw), (ph, pw), path = cache
     n, c, h, w = x_shape
-    oh, ow = idx.shape[2], idx.shape[3]
+    oh, ow = (idx.shape[3], idx.shape[4]) if path == "reshape" else (idx.shape[2], idx.shape[3])
     if dy.shape != (n, c, oh, ow):
         raise ShapeError(f"max_pool2d_backward got dy of shape {dy.shape}, expected {(n, c, oh, ow)}.")
     xp = get_array_module(dy)
+    if path == "reshape":  # idx holds the forward's winner records
+        dx = xp.zeros(x_shape, dtype=dtype)  # rows and columns no window reads stay zero
+        scratch = (xp.empty(dy.shape, dtype=bool), xp.empty(dy.shape, dtype=bool), xp.empty(dy.shape, dtype=dtype))
+        nhwc.pool_blocks_backward(dy, idx, _position_views(dx, kh, kw, oh, ow), *scratch)
+        return dx
     # Scatter by comparison with the window positions (no put_along_axis needed).
     dwin = (idx[..., None] == xp.arange(kh * kw)) * dy[..., None]
-    if path == "reshape":
-        dx = xp.zeros(x_shape, dtype=dtype)
-        block = dwin.reshape(n, c, oh, ow, kh, kw).transpose(0, 1, 2, 4, 3, 5).reshape(n, c, oh * kh, ow * kw)
-        dx[:, :, : oh * kh, : ow * kw] = block
-        return dx
     # General path: add each window offset back (windows may overlap).
     hp, wp = h + 2 * ph, w + 2 * pw
     canvas = xp.zeros((n, c, hp, wp), dtype=dtype)

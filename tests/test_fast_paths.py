@@ -1,0 +1,274 @@
+"""The fused, batch-parallel CPU path (xpnet.fuse) against the plain layer-by-layer path.
+
+Every model here runs one training step (forward, fused loss, backward) and an
+evaluation forward on both paths from the same weights and inputs; outputs,
+every gradient, the input gradient and BatchNorm running statistics must agree
+(float64: to rounding; float32: the model tolerance of xpnet.testing).
+"""
+
+import numpy as np
+import pytest
+
+import xpnet
+from xpnet import fuse, ops, settings, stages
+from xpnet.errors import ShapeError, UsageError
+from xpnet.layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
+from xpnet.model import Sequential
+from xpnet.testing import assert_allclose
+
+
+@pytest.fixture(autouse=True)
+def _restore_settings():
+    saved = (settings.fast_paths_enabled(), settings.get_num_threads(), settings.get_im2col_budget_bytes(),
+             stages.CHUNK_BYTES)
+    settings.fast_paths(True)  # these tests are about the fast path, whatever XPNET_FAST says
+    yield
+    settings.fast_paths(saved[0])
+    settings.set_num_threads(saved[1])
+    settings._budget_bytes = saved[2]
+    stages.CHUNK_BYTES = saved[3]
+
+
+def one_step(model, x, t, fast, seed=7, input_grad=True):
+    """(logits, {grad name: grad}, dx, eval logits, {buffer: value}) for one step on one path."""
+    model.compute_input_grad = input_grad
+    with xpnet.fast_paths(fast):
+        xpnet.seed(seed)  # same dropout masks on both paths
+        logits = model.forward(x, train=True)
+        _, d = ops.sigmoid_bce_with_logits(logits, t)
+        dx = model.backward(d)
+        grads = {k: v.copy() for k, v in model.gradients().items()}
+        buffers = {k: v.copy() for k, v in model.buffers().items()}
+        ev = model.forward(x, train=False)
+    return logits, grads, dx, ev, buffers
+
+
+def assert_paths_agree(layers_fn, input_shape, n=7, dtype=np.float64, threads=2, input_grad=True, kind="op",
+                       prepare=None):
+    xpnet.set_dtype(dtype)
+    xpnet.seed(3)
+    ref = Sequential(layers_fn(), input_shape=input_shape)
+    if prepare is not None:
+        prepare(ref)
+    fast = ref.clone()
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((n,) + tuple(input_shape)).astype(dtype)
+    t = (rng.random((n,) + ref.output_shape) < 0.3).astype(dtype)
+    xpnet.set_num_threads(threads)
+    a = one_step(ref, x, t, fast=False, input_grad=input_grad)
+    b = one_step(fast, x, t, fast=True, input_grad=input_grad)
+    assert fast._fast is not None and ref._fast is None  # each path really ran
+    tol = kind if dtype == np.float64 else "model"
+    assert_allclose(b[0], a[0], kind=tol, err_msg="logits")
+    assert set(a[1]) == set(b[1])
+    for name in a[1]:
+        assert_allclose(b[1][name], a[1][name], kind=tol, err_msg=name)
+    if input_grad:
+        assert_allclose(b[2], a[2], kind=tol, err_msg="input gradient")
+    else:
+        assert a[2] is None and b[2] is None
+    assert_allclose(b[3], a[3], kind=tol, err_msg="eval logits")
+    for name in a[4]:
+        assert_allclose(b[4][name], a[4][name], kind=tol, err_msg=name)
+    return fast
+
+
+def seed_like():  # captcha_net in miniature: odd maps, so pools drop a row and a column
+    return [Conv2D(4, 3), ReLU(), MaxPool2D(2), Conv2D(6, 3), ReLU(), MaxPool2D(2), Flatten(),
+            Dense(10), ReLU(), Dense(5)]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_conv_relu_pool_chain_matches_plain_path(threads):
+    fast = assert_paths_agree(seed_like, (3, 17, 22), n=13, threads=threads)
+    assert [type(s).__name__ for s in fast._fast.stages][:2] == ["ConvBlock", "ConvBlock"]
+    assert all(len(s.layers) == 3 for s in fast._fast.stages[:2])  # conv+relu+pool fused
+
+
+def test_batchnorm_blocks_whole_batch_statistics_across_shards():
+    def layers():
+        return [Conv2D(5, 3, pad="same", bias=False), BatchNorm(), ReLU(), Conv2D(6, 3, pad=1), BatchNorm(), ReLU(),
+                MaxPool2D(2), Conv2D(4, 3), BatchNorm(), ReLU(), MaxPool2D(2),  # odd map: pool not fused
+                Flatten(), Dense(8), BatchNorm(), ReLU(), Dropout(0.3), Dense(4)]
+    fast = assert_paths_agree(layers, (3, 14, 16), n=11, threads=3)
+    names = [type(s).__name__ for s in fast._fast.stages]
+
+    def some_negative_gammas(model):  # BatchNorm then no longer commutes with the pool
+        for layer in model.layers:
+            if isinstance(layer, BatchNorm):
+                layer.params["gamma"][::2] *= -0.5
+    assert_paths_agree(layers, (3, 14, 16), n=11, threads=3, prepare=some_negative_gammas)
+    assert names[:4] == ["ConvBlock", "ConvBlock", "ConvBlock", "PoolStage"]
+    assert "BatchNormStage" in names and "DropoutStage" in names
+
+
+def test_strides_padding_rectangular_kernels_and_big_pool_windows():
+    def layers():
+        return [Conv2D(5, (3, 2), stride=(2, 1), pad=(1, 2)), MaxPool2D(3), ReLU(),
+                Conv2D(16, 2, bias=False), ReLU(), MaxPool2D((1, 2)),
+                Conv2D(7, 1), Flatten(), Dense(3)]
+    assert_paths_agree(layers, (2, 21, 19), n=9, threads=2)
+
+
+def test_same_padding_input_gradient_by_im2col_with_rows_no_pool_reads():
+    # 'same' conv on 21x21 then a 2x2 pool: the last row and column are never pooled, and the
+    # input gradient goes through one product over the padded dz (not tap by tap).
+    def layers():
+        return [Conv2D(3, 3, pad="same"), Conv2D(5, 3, pad="same"), ReLU(), MaxPool2D(2), Flatten(), Dense(4)]
+    fast = assert_paths_agree(layers, (2, 21, 21), n=6, threads=2)
+    assert [s.dx_im2col for s in fast._fast.stages[:2]] == [True, True]
+
+
+def test_overlapping_and_padded_pools_and_standalone_layers():
+    def layers():
+        return [ReLU(), MaxPool2D(3, stride=1, pad=1), Conv2D(9, 3), MaxPool2D(2, stride=1),
+                BatchNorm(), ReLU(), MaxPool2D(2), Dropout(0.5), Flatten(), Dense(6)]
+    assert_paths_agree(layers, (2, 10, 11), n=8, threads=2)
+
+
+def test_dense_only_model_and_float32_tolerance():
+    assert_paths_agree(lambda: [Dense(12), ReLU(), Dropout(0.2), Dense(12), BatchNorm(), ReLU(), Dense(3)],
+                       (9,), n=10, threads=2)
+    assert_paths_agree(seed_like, (3, 17, 22), n=12, dtype=np.float32, threads=2)
+
+
+def test_seed_networks_match_plain_path():
+    assert_paths_agree(lambda: xpnet.models.captcha_net(input_shape=(3, 32, 40)).layers, (3, 32, 40),
+                       n=8, threads=2, input_grad=False)
+    assert_paths_agree(lambda: xpnet.models.captcha_net_bn(input_shape=(3, 32, 48), width=4).layers,
+                       (3, 32, 48), n=6, threads=2, input_grad=False)
+
+
+def test_small_chunks_give_the_same_result():
+    stages.CHUNK_BYTES = 1  # one image per chunk everywhere
+    assert_paths_agree(seed_like, (3, 17, 22), n=7, threads=2)
+    stages.CHUNK_BYTES = 1 << 30  # the whole shard in one chunk
+    assert_paths_agree(seed_like, (3, 17, 22), n=7, threads=2)
+    settings.set_im2col_budget(0.001)  # below one image's im2col: one image per chunk, both paths
+    assert_paths_agree(seed_like, (3, 17, 22), n=7, threads=2)
+
+
+def test_conv_layer_reports_its_im2col_bytes():
+    m = xpnet.models.captcha_net()
+    conv2 = m.layers[3]
+    assert conv2.im2col_nbytes(500) == 500 * 13 * 37 * 32 * 9 * 4 == ops.im2col_nbytes((500, 32, 15, 39), 3)
+    with pytest.raises(UsageError, match="not built"):
+        Conv2D(4, 3).im2col_nbytes(1)
+
+
+def test_same_seed_same_threads_is_bitwise_reproducible_and_thread_count_only_reorders_sums(rng):
+    xpnet.set_dtype(np.float32)
+    x = rng.standard_normal((16, 3, 32, 40)).astype(np.float32)
+    t = (rng.random((16, 144)) < 0.1).astype(np.float32)
+
+    def train(threads, steps=3):
+        xpnet.set_num_threads(threads)
+        xpnet.seed(0)
+        m = xpnet.models.captcha_net_bn(input_shape=(3, 32, 40), width=4)
+        for _ in range(steps):
+            _, d = ops.sigmoid_bce_with_logits(m.forward(x, train=True), t)
+            m.backward(d)
+            for p, g in zip(m.parameters().values(), m.gradients().values()):
+                p -= 0.1 * g
+        return m.state_dict()
+
+    a, b = train(2), train(2)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    # A different thread count adds the partial sums in another order: close, not equal
+    # (after one step: later steps amplify float32 rounding in this small BN network).
+    a, c = train(2, steps=1), train(1, steps=1)
+    for k in a:
+        assert_allclose(a[k], c[k], kind="model", err_msg=k)
+
+
+def test_errors_match_the_plain_path(rng):
+    m = Sequential(seed_like(), input_shape=(3, 17, 22))
+    x = rng.standard_normal((6, 3, 17, 22)).astype(np.float32)
+    with pytest.raises(UsageError, match="without a forward"):
+        m.backward(np.zeros((6, 5), np.float32))
+    m.forward(x, train=True)
+    m.forward(x, train=False)  # evaluation drops what backward needs, as on the plain path
+    with pytest.raises(UsageError, match="without a forward"):
+        m.backward(np.zeros((6, 5), np.float32))
+    m.forward(x, train=True)
+    with pytest.raises(ShapeError, match="expected"):
+        m.backward(np.zeros((5, 5), np.float32))
+
+
+def test_error_in_one_shard_reaches_the_caller_and_the_pool_recovers(rng):
+    m = Sequential([Dense(4), BatchNorm(), Dense(2)], input_shape=(3,))
+    x = rng.standard_normal((8, 3)).astype(np.float32)
+    xpnet.set_num_threads(2)
+    m.forward(x, train=True)
+    stage = m._fast.stages[0]
+    original = stage.forward
+
+    def broken(h, sh, step):
+        if sh.k == 1:
+            raise RuntimeError("shard 1 failed")
+        return original(h, sh, step)
+
+    stage.forward = broken
+    with pytest.raises(RuntimeError, match="shard 1 failed"):
+        m.forward(x, train=True)  # shard 0 waits at BatchNorm's barrier: it must be released
+    stage.forward = original
+    y = m.forward(x, train=True)
+    assert y.shape == (8, 2) and np.isfinite(y).all()
+
+
+def test_buffers_are_reused_after_the_first_step(rng):
+    m = xpnet.models.captcha_net(input_shape=(3, 32, 40))
+    x = rng.standard_normal((8, 3, 32, 40)).astype(np.float32)
+    t = np.zeros((8, 144), np.float32)
+
+    def step():
+        _, d = ops.sigmoid_bce_with_logits(m.forward(x, train=True), t)
+        m.backward(d)
+
+    def buffers():
+        return sorted((sh.k, key, name, id(v)) for sh in m._fast.shards for key, p in sh.plans.items()
+                      if key[2] for name, v in vars(p).items() if isinstance(v, np.ndarray))
+
+    step()
+    before = buffers()
+    step()
+    m.forward(x[:5], train=False)  # another batch size gets its own plan...
+    step()
+    assert buffers() == before and len(before) > 10  # ...and the training plan survives
+
+
+def test_switch_and_conditions_for_the_fast_path(rng):
+    m = Sequential(seed_like(), input_shape=(3, 17, 22))
+    x = rng.standard_normal((4, 3, 17, 22)).astype(np.float32)
+    with xpnet.fast_paths(False):
+        assert not xpnet.fast_paths_enabled()
+        assert m._fast_executor(x) is None
+    assert xpnet.fast_paths_enabled()
+    assert m._fast_executor(x) is not None
+    assert m._fast_executor(x.tolist()) is None  # only NumPy arrays (never CuPy) take it
+
+    class MyReLU(ReLU):  # an unknown layer type: the whole model stays on the plain path
+        pass
+
+    m2 = Sequential([Dense(3), MyReLU(), Dense(2)], input_shape=(4,))
+    assert m2._fast_executor(np.zeros((2, 4), np.float32)) is None
+    with pytest.raises(UsageError):
+        xpnet.set_num_threads(0)
+
+
+def test_predict_and_gradients_are_fresh_arrays(rng):
+    m = Sequential(seed_like(), input_shape=(3, 17, 22))
+    x = rng.standard_normal((6, 3, 17, 22)).astype(np.float32)
+    t = np.zeros((6, 5), np.float32)
+    y1 = m.forward(x, train=True)
+    _, d = ops.sigmoid_bce_with_logits(y1, t)
+    m.backward(d)
+    g1 = m.gradients()["conv1.W"]
+    kept = y1.copy(), g1.copy()
+    y2 = m.forward(x[::-1].copy(), train=True)
+    _, d = ops.sigmoid_bce_with_logits(y2, t)
+    m.backward(d)
+    np.testing.assert_array_equal(y1, kept[0])  # not overwritten by the next step
+    np.testing.assert_array_equal(g1, kept[1])
+    assert m.gradients()["conv1.W"] is not g1

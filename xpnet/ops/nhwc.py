@@ -1,0 +1,234 @@
+"""Channel-last (N, H, W, C) convolution and pooling pieces used by the fused path.
+
+Notation as in ``xpnet.ops.im2col``, plus, for a convolution whose output goes
+straight into a non-overlapping max pool (stride == window, no padding):
+
+    PKH, PKW  pool window            QH = OH // PKH, QW = OW // PKW  pooled grid
+    K = PKH*PKW  positions per pool window
+
+**Pool-grouped rows.**  ``im2col_grouped`` orders the im2col rows of each
+image as (PKH, PKW, QH, QW): the K positions of every pool window then lie in K
+contiguous blocks of QH*QW rows, so the matrix product writes the conv output
+(rows, F) directly as K blocks of the pooled map (QH, QW, F) and max pooling
+becomes K-1 element-wise maxima of contiguous arrays.  Rows that the pool never
+reads (the last row/column of an odd-sized map) are not computed at all.
+Without a pool (PKH = PKW = 1) the order is the plain (OH, OW) one and the
+product's output is the NHWC map itself.
+
+**Plain rows.**  With ``plain=True`` the same rows come in the ordinary
+(QH, PKH, QW, PKW) = (OH, OW) order (cropped to the pooled area).  Then a
+kernel tap's rows reach one contiguous run of OW*C values per output row, so
+col2im's additions move long runs; the backward pass uses this order.
+
+Everything is one ``as_strided`` view plus one copy (im2col) or KH*KW
+slice additions (col2im): no Python loop over the batch.  Written against
+``xp = get_array_module(x)``, so it runs on NumPy and CuPy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..backend import get_array_module
+from .im2col import output_hw, pair
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Per-sample shapes of one convolution (optionally feeding a grouped pool).
+
+    Derived sizes (hp, wp, oh, ow, qh, qw, k, rows, kdim) are computed once:
+    they are read in every chunk of every step.
+    """
+
+    c: int
+    h: int
+    w: int
+    f: int
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+    ph: int
+    pw: int
+    pkh: int = 1
+    pkw: int = 1
+
+    def __post_init__(self):
+        oh, ow = output_hw(self.h, self.w, (self.kh, self.kw), (self.sh, self.sw), (self.ph, self.pw))
+        qh, qw = oh // self.pkh, ow // self.pkw
+        derived = {
+            "hp": self.h + 2 * self.ph, "wp": self.w + 2 * self.pw, "oh": oh, "ow": ow, "qh": qh, "qw": qw,
+            "k": self.pkh * self.pkw,                            # positions per pool window (1: no pool)
+            "rows": self.pkh * self.pkw * qh * qw,               # im2col rows per image
+            "kdim": self.kh * self.kw * self.c,                  # im2col columns
+        }
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def make(cls, input_shape, w_shape, stride, pad, pool=(1, 1)) -> "ConvGeometry":
+        c, h, w = input_shape
+        f, _, kh, kw = w_shape
+        (sh, sw), (ph, pw), (pkh, pkw) = pair(stride, "stride"), pair(pad, "padding"), pair(pool, "pool")
+        return cls(c, h, w, f, kh, kw, sh, sw, ph, pw, pkh, pkw)
+
+
+def _grouped_strides(x, g: ConvGeometry):
+    """Strides of x (N, Hp, Wp, C) for the axes (N, PKH, PKW, QH, QW) of the output grid."""
+    s_n, s_h, s_w, _ = x.strides
+    return (s_n, g.sh * s_h, g.sw * s_w, g.pkh * g.sh * s_h, g.pkw * g.sw * s_w)
+
+
+_PLAIN = (0, 3, 1, 4, 2)  # (N, PKH, PKW, QH, QW) -> (N, QH, PKH, QW, PKW): row-major output pixels
+
+
+def grouped_window_view(xpad, g: ConvGeometry, plain: bool = False):
+    """View (N, PKH, PKW, QH, QW, KH, KW, C) of the windows of a padded (N, Hp, Wp, C) array.
+
+    ``plain``: the grid axes in output order instead, (N, QH, PKH, QW, PKW, ...).
+    ``xpad`` may be any strided view (an NCHW buffer seen as NHWC, say).
+    """
+    xp = get_array_module(xpad)
+    n = xpad.shape[0]
+    s_n, s_h, s_w, s_c = xpad.strides
+    view = xp.lib.stride_tricks.as_strided(
+        xpad,
+        shape=(n, g.pkh, g.pkw, g.qh, g.qw, g.kh, g.kw, g.c),
+        strides=_grouped_strides(xpad, g) + (s_h, s_w, s_c),
+    )
+    return view.transpose(_PLAIN + (5, 6, 7)) if plain else view
+
+
+def im2col_grouped(xpad, g: ConvGeometry, out, plain: bool = False):
+    """Fill ``out`` (N*rows, KH*KW*C), C-contiguous, with the windows of xpad (N, Hp, Wp, C)."""
+    xp = get_array_module(xpad)
+    view = grouped_window_view(xpad, g, plain)
+    xp.copyto(out.reshape(view.shape), view)
+    return out
+
+
+def tap_views(dxpad, g: ConvGeometry, plain: bool = False):
+    """Writable views of dxpad (N, Hp, Wp, C), one per kernel tap, each shaped like that tap's rows.
+
+    Within one tap distinct rows reach distinct pixels, so adding a tap's
+    (rows, C) slab into its view is an ordinary element-wise addition.
+    """
+    xp = get_array_module(dxpad)
+    n = dxpad.shape[0]
+    oh, ow = g.qh * g.pkh, g.qw * g.pkw  # the output pixels that have rows
+    views = []
+    for i in range(g.kh):
+        for j in range(g.kw):
+            if plain:
+                # A basic slice: NumPy then sees at once that the in-place addition cannot
+                # overlap itself (on an as_strided view it runs an overlap solver and
+                # copies, holding the GIL).
+                views.append(dxpad[:, i:i + g.sh * (oh - 1) + 1:g.sh, j:j + g.sw * (ow - 1) + 1:g.sw, :])
+                continue
+            strides = _grouped_strides(dxpad, g) + (dxpad.strides[3],)
+            views.append(xp.lib.stride_tricks.as_strided(
+                dxpad[:, i:, j:, :], shape=(n, g.pkh, g.pkw, g.qh, g.qw, g.c), strides=strides))
+    return views
+
+
+def col2im_grouped_taps(dcol_taps, g: ConvGeometry, dxpad, plain: bool = False):
+    """Add dcol_taps (KH*KW, N*rows, C) -- one slab per kernel tap -- into dxpad (N, Hp, Wp, C).
+
+    KH*KW strided in-place additions in a fixed order: deterministic.
+    """
+    for t, view in enumerate(tap_views(dxpad, g, plain)):
+        view += dcol_taps[t].reshape(view.shape)
+    return dxpad
+
+
+def grouped_blocks(a, g: ConvGeometry, n: int, plain: bool = False):
+    """The K pool-position blocks of an (n*rows, F) conv output, each shaped (n, QH, QW, F).
+
+    Grouped rows give contiguous blocks; plain rows give strided views.
+    """
+    if plain:
+        a6 = a.reshape(n, g.qh, g.pkh, g.qw, g.pkw, g.f)
+        return [a6[:, :, i, :, j] for i in range(g.pkh) for j in range(g.pkw)]
+    a5 = a.reshape(n, g.k, g.qh, g.qw, g.f)
+    return [a5[:, k] for k in range(g.k)]
+
+
+def weight_matrix(w):
+    """(F, C, KH, KW) -> (KH*KW*C, F), rows in im2col_grouped's column order."""
+    f = w.shape[0]
+    return get_array_module(w).ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(-1, f))
+
+
+def weight_grad_from_matrix(dwmat, w_shape):
+    """Inverse of ``weight_matrix`` for a gradient: (KH*KW*C, F) -> (F, C, KH, KW)."""
+    f, c, kh, kw = w_shape
+    return get_array_module(dwmat).ascontiguousarray(dwmat.reshape(kh, kw, c, f).transpose(3, 2, 0, 1))
+
+
+def weight_taps(w):
+    """(F, C, KH, KW) -> (KH*KW, F, C): one (F, C) matrix per kernel tap, for the input gradient."""
+    f, c, kh, kw = w.shape
+    return get_array_module(w).ascontiguousarray(w.transpose(2, 3, 0, 1).reshape(kh * kw, f, c))
+
+
+def pool_blocks_forward(blocks, out, gt=None):
+    """Max over K equally shaped arrays ``blocks`` into ``out``.
+
+    ``gt`` (bool, shape (K-1,) + out.shape), when given, records for k >= 1
+    whether block k was strictly greater than the maximum of the blocks before
+    it -- enough for the backward pass to find the winner, ties going to the
+    first block as in ``xpnet.ops.pool``.  2K-1 element-wise passes in all.
+    """
+    xp = get_array_module(out)
+    if len(blocks) == 1:
+        xp.copyto(out, blocks[0])
+        return out
+    if gt is not None:
+        xp.greater(blocks[1], blocks[0], out=gt[0])
+    xp.maximum(blocks[0], blocks[1], out=out)
+    for k in range(2, len(blocks)):
+        if gt is not None:
+            xp.greater(blocks[k], out, out=gt[k - 1])
+        xp.maximum(out, blocks[k], out=out)
+    return out
+
+
+def pool_blocks_backward(dy, gt, douts, later, mask, fmask):
+    """Route dy to each window's winning block: douts[k] = dy where block k won, else 0.
+
+    Block k won when it beat the blocks before it (gt[k-1]; block 0 trivially)
+    and no later block beat it.  ``later``/``mask`` (bool) and ``fmask`` (dy's
+    dtype) are scratch arrays of dy's shape.
+    """
+    xp = get_array_module(dy)
+    k_last = len(douts) - 1
+    if k_last == 0:
+        xp.copyto(douts[0], dy)
+        return douts
+    xp.copyto(later, gt[k_last - 1])
+    for k in range(k_last, -1, -1):
+        if k == k_last:
+            won = gt[k_last - 1]
+        elif k > 0:
+            won = xp.greater(gt[k - 1], later, out=mask)  # beat the earlier ones, no later one beat it
+            xp.logical_or(later, gt[k - 1], out=later)
+        else:
+            won = xp.logical_not(later, out=mask)
+        xp.copyto(fmask, won)  # bool -> float once; a mixed-type multiply is slower
+        xp.multiply(dy, fmask, out=douts[k])
+    return douts
+
+
+def im2col_grouped_kmajor(xpad, g: ConvGeometry, out, plain: bool = False):
+    """Like ``im2col_grouped`` but transposed: ``out`` (KH*KW*C, N*rows), C-contiguous.
+
+    For few input channels, where an NHWC window row is only KW*C values long,
+    copying along the output width (from an NCHW buffer seen through an NHWC
+    view) moves longer runs; the product then reads ``out.T``.
+    """
+    xp = get_array_module(xpad)
+    view = grouped_window_view(xpad, g, plain)
+    xp.copyto(out.reshape(view.shape[5:] + view.shape[:5]), view.transpose(5, 6, 7, 0, 1, 2, 3, 4))
+    return out
+

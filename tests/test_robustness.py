@@ -180,3 +180,22 @@ def test_a_member_claiming_a_huge_array_is_refused_not_allocated(tmp_path):
             z.writestr(name, blob)
     with pytest.raises(ModelFileError, match="declares an array too large to load"):
         xpnet.load(path)
+
+
+# ====================================================================== image caches: damaged fields
+
+
+@pytest.mark.parametrize("field,value", [
+    ("version", np.array("abc")), ("version", np.array([1, 2])), ("length", np.array([1, 2])),
+    ("length", np.array("x")), ("preprocess", np.array("[1]")), ("meta", np.array("{bad")),
+    ("images", np.zeros((2, 3, 32, 80), np.float32)), ("labels", np.array([1, 2])),
+])
+def test_a_damaged_image_cache_gives_only_data_error(tmp_path, field, value):
+    """version/length of the wrong shape or text were raw TypeError/ValueError."""
+    d = LabelledImages(np.zeros((2, 3, 32, 80), np.uint8), ["AB", "BA"], Charset("AB", 2), Preprocess())
+    with np.load(save_npz(tmp_path / "good.npz", d)) as z:
+        fields = {k: z[k] for k in z.files}
+    fields[field] = value
+    np.savez(tmp_path / "bad.npz", **fields)
+    with pytest.raises(DataError, match="bad.npz: "):
+        load_npz(tmp_path / "bad.npz")

@@ -53,6 +53,119 @@ def one_line(err: str) -> str:
     return lines[0]
 
 
+# ====================================================================== images: every Pillow mode
+
+# A lossless file format that keeps each mode (None: no format stores it; tested in memory only).
+MODE_FORMATS = {"1": "PNG", "L": "PNG", "P": "PNG", "RGB": "PNG", "RGBA": "PNG", "LA": "PNG", "I;16": "PNG",
+                "I;16B": "TIFF", "I;16L": "TIFF", "I": "TIFF", "F": "TIFF", "CMYK": "TIFF", "YCbCr": "TIFF",
+                "LAB": "TIFF", "PA": "TIFF", "RGBX": "TIFF", "HSV": None, "RGBa": None, "La": None, "I;16N": None}
+
+
+def _two_tone(mode):
+    """A 12x6 image of ``mode``: a uniform left half and a different uniform right half."""
+    bands = len(Image.new(mode, (1, 1)).getbands())
+    top = {"1": 1, "F": 1.0}.get(mode, 255 if mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N") else 40000)
+    low = 0
+    fill = low if bands == 1 else tuple([low] * bands)
+    image = Image.new(mode, (12, 6), fill)
+    high = top if bands == 1 else tuple([top] * (bands - 1) + [255])  # last band (often alpha) opaque
+    image.paste(high, (6, 0, 12, 6))
+    return image
+
+
+def test_the_mode_table_lists_every_pillow_mode():
+    assert set(Image.MODES) <= set(MODE_FORMATS)
+
+
+@pytest.mark.parametrize("mode", sorted(MODE_FORMATS))
+def test_every_pillow_mode_becomes_a_clean_uint8_image(tmp_path, mode):
+    image = _two_tone(mode)
+    for channels in (1, 3):
+        pp = Preprocess(6, 12, channels=channels, resample="nearest")
+        x = pp.to_array(image)
+        assert x.dtype == np.uint8 and x.shape == (channels, 6, 12)
+        # Each half stays uniform: no garbage, no channel mix-up across pixels.
+        for half in (x[:, :, :6], x[:, :, 6:]):
+            assert (half == half[:, :1, :1]).all(), (mode, channels, x)
+    fmt = MODE_FORMATS[mode]
+    if fmt is None:
+        return
+    path = tmp_path / f"AB.{fmt.lower()}"
+    image.save(path, fmt)
+    pp = Preprocess(6, 12, resample="nearest")
+    assert Image.open(path).mode.startswith(mode[0])  # the file really holds that kind of mode
+    np.testing.assert_array_equal(read_image(path, pp), pp.to_array(image))  # a lossless file changes nothing
+    d = load_folder(tmp_path, charset="AB", preprocess=pp)
+    assert d.labels == ["AB"] and d.skipped == []
+
+
+# ====================================================================== real permission checks
+
+
+@contextlib.contextmanager
+def world_readable_dir():
+    """A fresh folder that user 'nobody' can enter (pytest's tmp_path sits under a 0700 folder)."""
+    path = Path(tempfile.mkdtemp(prefix="xpnet-robust-"))
+    try:
+        path.chmod(0o755)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def as_nobody():
+    """Run the block with effective user id 'nobody', so that file permissions are enforced.
+
+    Root reads and writes whatever the permissions say; dropping the effective uid (and with it the
+    DAC-override capabilities) makes chmod mean something.  The real uid stays root, so the block
+    ends by switching back.
+    """
+    if os.geteuid() != 0:
+        yield  # an ordinary user: permissions already apply
+        return
+    try:
+        nobody = pwd.getpwnam("nobody").pw_uid
+    except KeyError:
+        pytest.skip("running as root and there is no user 'nobody' to drop to, so permissions cannot be tested")
+    try:
+        os.seteuid(nobody)
+    except PermissionError as exc:
+        pytest.skip(f"running as root without the right to change the effective uid ({exc})")
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+def test_an_unreadable_image_is_reported_as_permission_denied():
+    with world_readable_dir() as folder:
+        Image.new("RGB", (12, 6), (1, 2, 3)).save(folder / "AB.png")
+        Image.new("RGB", (12, 6), (1, 2, 3)).save(folder / "BA.png")
+        (folder / "BA.png").chmod(0)
+        with as_nobody():
+            d = load_folder(folder, charset="AB", preprocess=PP)
+            with pytest.raises(DataError, match="BA.png: cannot read the file \\(permission denied\\)"):
+                read_image(folder / "BA.png", PP)
+    assert d.labels == ["AB"]
+    assert d.skipped == [(str(folder / "BA.png"), "cannot read the file (permission denied)")]
+
+
+def test_an_unwritable_output_folder_is_refused_before_training():
+    with world_readable_dir() as folder:
+        locked = folder / "locked"
+        locked.mkdir(mode=0o555)
+        locked.chmod(0o555)
+        model, opt = W.build(1)
+        with as_nobody():
+            with pytest.raises(StorageError, match=r"output folder .*locked/run cannot be written: permission "
+                                                   r"denied.*choose another folder"):
+                W.make_trainer(model, opt, locked / "run").fit(W.make_data(), epochs=1)
+            with pytest.raises(StorageError, match=r"could not write model file .*permission denied"):
+                xpnet.save(model, locked / "m.npz")
+        assert opt.step_count == 0 and os.listdir(locked) == []
+
+
 # ====================================================================== a real full disk, a real read-only folder
 
 

@@ -53,6 +53,21 @@ def one_line(err: str) -> str:
     return lines[0]
 
 
+# ====================================================================== generation
+
+
+def test_generate_npz_into_a_path_under_a_file_is_one_sentence_exit_1(tmp_path):
+    """Was a NotADirectoryError traceback (the npz branch created its folder unguarded)."""
+    (tmp_path / "a-file").write_text("x")
+    out = tmp_path / "a-file" / "sub"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XPNET_BACKEND="numpy")
+    r = subprocess.run([sys.executable, "-m", "xpnet", "generate", "--count", "2", "--out", str(out),
+                        "--format", "npz", "--workers", "0", "--seed", "1"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 1
+    assert one_line(r.stderr) == f"xpnet: error: cannot create output folder {out} (Not a directory)."
+
+
 # ====================================================================== images: every Pillow mode
 
 # A lossless file format that keeps each mode (None: no format stores it; tested in memory only).

@@ -648,7 +648,10 @@ def _cmd_generate(args) -> int:
             raise UsageError(f"{npz_path} already exists: choose another folder, or add --force to replace it.")
     t0 = time.perf_counter()
     if args.format == "npz":
-        os.makedirs(out, exist_ok=True)
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create output folder {out} ({exc.strerror or exc}).") from None
     if args.format == "png":
         write_captcha_pngs(out, args.count, seed, cs, preprocess=pp if sizes else None,
                            workers=args.workers, progress=None)

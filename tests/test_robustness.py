@@ -53,6 +53,53 @@ def one_line(err: str) -> str:
     return lines[0]
 
 
+# ====================================================================== the CLI's error policy
+
+
+def _command_raising(exc):
+    def add(sub):
+        p = sub.add_parser("boom")
+        p.set_defaults(func=lambda args: (_ for _ in ()).throw(exc))
+    return add
+
+
+@pytest.mark.parametrize("exc,expected", [
+    (OSError(errno.ENOSPC, "No space left on device", "/data/out.npz"),
+     "xpnet: error: No space left on device (/data/out.npz): check the path"),
+    (PermissionError(errno.EACCES, "Permission denied", "/data"), "xpnet: error: Permission denied (/data)"),
+    (MemoryError(), "xpnet: error: out of memory: use a smaller batch size"),
+    (KeyError("layers"), "xpnet: internal error: KeyError: 'layers'. This is a bug in xpnet"),
+])
+def test_cli_safety_net_one_sentence_exit_1_traceback_only_with_debug(monkeypatch, capsys, exc, expected):
+    monkeypatch.setattr(cli, "COMMANDS", cli.COMMANDS + [_command_raising(exc)])
+    assert cli.main(["boom"]) == 1
+    assert one_line(capsys.readouterr().err).startswith(expected)
+    assert cli.main(["--debug", "boom"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().splitlines()[-1].startswith(expected)
+
+
+def test_cli_xpnet_errors_keep_their_exit_codes(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "COMMANDS", cli.COMMANDS + [_command_raising(StorageError("the disk is full."))])
+    assert cli.main(["boom"]) == 1 and one_line(capsys.readouterr().err) == "xpnet: error: the disk is full."
+
+
+def test_cli_messages_cannot_carry_newlines_or_terminal_escapes(monkeypatch, capsys):
+    """A file name or label quoted in a message is shown escaped: still one line, no escape sequence."""
+    hostile = DataError("images/\x1b[2JAB\nC.png: the file is empty (0 bytes).")
+    monkeypatch.setattr(cli, "COMMANDS", cli.COMMANDS + [_command_raising(hostile)])
+    assert cli.main(["boom"]) == 1
+    assert one_line(capsys.readouterr().err) == \
+        "xpnet: error: images/\\x1b[2JAB\\nC.png: the file is empty (0 bytes)."
+
+
+@pytest.mark.parametrize("argv", [["generate", "--count", "abc", "--out", "x"], ["no-such-command"], []])
+def test_cli_argparse_usage_errors_exit_2(capsys, argv):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv)
+    assert stop.value.code == 2 and "error:" in capsys.readouterr().err
+
+
 # ====================================================================== generation
 
 

@@ -374,3 +374,64 @@ def test_a_damaged_image_cache_gives_only_data_error(tmp_path, field, value):
     np.savez(tmp_path / "bad.npz", **fields)
     with pytest.raises(DataError, match="bad.npz: "):
         load_npz(tmp_path / "bad.npz")
+
+
+# ====================================================================== training
+
+
+def test_inf_in_the_input_stops_at_the_exact_step(tmp_path):
+    x, t = W.to_float(*W.make_data())
+    batches = [(x[i:i + 16].copy(), t[i:i + 16]) for i in range(0, 96, 16)]
+    batches[3][0][0, 0, 1, 1] = np.inf  # the 4th batch: step 4
+    model, opt = W.build(1)
+    trainer = xpnet.Trainer(model, opt, out_dir=tmp_path, batch_size=16, progress=False, log=None,
+                            checkpoint_every=2, log_every=10, plot=False)
+    with np.errstate(invalid="ignore", over="ignore"):
+        with pytest.raises(TrainingError, match=r"loss became nan at step 4 \(epoch 1\).*ckpt-000000002\.npz"):
+            trainer.fit(batches, epochs=1)
+    assert xpnet.load_checkpoint(xio.latest_checkpoint(tmp_path / "checkpoints")).step == 2
+
+
+def test_running_out_of_memory_in_a_step_names_a_batch_size(tmp_path, monkeypatch):
+    """A MemoryError inside a training step used to escape raw; now it says what would fit."""
+    model, opt = W.build(1)
+    calls = {"n": 0}
+    dense = model.layers[-1]
+    real_forward = dense.forward
+
+    def forward(x, train=False):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise MemoryError("Unable to allocate 12.0 GiB for an array")
+        return real_forward(x, train)
+
+    monkeypatch.setattr(dense, "forward", forward)
+    trainer = W.make_trainer(model, opt, tmp_path, checkpoint_every=1)
+    with pytest.raises(OutOfMemoryError, match=r"Out of memory on the host in the training step of model 'tiny' "
+                                               r"at batch size 16") as info:
+        trainer.fit(W.make_data(), epochs=1)
+    assert isinstance(info.value, XpnetError) and isinstance(info.value, MemoryError)
+    assert xpnet.load_checkpoint(xio.latest_checkpoint(tmp_path / "checkpoints")).step == 2
+
+
+@pytest.mark.parametrize("key,value", [
+    ("data_rng_state", "x"), ("xpnet_rng_state", {"a": 1}), ("history", [1]), ("best_value", "x"),
+    ("step", -1), ("batch_in_epoch", None),
+])
+def test_resuming_from_a_damaged_training_state_is_refused_before_anything_changes(tmp_path, key, value):
+    """These were raw TypeError/ValueError/AttributeError, some after the weights had been replaced."""
+    W.run(tmp_path, epochs=1)
+    ckpt = xio.latest_checkpoint(tmp_path / "checkpoints")
+    with np.load(ckpt) as z:
+        arrays = {k: z[k] for k in z.files}
+    doc = json.loads(arrays[xio.HEADER_KEY].tobytes())
+    doc["train_state"][key] = value
+    arrays[xio.HEADER_KEY] = np.frombuffer(json.dumps(doc).encode(), np.uint8)
+    np.savez(ckpt, **arrays)
+    model, opt = W.build(2)
+    before = {k: np.array(v) for k, v in model.state_dict().items()}
+    with pytest.raises(ModelFileError, match=f"{ckpt.name} has a damaged training state \\({key}"):
+        W.make_trainer(model, opt, tmp_path).fit(W.make_data(), epochs=2, resume=True)
+    assert opt.step_count == 0
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])

@@ -147,6 +147,44 @@ def atomic_write(path, write, what: str = "file") -> Path:
     return path
 
 
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there: never guess, keep the file
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but belongs to someone else, or cannot tell: keep the file
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder) -> list[Path]:
+    """Delete the temporary files of ``atomic_write`` left in ``folder`` by writers that were killed.
+
+    A file ``.<name>.<pid>.<random>.tmp`` is removed only when process ``pid`` no longer exists on
+    this machine (a live writer's file is kept).  Returns the paths removed.
+    """
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        m = _TEMP_RE.match(p.name)
+        if m is None or int(m.group("pid")) == os.getpid() or _process_alive(int(m.group("pid"))):
+            continue
+        try:
+            if p.is_file():
+                p.unlink()
+                removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
 def check_writable(folder, what: str = "output folder") -> Path:
     """Create ``folder`` if needed and prove it is writable (write, fsync, delete a probe file).
 
@@ -595,4 +633,4 @@ def latest_checkpoint(folder) -> Path | None:
 
 __all__ = ["save", "load", "load_weights", "read_file", "read_header", "save_checkpoint", "load_checkpoint",
            "Checkpoint", "latest_checkpoint", "list_checkpoints", "checkpoint_name", "atomic_write",
-           "check_writable", "is_complete", "FORMAT_VERSION"]
+           "check_writable", "remove_stale_temp_files", "is_complete", "FORMAT_VERSION"]

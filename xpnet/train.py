@@ -570,6 +570,8 @@ class Trainer:
         if self.out_dir is not None:
             xio.check_writable(self.out_dir)
             xio.check_writable(self.checkpoint_dir, "checkpoint folder")
+            for folder in (self.out_dir, self.checkpoint_dir):  # half-written files of a killed run
+                xio.remove_stale_temp_files(folder)
 
         self._data_rng = numpy.random.default_rng(self.seed)
         st = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "epochs": epochs, "spe": spe,

@@ -93,6 +93,11 @@ def test_cli_messages_cannot_carry_newlines_or_terminal_escapes(monkeypatch, cap
         "xpnet: error: images/\\x1b[2JAB\\nC.png: the file is empty (0 bytes)."
 
 
+def test_cli_ctrl_c_is_one_line_exit_130(monkeypatch, capsys):
+    monkeypatch.setattr(cli, "COMMANDS", cli.COMMANDS + [_command_raising(KeyboardInterrupt())])
+    assert cli.main(["boom"]) == 130 and one_line(capsys.readouterr().err) == "xpnet: interrupted"
+
+
 @pytest.mark.parametrize("argv", [["generate", "--count", "abc", "--out", "x"], ["no-such-command"], []])
 def test_cli_argparse_usage_errors_exit_2(capsys, argv):
     with pytest.raises(SystemExit) as stop:

@@ -20,9 +20,11 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from io import BytesIO
 from pathlib import Path
 
@@ -118,6 +120,41 @@ def test_generate_npz_into_a_path_under_a_file_is_one_sentence_exit_1(tmp_path):
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 1
     assert one_line(r.stderr) == f"xpnet: error: cannot create output folder {out} (Not a directory)."
+
+
+_STARTING_WORKERS = """
+import sys, time
+if __name__ != "__main__":
+    time.sleep(2)  # a worker process importing this script as __mp_main__: still starting up
+from xpnet.data import CaptchaStream
+if __name__ == "__main__":
+    stream = CaptchaStream(4, seed=0, workers=2, prefetch=1)
+    print(" ".join(map(str, stream.pids)), flush=True)
+    next(stream)
+"""
+
+
+def test_ctrl_c_while_stream_workers_start_gives_one_traceback_not_three(tmp_path):
+    """Workers spawned by CaptchaStream spend their first moments importing; a Ctrl-C then used to
+    print a KeyboardInterrupt traceback from each of them (seen as a flaky
+    test_data_captcha.py::test_no_orphan_workers_on_ctrl_c_or_kill under load).  Here the workers'
+    start-up is made slow on purpose, so the Ctrl-C always lands in it."""
+    script = tmp_path / "child.py"
+    script.write_text(_STARTING_WORKERS)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), XPNET_BACKEND="numpy")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 2
+        time.sleep(0.5)  # the workers are now inside their start-up (imports, then 2 s)
+        os.killpg(proc.pid, signal.SIGINT)  # like a terminal: the whole process group gets it
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "KeyboardInterrupt" in err and err.count("Traceback") == 1, err  # the parent's own, only
 
 
 # ====================================================================== images: every Pillow mode

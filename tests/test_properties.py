@@ -6,6 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from xpnet import ops
+from xpnet.testing import numerical_gradient
 
 from . import oracles
 
@@ -86,3 +87,97 @@ def test_bce_finite_for_any_finite_logits(values, seed, dtype):
     assert np.isfinite(loss) and np.all(np.isfinite(d)) and float(loss) >= 0
     assert loss.dtype == dtype and d.dtype == dtype
     assert np.all(np.abs(d) <= 1.0 + 1e-6)
+
+
+# ---------------------------------------------------------------- dense, losses, pooling and batch norm
+# against finite differences in float64 over random shapes (issue 7: the gaps left by the tests above).
+
+FD_SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FD_SETTINGS
+@given(st.integers(1, 4), st.integers(1, 6), st.integers(1, 5), st.booleans(), st.integers(0, 2**31 - 1))
+def test_dense_matches_the_loop_and_finite_differences(n, d_in, d_out, bias, seed):
+    rng = np.random.default_rng(seed)
+    x, w = rng.standard_normal((n, d_in)), rng.standard_normal((d_in, d_out))
+    b = rng.standard_normal(d_out) if bias else None
+    y, cache = ops.dense_forward(x, w, b)
+    ref = np.zeros((n, d_out))
+    for i in range(n):
+        for j in range(d_out):
+            ref[i, j] = sum(x[i, k] * w[k, j] for k in range(d_in)) + (b[j] if bias else 0.0)
+    np.testing.assert_allclose(y, ref, rtol=1e-12, atol=1e-12)
+    g = rng.standard_normal(y.shape)
+    dx, dw, db = ops.dense_backward(g, cache)
+    assert (db is None) == (not bias)
+
+    def f():
+        return float((ops.dense_forward(x, w, b)[0] * g).sum())
+
+    for grad, arr in ((dx, x), (dw, w)) + (((db, b),) if bias else ()):
+        np.testing.assert_allclose(grad, numerical_gradient(f, arr), rtol=1e-6, atol=1e-8)
+
+
+@FD_SETTINGS
+@given(st.integers(1, 4), st.integers(1, 8), st.floats(0.1, 4.0), st.booleans(), st.integers(0, 2**31 - 1))
+def test_bce_value_and_gradient_over_random_shapes(n, k, scale, soft, seed):
+    # |logits| stays below ~20: beyond, the naive oracle's 1 - sigmoid(x) itself loses the digits.
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, k)) * scale
+    t = rng.random((n, k)) if soft else (rng.random((n, k)) < 0.3).astype(np.float64)
+    loss, d = ops.sigmoid_bce_with_logits(x, t)
+    assert abs(float(loss) - oracles.bce_with_logits(x, t)) <= 1e-8 * max(1.0, abs(float(loss)))
+    num = numerical_gradient(lambda: float(ops.sigmoid_bce_with_logits(x, t)[0]), x)
+    np.testing.assert_allclose(d, num, rtol=1e-5, atol=1e-8)
+
+
+@FD_SETTINGS
+@given(st.integers(1, 4), st.integers(2, 7), st.floats(0.1, 12.0), st.booleans(), st.integers(0, 2**31 - 1))
+def test_softmax_ce_value_and_gradient_over_random_shapes(n, k, scale, as_indices, seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, k)) * scale
+    labels = rng.integers(0, k, n)
+    target = labels if as_indices else np.eye(k)[labels]
+    loss, d = ops.softmax_cross_entropy(x, target)
+    assert abs(float(loss) - oracles.softmax_ce(x, labels)) <= 1e-9 * max(1.0, abs(float(loss)))
+    num = numerical_gradient(lambda: float(ops.softmax_cross_entropy(x, target)[0]), x)
+    np.testing.assert_allclose(d, num, rtol=1e-5, atol=1e-8)
+
+
+@FD_SETTINGS
+@given(pool_case())
+def test_pool_backward_matches_finite_differences(case):
+    """Independent of the oracle: distinct values at least 1/512 apart, steps of 1e-6, so no window
+    changes its maximum."""
+    n, c, h, w, size, stride, pad, seed = case
+    rng = np.random.default_rng(seed)
+    x = rng.permutation(n * c * h * w).reshape(n, c, h, w).astype(np.float64) / (n * c * h * w)
+    y, cache = ops.max_pool2d_forward(x, size, stride, pad)
+    g = rng.standard_normal(y.shape)
+    dx = ops.max_pool2d_backward(g, cache)
+    num = numerical_gradient(lambda: float((ops.max_pool2d_forward(x, size, stride, pad)[0] * g).sum()), x)
+    np.testing.assert_allclose(dx, num, rtol=1e-6, atol=1e-8)
+
+
+@FD_SETTINGS
+@given(st.integers(2, 4), st.integers(1, 3), st.sampled_from([(), (1, 1), (2, 3), (3, 1)]), st.booleans(),
+       st.integers(0, 2**31 - 1))
+def test_batchnorm_gradients_over_random_shapes(n, c, hw, train, seed):
+    """Training mode (batch statistics) and evaluation mode (running statistics), 1x1 maps included."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c) + hw) * 2 + 0.5
+    gamma, beta = rng.standard_normal(c), rng.standard_normal(c)
+    rm, rv = rng.standard_normal(c), rng.random(c) + 0.5
+
+    def run():
+        return ops.batchnorm_forward(x, gamma, beta, rm.copy(), rv.copy(), train=train)
+
+    y, cache = run()
+    g = rng.standard_normal(y.shape)
+    dx, dgamma, dbeta = ops.batchnorm_backward(g, cache)
+
+    def f():
+        return float((run()[0] * g).sum())
+
+    for grad, arr in ((dx, x), (dgamma, gamma), (dbeta, beta)):
+        np.testing.assert_allclose(grad, numerical_gradient(f, arr), rtol=1e-5, atol=1e-7)

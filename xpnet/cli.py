@@ -3,7 +3,8 @@
 Error policy: an ``XpnetError`` is printed as one sentence on stderr and the
 process exits with its ``exit_code`` (2 for usage errors, 1 for runtime
 failures); a traceback is shown only with ``--debug``.  argparse's own usage
-errors exit 2 as well.
+errors exit 2 as well.  Anything else that escapes a command (an OSError,
+MemoryError, or a bug) still gets one sentence and exit code 1; Ctrl-C exits 130.
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _printable(text) -> str:
+    """One line, whatever a message quotes (file names, labels): control characters are escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -72,11 +78,32 @@ def main(argv=None) -> int:
     except XpnetError as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"xpnet: error: {exc}", file=sys.stderr)
+        print(f"xpnet: error: {_printable(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("xpnet: interrupted", file=sys.stderr)
         return 130
+    # Safety nets: library code raises XpnetError on purpose; whatever else escapes still gets one
+    # sentence and exit code 1 (a traceback only with --debug).
+    except MemoryError:
+        if args.debug:
+            traceback.print_exc()
+        print("xpnet: error: out of memory: use a smaller batch size or fewer images, or close other "
+              "programs.", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        if args.debug:
+            traceback.print_exc()
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"xpnet: error: {_printable(exc.strerror or exc)}{_printable(where)}: check the path, its "
+              "permissions and the free disk space (--debug shows where it happened).", file=sys.stderr)
+        return 1
+    except Exception as exc:  # noqa: BLE001 -- a bug: say so, keep the traceback for --debug
+        if args.debug:
+            traceback.print_exc()
+        print(f"xpnet: internal error: {type(exc).__name__}: {_printable(exc)}. This is a bug in xpnet: "
+              "run again with --debug and report the traceback.", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -65,6 +65,12 @@ _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 _NPY_MAGIC = b"\x93NUMPY"
 
 
+def _one_line(text) -> str:
+    """Text that came from a file, safe in a one-line message: control characters
+    (newlines, terminal escape sequences) are shown escaped, as in a repr."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
 def _xpnet_version() -> str:
     from . import __version__
 
@@ -127,8 +133,9 @@ def atomic_write(path, write, what: str = "file") -> Path:
     except OSError as exc:
         if isinstance(exc, StorageError):
             raise
+        kept = f"the previous {path.name} is intact" if path.exists() else f"nothing was written as {path.name}"
         raise StorageError(
-            f"could not write {what} {path}: {_describe_oserror(exc)}; any previous {path.name} is intact "
+            f"could not write {what} {path}: {_describe_oserror(exc)}; {kept} "
             "-- free some space or choose another output folder."
         ) from exc
     finally:
@@ -138,6 +145,44 @@ def atomic_write(path, write, what: str = "file") -> Path:
             except OSError:
                 pass
     return path
+
+
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there: never guess, keep the file
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but belongs to someone else, or cannot tell: keep the file
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder) -> list[Path]:
+    """Delete the temporary files of ``atomic_write`` left in ``folder`` by writers that were killed.
+
+    A file ``.<name>.<pid>.<random>.tmp`` is removed only when process ``pid`` no longer exists on
+    this machine (a live writer's file is kept).  Returns the paths removed.
+    """
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        m = _TEMP_RE.match(p.name)
+        if m is None or int(m.group("pid")) == os.getpid() or _process_alive(int(m.group("pid"))):
+            continue
+        try:
+            if p.is_file():
+                p.unlink()
+                removed.append(p)
+        except OSError:
+            pass
+    return removed
 
 
 def check_writable(folder, what: str = "output folder") -> Path:
@@ -306,8 +351,8 @@ def read_file(path):
             header = npz[HEADER_KEY]
             doc = _parse_header(path, header)
             listed = doc.get("arrays")
-            if not isinstance(listed, dict):
-                raise ModelFileError(f"model file {path} has a malformed header (no 'arrays' table).")
+            if not isinstance(listed, dict) or not all(isinstance(v, dict) for v in listed.values()):
+                raise ModelFileError(f"model file {path} has a malformed header (no valid 'arrays' table).")
             missing = sorted(set(listed) - names)
             if missing:
                 raise ModelFileError(
@@ -324,6 +369,11 @@ def read_file(path):
                 arrays[key] = a
     except XpnetError:
         raise
+    except MemoryError:
+        # A member whose .npy header claims a huge shape: refuse it rather than let MemoryError out.
+        raise ModelFileError(
+            f"model file {path} declares an array too large to load: the file is corrupt or not from xpnet."
+        ) from None
     except _READ_ERRORS as exc:
         if isinstance(exc, ValueError) and "pickle" in str(exc).lower():
             raise ModelFileError(
@@ -331,7 +381,7 @@ def read_file(path):
                 "can run arbitrary code."
             ) from None
         raise ModelFileError(
-            f"model file {path} is truncated or corrupt ({type(exc).__name__}: {exc}): use another copy "
+            f"model file {path} is truncated or corrupt ({type(exc).__name__}: {_one_line(exc)}): use another copy "
             "or an earlier checkpoint."
         ) from None
     for key, a in arrays.items():
@@ -362,6 +412,10 @@ def _parse_header(path, header) -> dict:
         )
     if version < 1:
         raise ModelFileError(f"model file {path} has an invalid format version {version}.")
+    # Later code reads these as dicts: a hand-edited or hostile header must fail here, in one sentence.
+    for key in ("architecture", "metadata", "train_state", "optimizer"):
+        if doc.get(key) is not None and not isinstance(doc[key], dict):
+            raise ModelFileError(f"model file {path} has a malformed header ('{key}' is not a JSON object).")
     return doc
 
 
@@ -407,9 +461,14 @@ def _build_from_doc(path, doc, to=None):
         with backend.using(target):
             model = Sequential.from_spec(spec, dtype=dtype)
     except XpnetError as exc:
-        raise ModelFileError(f"model file {path} cannot be rebuilt: {exc}") from None
+        raise ModelFileError(f"model file {path} cannot be rebuilt: {_one_line(exc)}") from None
     except (AttributeError, TypeError, ValueError, KeyError) as exc:
-        raise ModelFileError(f"model file {path} has a malformed architecture ({exc}).") from None
+        raise ModelFileError(f"model file {path} has a malformed architecture ({_one_line(exc)}).") from None
+    except MemoryError:
+        raise ModelFileError(
+            f"model file {path} describes layers too large to build in this machine's memory: "
+            "the file is corrupt, or the model needs a larger machine."
+        ) from None
     finally:
         backend.set_rng_state(state)
     if not model.built:
@@ -463,10 +522,14 @@ def _check_architecture(path, doc, model) -> None:
     if not getattr(model, "built", False):
         raise UsageError("load_weights needs a built model: give input_shape or run a batch through it first.")
     file_spec = doc.get("architecture") or {}
-    if _comparable(file_spec) != _comparable(model.spec()):
+    try:
+        same = _comparable(file_spec) == _comparable(model.spec())
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise ModelFileError(f"model file {path} has a malformed architecture ({_one_line(exc)}).") from None
+    if not same:
         raise ModelFileError(
             f"model file {path} holds a different architecture than the model given: "
-            f"{_describe_difference(file_spec, model.spec())}."
+            f"{_one_line(_describe_difference(file_spec, model.spec()))}."
         )
     if doc.get("dtype") != numpy.dtype(model.dtype).name:
         raise ModelFileError(
@@ -512,7 +575,14 @@ def load_checkpoint(path, model=None, optimizer=None, to: str | None = None) -> 
     if optimizer is not None:
         if optim_meta is None:
             raise ModelFileError(f"checkpoint {path} holds no optimizer state, so the optimizer cannot be restored.")
-        optimizer.load_state_dict(optim_meta, optim_arrays)
+        try:
+            optimizer.load_state_dict(optim_meta, optim_arrays)
+        except ModelFileError as exc:
+            raise ModelFileError(f"checkpoint {path}: {_one_line(exc)}") from None  # name the file
+        except XpnetError:
+            raise
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise ModelFileError(f"checkpoint {path} has a malformed optimizer state ({_one_line(exc)}).") from None
     return Checkpoint(path, model, doc.get("metadata", {}), doc.get("train_state", {}), optim_meta, optim_arrays)
 
 
@@ -563,4 +633,4 @@ def latest_checkpoint(folder) -> Path | None:
 
 __all__ = ["save", "load", "load_weights", "read_file", "read_header", "save_checkpoint", "load_checkpoint",
            "Checkpoint", "latest_checkpoint", "list_checkpoints", "checkpoint_name", "atomic_write",
-           "check_writable", "is_complete", "FORMAT_VERSION"]
+           "check_writable", "remove_stale_temp_files", "is_complete", "FORMAT_VERSION"]

@@ -58,6 +58,11 @@ Behaviour worth knowing
   NaN/inf loss raises ``TrainingError`` naming the exact step; no checkpoint
   is ever written after it (checkpoints read the loss first), so the last one
   on disk is good, and the message names it.
+* Running out of memory in a step or an evaluation raises
+  ``xpnet.gpu_errors.OutOfMemoryError`` (an ``XpnetError`` and a
+  ``MemoryError``) with the batch size that should fit; a checkpoint whose
+  training state is damaged is refused (``ModelFileError``) before anything
+  is restored.
 * Ctrl-C (SIGINT) during ``fit``: the current step finishes, a checkpoint is
   written, and ``KeyboardInterrupt`` is re-raised (the CLI exits with 130).
   A second Ctrl-C interrupts at once.
@@ -92,6 +97,7 @@ import numpy
 
 from . import backend
 from . import io as xio
+from .gpu_errors import oom_guard
 from .errors import DataError, ModelFileError, ShapeError, TrainingError, UsageError
 from .ops.loss import sigmoid_bce_with_logits
 
@@ -293,6 +299,39 @@ def _rng_state_json(rng: numpy.random.Generator) -> dict:
     return rng.bit_generator.state
 
 
+def _checked_train_state(path, st, data_state, xpnet_state, history) -> History:
+    """Validate the restored counters, RNG states and history of a checkpoint; ModelFileError if damaged."""
+    def bad(what):
+        return ModelFileError(f"checkpoint {path} has a damaged training state ({what}): "
+                              "resume from an earlier checkpoint or start a new run.")
+
+    for key in ("step", "epoch", "batch_in_epoch", "epoch_loss_count", "epoch_images", "bad_epochs"):
+        v = st[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise bad(f"{key} is {v!r}")
+    for key, optional in (("epoch_loss_sum", False), ("epoch_seconds", False), ("best_value", True)):
+        v = st[key]
+        if not (optional and v is None) and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            raise bad(f"{key} is {v!r}")
+    if st["best_epoch"] is not None and (isinstance(st["best_epoch"], bool) or not isinstance(st["best_epoch"], int)):
+        raise bad(f"best_epoch is {st['best_epoch']!r}")
+    for name, state in (("data_rng_state", data_state), ("xpnet_rng_state", xpnet_state),
+                        ("epoch_rng_state", st["epoch_rng_state"])):
+        if name == "epoch_rng_state" and state is None:
+            continue
+        try:  # on a throw-away generator: the same checks numpy makes when the state is restored
+            numpy.random.default_rng().bit_generator.state = state
+        except (TypeError, ValueError, KeyError) as exc:
+            raise bad(f"{name}: {exc}") from None
+    history = history or {}
+    epochs, steps = history.get("epochs", []) if isinstance(history, dict) else None, \
+        history.get("steps", []) if isinstance(history, dict) else None
+    if not (isinstance(epochs, list) and all(isinstance(r, dict) for r in epochs)
+            and isinstance(steps, list) and all(isinstance(s, list) and len(s) == 2 for s in steps)):
+        raise bad("history is not a list of epoch records and step losses")
+    return History(epochs, steps)
+
+
 class Trainer:
     """Trains ``model`` with ``optimizer`` on ``loss`` (default ``sigmoid_bce_with_logits``).
 
@@ -405,8 +444,9 @@ class Trainer:
             x, y = _to_backend(x, xp), _to_backend(y, xp)
             if self.eval_transform is not None:
                 x, y = self.eval_transform(x, y)
-            logits = self.model.forward(x, train=False)
-            loss, _ = self.loss(logits, y)
+            with oom_guard(self.model, int(x.shape[0]), "evaluation", train=False):
+                logits = self.model.forward(x, train=False)
+                loss, _ = self.loss(logits, y)
             n = int(x.shape[0])
             loss_sum = loss * n if loss_sum is None else loss_sum + loss * n
             count += n
@@ -530,6 +570,8 @@ class Trainer:
         if self.out_dir is not None:
             xio.check_writable(self.out_dir)
             xio.check_writable(self.checkpoint_dir, "checkpoint folder")
+            for folder in (self.out_dir, self.checkpoint_dir):  # half-written files of a killed run
+                xio.remove_stale_temp_files(folder)
 
         self._data_rng = numpy.random.default_rng(self.seed)
         st = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "epochs": epochs, "spe": spe,
@@ -591,7 +633,6 @@ class Trainer:
                 f"checkpoint {path} was written with {ts.get('steps_per_epoch')} steps per epoch, this run has "
                 f"{st['spe']}: resume with the same data and batch size."
             )
-        xio.load_checkpoint(path, model=self.model, optimizer=self.optimizer)
         try:
             for key in ("step", "epoch", "batch_in_epoch", "epoch_rng_state", "epoch_loss_sum", "epoch_loss_count",
                         "epoch_images", "epoch_seconds", "best_value", "best_epoch", "bad_epochs", "stopped_early"):
@@ -599,11 +640,14 @@ class Trainer:
             data_state, xpnet_state = ts["data_rng_state"], ts["xpnet_rng_state"]
         except KeyError as exc:
             raise ModelFileError(f"checkpoint {path} was not written by xpnet's Trainer (no {exc} in it).") from None
+        # Check every value before anything is restored: a damaged state must not leave a half-resumed trainer.
+        history = _checked_train_state(path, st, data_state, xpnet_state, ts.get("history"))
+        xio.load_checkpoint(path, model=self.model, optimizer=self.optimizer)
         if ts.get("monitor") != st["monitor"]:
             st["best_value"], st["best_epoch"], st["bad_epochs"] = None, None, 0
         self._data_rng.bit_generator.state = data_state
         backend.set_rng_state(xpnet_state)
-        self.history = History.from_dict(ts.get("history"))
+        self.history = history
         self.last_checkpoint = Path(path)
         if st["batch_in_epoch"] and not source.resumable:
             self._say("resuming an iterator source: the batches continue from a fresh iterator "
@@ -636,11 +680,12 @@ class Trainer:
                 x, y = _to_backend(x, xp), _to_backend(y, xp)
                 if self.transform is not None:
                     x, y = self.transform(x, y)
-                logits = self.model.forward(x, train=True)
-                loss, dlogits = self.loss(logits, y)
-                if getattr(loss, "ndim", None) != 0:
-                    raise ShapeError("the loss function must return (loss as a 0-d array, dlogits).")
-                self.model.backward(dlogits)
+                with oom_guard(self.model, int(x.shape[0])):  # MemoryError -> a sentence with a batch size
+                    logits = self.model.forward(x, train=True)
+                    loss, dlogits = self.loss(logits, y)
+                    if getattr(loss, "ndim", None) != 0:
+                        raise ShapeError("the loss function must return (loss as a 0-d array, dlogits).")
+                    self.model.backward(dlogits)
                 st["lr"] = self.optimizer.step()
                 n = int(x.shape[0])
                 st["step"] += 1

@@ -325,8 +325,9 @@ def _run_tasks(task, start, count, workers, progress, desc):
         todo = iter(spans)
         try:
             # A bounded window of chunks in flight keeps memory flat and results in order.
-            for first, n in itertools.islice(todo, 4 * workers):
-                pending.append(pool.submit(_do_chunk, task, first, n))
+            with _children_start_deaf_to_ctrl_c():  # the worker processes are spawned by these submits
+                for first, n in itertools.islice(todo, 4 * workers):
+                    pending.append(pool.submit(_do_chunk, task, first, n))
             while pending:
                 res = pending.popleft().result()
                 for first, n in itertools.islice(todo, 1):
@@ -347,6 +348,28 @@ def _worker_init():
     # Ctrl-C goes to the whole process group: let only the parent handle it, so
     # it can shut the workers down cleanly instead of every worker printing a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # blocked since birth (see below): ignored from now on
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+@contextlib.contextmanager
+def _children_start_deaf_to_ctrl_c():
+    """Start worker processes with SIGINT blocked.
+
+    A spawned worker spends its first second importing; a Ctrl-C then would print a
+    KeyboardInterrupt traceback from inside its imports, before ``_worker_init`` ignores
+    SIGINT.  The signal mask survives fork and exec, so workers started inside this block
+    cannot be interrupted until ``_worker_init`` has ignored SIGINT and unblocked it.  In this
+    process the block only defers a Ctrl-C to the end of the block (it stays pending).
+    """
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _do_chunk(task, first, n):
@@ -437,13 +460,14 @@ class CaptchaStream:
         ctx = multiprocessing.get_context("spawn")
         self._stop = ctx.Event()
         try:
-            for w in range(self.workers):
-                q = ctx.Queue(maxsize=self.prefetch)
-                p = ctx.Process(target=_stream_worker, name=f"xpnet-captcha-{w}", daemon=True,
-                                args=(w, self.workers, self._start, self._config, q, self._stop))
-                self._queues.append(q)
-                self._procs.append(p)
-                p.start()
+            with _children_start_deaf_to_ctrl_c():
+                for w in range(self.workers):
+                    q = ctx.Queue(maxsize=self.prefetch)
+                    p = ctx.Process(target=_stream_worker, name=f"xpnet-captcha-{w}", daemon=True,
+                                    args=(w, self.workers, self._start, self._config, q, self._stop))
+                    self._queues.append(q)
+                    self._procs.append(p)
+                    p.start()
         except BaseException:
             _shutdown(self._stop, self._procs, self._queues)
             raise
@@ -648,7 +672,10 @@ def _cmd_generate(args) -> int:
             raise UsageError(f"{npz_path} already exists: choose another folder, or add --force to replace it.")
     t0 = time.perf_counter()
     if args.format == "npz":
-        os.makedirs(out, exist_ok=True)
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create output folder {out} ({exc.strerror or exc}).") from None
     if args.format == "png":
         write_captcha_pngs(out, args.count, seed, cs, preprocess=pp if sizes else None,
                            workers=args.workers, progress=None)

@@ -407,15 +407,19 @@ def load_npz(path) -> LabelledImages:
     missing = sorted(need - set(fields))
     if missing or str(fields.get("format", "")) != NPZ_FORMAT:
         raise DataError(f"{path}: not an xpnet image cache (missing {', '.join(missing) or 'its format tag'}).")
-    if int(fields["version"]) > NPZ_VERSION:
-        raise DataError(f"{path}: image cache version {int(fields['version'])} is newer than this xpnet "
+    try:
+        version = int(fields["version"])
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: damaged image cache (version {fields['version']!r} is not a number).") from None
+    if version > NPZ_VERSION:
+        raise DataError(f"{path}: image cache version {version} is newer than this xpnet "
                         f"understands ({NPZ_VERSION}): upgrade xpnet.")
     images, labels = fields["images"], fields["labels"]
     try:
         cs = Charset(str(fields["charset"]), int(fields["length"]))
         pp = Preprocess.from_json(str(fields["preprocess"]))
         meta = json.loads(str(fields.get("meta", "{}")))
-    except (UsageError, DataError, ValueError) as exc:
+    except (UsageError, DataError, TypeError, ValueError) as exc:
         raise DataError(f"{path}: damaged image cache ({exc}).") from None
     if images.dtype != numpy.uint8 or images.ndim != 4 or images.shape[1:] != pp.shape:
         raise DataError(f"{path}: images are {images.dtype} {images.shape}, expected uint8 (N,) + {pp.shape}.")

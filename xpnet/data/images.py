@@ -219,6 +219,8 @@ def to_mode(image: Image.Image, target: str) -> Image.Image:
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         image = _high_depth_to_l(image)
         mode = "L"
+    if mode == "La":  # Pillow converts premultiplied La only to LA (not to RGBA, RGB or L)
+        image, mode = image.convert("LA"), "LA"
     has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
     if has_alpha:
         rgba = image.convert("RGBA")
@@ -321,11 +323,15 @@ def _decode(name: str) -> Image.Image:
         raise ImageProblem("the file is empty (0 bytes)")
     limit = Image.MAX_IMAGE_PIXELS
     try:
+        fh = open(name, "rb")
+    except OSError as exc:  # permissions, a folder, a vanished file: the bytes were never seen
+        raise ImageProblem(f"cannot read the file ({_reason(exc)})") from None
+    try:
         with warnings.catch_warnings():
             # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; we refuse
             # at the limit ourselves, before decoding, so its warning would only be noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with open(name, "rb") as fh:
+            with fh:
                 image = Image.open(fh)
                 w, h = image.size
                 if limit is not None and w * h > limit:

@@ -72,17 +72,20 @@ def test_whole_model_step_with_kernels_installed_matches_generic(emulated_ops, r
     x = rng.standard_normal((2,) + model.input_shape)
     t = (rng.random((2,) + model.output_shape) < 0.1).astype(np.float64)
 
-    def step(m):
+    def step(m, kernels_expected):
         backend.seed(3)  # the same dropout masks
         logits = m.forward(x, train=True)
+        # The kernels sit behind xpnet.ops, i.e. on the plain path (the fused CPU path is off here).
+        assert isinstance(m.layers[0]._cache, cuda_ops.KernelCache) == kernels_expected
         loss, d = ops.sigmoid_bce_with_logits(logits, t)
         m.backward(d)
         return logits, loss, m.gradients()
 
-    logits, loss, grads = step(model)
-    with cuda_ops.installed(emulated_ops, applies=always):
-        assert ops.conv2d_forward.__wrapped__ is not None
-        logits_k, loss_k, grads_k = step(twin)
+    with xpnet.fast_paths(False):
+        logits, loss, grads = step(model, False)
+        with cuda_ops.installed(emulated_ops, applies=always):
+            assert ops.conv2d_forward.__wrapped__ is not None
+            logits_k, loss_k, grads_k = step(twin, True)
     assert not hasattr(ops.conv2d_forward, "__wrapped__")  # restored
     assert_allclose(logits_k, logits, kind="model")
     assert_allclose(loss_k, loss, kind="model")
@@ -145,3 +148,9 @@ def test_kernel_and_generic_cupy_training_steps_agree(rng, layout):
     assert abs(float(loss_k) - float(loss)) <= 1e-10 * abs(float(loss))
     for name, g in grads.items():
         assert max_rel_diff(grads_k[name], g) < 1e-9, name
+
+
+def test_kernels_are_installed_exactly_when_a_gpu_is_usable():
+    """xpnet installs its kernels behind xpnet.ops on import only where CuPy has a device."""
+    wrapped = hasattr(ops.conv2d_forward, "__wrapped__")
+    assert wrapped == backend.has_cupy_gpu

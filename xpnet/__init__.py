@@ -24,6 +24,14 @@ from .settings import (  # noqa: E402
     fast_paths, fast_paths_enabled, get_im2col_budget_bytes, get_num_threads, set_im2col_budget, set_num_threads,
 )
 
+if backend.has_cupy_gpu:
+    # On a CUDA machine, xpnet.ops run CuPy arrays through xpnet's CUDA kernels
+    # (xpnet/cuda; XPNET_CUDA_KERNELS=0 keeps the generic xp code).  NumPy arrays
+    # are untouched.  On a machine without a usable GPU nothing is installed.
+    from .cuda import ops as _cuda_ops  # noqa: E402
+
+    _cuda_ops.install()
+
 __all__ = [
     "backend", "errors", "layers", "models", "ops",
     "use", "using", "asarray", "to_numpy", "get_array_module", "get_dtype", "set_dtype", "seed",

@@ -34,6 +34,9 @@ def _cmd_info(args) -> int:
         print(f"device       {dev['name']} (#{dev['id']}, compute capability {dev['compute_capability']}), "
               f"{dev['memory_free_bytes'] / gib:.1f} GiB free of {dev['memory_total_bytes'] / gib:.1f} GiB")
         print(f"CUDA         runtime {data.get('cuda_runtime')}, driver {data.get('cuda_driver')}")
+        from .cuda import kernels
+
+        print(f"kernels      xpnet CUDA kernels {'on' if kernels.enabled() else 'off (XPNET_CUDA_KERNELS=0)'}")
     print(f"python       {data['python']} on {data['platform']}, {data['cpu_count']} CPU cores")
     print("versions     " + ", ".join(f"{k} {v}" for k, v in data["versions"].items() if v))
     return 0

@@ -222,9 +222,13 @@ def uninstall(originals: dict) -> None:
 
 @contextlib.contextmanager
 def installed(kops: KernelOps | None = None, applies=None):
-    """``with installed():`` -- the kernels behind ``xpnet.ops`` for a block."""
-    originals = install(kops, applies)
+    """``with installed():`` -- the kernels behind ``xpnet.ops`` for a block; afterwards
+    ``xpnet.ops`` is as it was before (installed already on a GPU machine, or not)."""
+    from .. import ops as public
+
+    previous = {name: getattr(public, name) for name in PATCHED}
+    install(kops, applies)
     try:
         yield
     finally:
-        uninstall(originals)
+        uninstall(previous)

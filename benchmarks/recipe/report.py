@@ -47,6 +47,8 @@ def row(name, r):
         extra.append(c["loss"])
     if c.get("smooth"):
         extra.append(f"smooth {c['smooth']}")
+    if c.get("prior_bias"):
+        extra.append("prior output bias")
     if r.get("n_val"):
         extra.append(f"best val {r['best_val']:.3f} @ {r['stopped_at']:,}")
     conf = ", ".join(f"{k} {v}" for k, v in r.get("confusions", [])[:4])

@@ -9,7 +9,7 @@ import pytest
 
 import xpnet
 from xpnet import metrics, optim
-from xpnet.data import Charset, Preprocess, generate_captchas, label_from_name, read_images
+from xpnet.data import Charset, Preprocess, label_from_name, read_images
 from xpnet.errors import DataError, ModelFileError, UsageError
 from xpnet.recognizer import Prediction, Recognizer, image_files, metadata_for, sigmoid
 

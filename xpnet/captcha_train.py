@@ -79,7 +79,7 @@ from .data.captcha import CaptchaStream, check_seed, generate_captchas, make_cha
 from .data.folder import load_folder, split_indices, suggest_preprocess
 from .data.images import Preprocess
 from .data.labels import DIGITS_UPPER, Charset
-from .errors import DataError, ShapeError, StorageError, UsageError
+from .errors import DataError, ShapeError, UsageError
 from .metrics import multilabel_metrics
 from .recognizer import Recognizer, metadata_for
 from .train import Trainer
@@ -630,7 +630,8 @@ def run(settings: dict, out, resume: bool = False, workers: int | None = None, p
     train_t, eval_t = make_transforms(pp, settings["max_shift"], settings["max_scale"])
     batch_size = settings["batch_size"]
     n_train = data["n_train"]
-    if batch_size > n_train and settings["data"] != "stream":
+    stream_mode = settings["data"] == "stream" and settings["data_dir"] is None
+    if batch_size > n_train and not stream_mode:
         log(f"batch size lowered from {batch_size} to {n_train}, the size of the training set")
         batch_size = n_train
     train_budget = None
@@ -650,7 +651,8 @@ def run(settings: dict, out, resume: bool = False, workers: int | None = None, p
     trainer = Trainer(model, opt, out_dir=out, batch_size=batch_size, eval_batch_size=max(256, 2 * batch_size),
                       metrics=multilabel_metrics(charset.length), monitor="val_string_accuracy", mode="max",
                       patience=patience, transform=train_t, eval_transform=eval_t, seed=xpnet_seed,
-                      log_every=10, progress=progress is not False, log=log, metadata=metadata,
+                      log_every=10, progress=sys.stderr.isatty() if progress is None else bool(progress),
+                      log=log, metadata=metadata,
                       time_budget=train_budget, max_steps=settings["steps"], restore_best=True, plot=60.0,
                       device_data_bytes=_device_data_bytes())
     schedule.progress = trainer.fraction_done
@@ -658,7 +660,7 @@ def run(settings: dict, out, resume: bool = False, workers: int | None = None, p
               f"{settings['steps']} steps" if settings["steps"] else None,
               f"{train_budget:.0f} s" if train_budget else None]
     log(f"training {model.name} ({model.n_params():,} parameters) on {n_train:,} "
-        f"{'fresh images per epoch' if settings['data'] == 'stream' and settings['data_dir'] is None else 'images'}"
+        f"{'fresh images per epoch' if stream_mode else 'images'}"
         f", batch {batch_size}, {spe} steps per epoch, until "
         + " or ".join(x for x in limits if x) + (f", early stopping after {patience} epochs without progress"
                                                    if patience else ""))

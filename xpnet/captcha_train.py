@@ -31,10 +31,10 @@ Training length scales with the data (``folder_epochs``):
     epochs   = clamp(ceil(folder_samples / n_train), folder_min_epochs, folder_max_epochs)
     patience = max(5, ceil(epochs / 5))        (epochs without a better validation whole-string accuracy)
 
-With the defaults (200,000 samples, 5..100 epochs): 1,000 images train 100
-epochs (~72,000 samples), 7,000 images 29 epochs, 100,000 images 5 epochs.
-Augmentation: random shifts of up to ``max_shift`` pixels and scales of up to
-``max_scale``, per image, on the device.
+With the defaults (200,000 samples, 5..100 epochs): 1,000 images (720 of
+them for training) train 100 epochs, 7,168 train 28 epochs, 100,000 (72,000)
+5 epochs.  Augmentation: random shifts of up to ``folder_max_shift`` (2)
+pixels and scales of up to ``folder_max_scale`` (5%), per image, on the device.
 
 Every run writes into its output folder (printed at the start and the end;
 default ``runs/captcha-<timestamp>``, never an existing run unless
@@ -125,6 +125,8 @@ _DEFAULT = {
     # augmentation, per image, on the device (before normalising)
     "max_shift": 2,                # random shifts of up to this many pixels in x and y
     "max_scale": 0.0,              # random scales in [1 - s, 1 + s] about the centre (0: off)
+    "folder_max_shift": 2,         # the same for --data runs: real sets are small, so a little more variety
+    "folder_max_scale": 0.05,
     # --data DIR
     "test_fraction": 0.2,          # held out, reported at the end, never used to choose anything
     "val_fraction": 0.1,           # of the rest: early stopping and the best checkpoint
@@ -165,8 +167,6 @@ SEED_PURPOSES = {"validation": 1, "test": 2, "split": 3}
 RUN_FILE = "run.json"
 RESULTS_FILE = "results.json"
 # Options that define a run: a resumed run must keep them.
-RUN_DEFINING = ("model", "height", "width", "channels", "charset", "length", "batch_size", "optimizer", "lr",
-                "weight_decay", "seed", "data_dir", "config", "data", "max_shift", "max_scale")
 
 
 def get_config(name: str) -> dict:
@@ -627,7 +627,9 @@ def run(settings: dict, out, resume: bool = False, workers: int | None = None, p
     backend.seed(xpnet_seed)
     model = build_model(settings["model"], charset, pp, **(settings.get("model_kwargs") or {}))
     opt, schedule = build_optimizer(settings, model)
-    train_t, eval_t = make_transforms(pp, settings["max_shift"], settings["max_scale"])
+    folder = settings["data_dir"] is not None
+    train_t, eval_t = make_transforms(pp, settings["folder_max_shift" if folder else "max_shift"],
+                                      settings["folder_max_scale" if folder else "max_scale"])
     batch_size = settings["batch_size"]
     n_train = data["n_train"]
     stream_mode = settings["data"] == "stream" and settings["data_dir"] is None

@@ -21,8 +21,8 @@ from . import _train_worker as W
 # A tiny but real task: 2 characters over 4 classes (chance: 1/16 whole strings), small grey inputs and the
 # cheap seed MNIST network, so that a few epochs run in seconds.
 TINY = dict(config="default", data_dir=None, seed=0, model="simple_convnet", model_kwargs={}, charset="ABCD",
-            length=2, height=24, width=48, channels=1, train_images=400, val_images=100, test_images=200,
-            time_budget=None, epochs=6, batch_size=32, lr=1e-2, final_reserve=0)
+            length=2, height=24, width=48, channels=1, train_images=400, val_images=60, test_images=150,
+            time_budget=None, epochs=5, batch_size=32, lr=1e-2, final_reserve=0)
 
 
 def tiny_settings(**changes):
@@ -39,11 +39,11 @@ def quiet(msg):
 def test_a_short_synthetic_run_learns_and_writes_a_reader(tmp_path):
     results = ct.run(tiny_settings(), tmp_path, workers=0, progress=False, log=quiet)
     test = results["test"]
-    assert test["n"] == 200
-    assert test["string_accuracy"] >= 0.3                # chance is 1/16
-    assert test["char_accuracy"] >= 0.55 > 1 / 4
+    assert test["n"] == 150
+    assert test["string_accuracy"] >= 0.25               # chance is 1/16 (seeds 0 and 1 gave 0.67 and 0.42)
+    assert test["char_accuracy"] >= 0.5                  # chance is 1/4
     history = json.loads((tmp_path / "history.json").read_text())["epochs"]
-    assert len(history) == 6 and history[-1]["train_loss"] < history[0]["train_loss"]
+    assert len(history) == 5 and history[-1]["train_loss"] < history[0]["train_loss"]
     assert history[-1]["val_string_accuracy"] > history[0]["val_string_accuracy"]
     # the saved reader reads the test images as the run reported
     reader = Recognizer.load(tmp_path / "model.npz")
@@ -51,7 +51,7 @@ def test_a_short_synthetic_run_learns_and_writes_a_reader(tmp_path):
     assert meta["charset"] == {"chars": "ABCD", "length": 2} and meta["preprocess"]["height"] == 24
     assert meta["model"] == "simple_convnet" and meta["config"] == "default"
     assert meta["results"]["test_string_accuracy"] == pytest.approx(test["string_accuracy"])
-    test_set = generate_captchas(200, ct.derive_seed(0, "test"), "ABCD", 2, preprocess=reader.preprocess, workers=0,
+    test_set = generate_captchas(150, ct.derive_seed(0, "test"), "ABCD", 2, preprocess=reader.preprocess, workers=0,
                                  progress=False)
     again = reader.evaluate(test_set.images, test_set.labels)
     assert again.string_accuracy == pytest.approx(test["string_accuracy"])

@@ -151,6 +151,30 @@ def test_folder_pipeline_splits_reports_and_holds_out_the_test_part(tmp_path):
     assert mistakes <= test_names
 
 
+def test_stream_mode_trains_on_fresh_batches(tmp_path):
+    logged = []
+    results = ct.run(tiny_settings(data="stream", stream_epoch_steps=3, epochs=2, val_images=30, test_images=30),
+                     tmp_path, workers=0, progress=False, log=logged.append)
+    history = json.loads((tmp_path / "history.json").read_text())["epochs"]
+    assert [r["step"] for r in history] == [3, 6] and results["test"]["n"] == 30
+    assert any("fresh images per epoch" in m for m in logged)
+    assert json.loads((tmp_path / "run.json").read_text())["data"]["train_images"] == "stream"
+
+
+def test_pregenerate_by_budget_makes_the_first_images_of_the_seed():
+    from xpnet.data import Charset, Preprocess
+    cs, pp = Charset("ABCD", 2), Preprocess(height=24, width=48, channels=1)
+    said = []
+    full = ct.pregenerate({"max": 40, "budget_fraction": 0.5}, 7, cs, pp, 0, False, 100.0, said.append, chunk=16)
+    assert len(full) == 40 and "the limit" in said[-1]
+    some = ct.pregenerate({"max": 10 ** 6, "budget_fraction": 1e-9}, 7, cs, pp, 0, False, 100.0, said.append,
+                          chunk=16)
+    assert 1 <= len(some) < 10 ** 6 and "of the budget" in said[-1]     # at least one chunk, then the time is up
+    want = generate_captchas(len(some), 7, cs, preprocess=pp, workers=0, progress=False)
+    np.testing.assert_array_equal(some.images, want.images)
+    assert some.labels == want.labels
+
+
 def test_folder_epochs_and_patience_scale_with_the_data():
     assert ct.folder_epochs(1000) == 100 and ct.folder_epochs(7168) == 28 and ct.folder_epochs(100_000) == 5
     assert ct.folder_patience(100) == 20 and ct.folder_patience(28) == 6 and ct.folder_patience(5) == 5

@@ -524,12 +524,14 @@ class StreamBatches:
 # Data
 
 
-def pregenerate(spec, seed: int, charset: Charset, pp: Preprocess, workers, progress, time_budget, log):
+def pregenerate(spec, seed: int, charset: Charset, pp: Preprocess, workers, progress, time_budget, log,
+                chunk: int = 256):
     """Training images of ``seed``: ``spec`` images, or ``{"max": N, "budget_fraction": f}``.
 
     With a dict, images are made on ``workers`` processes in chunks until N exist
     or ``f * time_budget`` seconds have gone; the set is images 0..M-1 of the seed
-    whatever M is, so a resumed run regenerates exactly the same M images.
+    whatever M is, so a resumed run regenerates exactly the same M images.  Workers
+    render ``chunk`` images at a time (at least one chunk is made).
     """
     if isinstance(spec, dict):
         limit = int(spec["max"])
@@ -542,14 +544,14 @@ def pregenerate(spec, seed: int, charset: Charset, pp: Preprocess, workers, prog
         return generate_captchas(limit, seed, charset, preprocess=pp, workers=workers, progress=progress)
     from tqdm import tqdm
 
-    chunk = 256
+    chunk = min(int(chunk), limit)
     images = numpy.empty((limit,) + pp.shape, dtype=numpy.uint8)
     labels: list[str] = []
     t0 = time.monotonic()
     disable = None if progress is None else not progress
     with CaptchaStream(chunk, seed, charset, preprocess=pp, workers=workers, prefetch=2) as stream, \
             tqdm(total=limit, desc="generating", unit="img", disable=disable, leave=False) as bar:
-        while len(labels) < limit and time.monotonic() - t0 < seconds:
+        while len(labels) < limit and (not labels or time.monotonic() - t0 < seconds):
             x, texts = next(stream)
             take = min(len(texts), limit - len(labels))
             images[len(labels):len(labels) + take] = x[:take]

@@ -175,6 +175,16 @@ def test_pregenerate_by_budget_makes_the_first_images_of_the_seed():
     assert some.labels == want.labels
 
 
+def test_prior_bias_starts_the_outputs_at_the_class_prior():
+    from xpnet.data import Charset, Preprocess
+    cs, pp = Charset("ABCD", 2), Preprocess(height=24, width=48, channels=1)
+    model = ct.build_model("captcha_net", cs, pp)
+    ct.set_prior_bias(model, cs)
+    b = model.layers[-1].params["b"]
+    assert b.shape == (8,) and b.dtype == np.float32
+    np.testing.assert_allclose(1 / (1 + np.exp(-b.astype(np.float64))), 0.25, rtol=1e-6)
+
+
 def test_folder_epochs_and_patience_scale_with_the_data():
     assert ct.folder_epochs(1000) == 100 and ct.folder_epochs(7168) == 28 and ct.folder_epochs(100_000) == 5
     assert ct.folder_patience(100) == 20 and ct.folder_patience(28) == 6 and ct.folder_patience(5) == 5

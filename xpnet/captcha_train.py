@@ -122,6 +122,8 @@ _DEFAULT = {
     "div_factor": 25.0,            # start rate = lr / div_factor
     "final_div_factor": 1e4,       # end rate = start rate / final_div_factor
     "clip_norm": None,             # global gradient-norm clipping (None: off)
+    "prior_bias": False,           # start the output biases at log(p / (1 - p)), p = 1 / n_classes, so that
+                                   # the first steps need not learn "mostly no" (the flat start of the loss)
     # augmentation, per image, on the device (before normalising)
     "max_shift": 2,                # random shifts of up to this many pixels in x and y
     "max_scale": 0.0,              # random scales in [1 - s, 1 + s] about the centre (0: off)
@@ -471,6 +473,17 @@ def build_model(name: str, charset: Charset, pp: Preprocess, **extra):
                          f"use a larger --height/--width.") from None
 
 
+def set_prior_bias(model, charset: Charset) -> None:
+    """Set the last layer's biases to the logit of the class prior 1 / n_classes (every output unit)."""
+    last = [layer for layer in model.layers if "b" in layer.params][-1]
+    b = last.params["b"]
+    if b.shape[0] != charset.n_outputs:
+        raise UsageError(f"prior_bias: the last biased layer of {model.name} has {b.shape[0]} units, "
+                         f"not {charset.n_outputs}.")
+    p = 1.0 / charset.n_classes
+    b[...] = b.dtype.type(math.log(p / (1.0 - p)))
+
+
 def build_optimizer(settings: dict, model):
     schedule = ProgressOneCycle(settings["lr"], settings["pct_start"], settings["div_factor"],
                                 settings["final_div_factor"])
@@ -628,6 +641,8 @@ def run(settings: dict, out, resume: bool = False, workers: int | None = None, p
 
     backend.seed(xpnet_seed)
     model = build_model(settings["model"], charset, pp, **(settings.get("model_kwargs") or {}))
+    if settings.get("prior_bias"):
+        set_prior_bias(model, charset)
     opt, schedule = build_optimizer(settings, model)
     folder = settings["data_dir"] is not None
     train_t, eval_t = make_transforms(pp, settings["folder_max_shift" if folder else "max_shift"],

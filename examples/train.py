@@ -34,8 +34,7 @@ def main(argv=None) -> int:
         print(f"train.py: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        where = f" --out {args.out}" if args.out else " --out <the folder printed above>"
-        print(f"train.py: interrupted; continue with: python examples/train.py --resume{where}", file=sys.stderr)
+        print("train.py: interrupted", file=sys.stderr)
         return 130
     return 0
 

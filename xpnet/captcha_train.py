@@ -687,6 +687,9 @@ def run(settings: dict, out, resume: bool = False, workers: int | None = None, p
     try:
         trainer.fit(train_source, epochs=epochs, val=data["val"],
                     steps_per_epoch=spe if isinstance(train_source, StreamBatches) else None, resume=resume)
+    except KeyboardInterrupt:
+        log(f"to continue this run: add --resume --out {out} to the same command")
+        raise
     finally:
         if isinstance(train_source, StreamBatches):
             train_source.close()

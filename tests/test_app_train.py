@@ -254,6 +254,22 @@ def test_time_budget_stops_cleanly_and_counts_over_resumes(tmp_path):
     assert more.elapsed() - trainer.elapsed() < 2.0   # it did not start the budget from zero
 
 
+@pytest.mark.parametrize("tie_break", [None, "val_loss"])
+def test_tie_break_keeps_improving_while_the_accuracy_is_stuck(tie_break):
+    model, opt = W.build(8)
+    perfect = {"accuracy": lambda logits, y: 1.0}       # an accuracy stuck at 100% from the first epoch
+    trainer = W.make_trainer(model, opt, None, metrics=perfect, patience=2, tie_break=tie_break)
+    trainer.fit(W.make_data(), epochs=8, val=W.make_data(48, seed=6))
+    h = trainer.history
+    losses = [r["val_loss"] for r in h.epochs]
+    if tie_break is None:
+        assert len(h) == 3                               # stopped: nothing "improved" after epoch 1
+    else:
+        assert len(h) > 3 and min(losses) < losses[0]    # lower losses count as progress
+        best = int(np.argmin(losses[:len(h)])) + 1
+        assert trainer._st["best_epoch"] == best
+
+
 def test_bad_limits_are_usage_errors():
     model, opt = W.build(1)
     with pytest.raises(UsageError, match="time_budget"):

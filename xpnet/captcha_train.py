@@ -14,7 +14,8 @@ its own seed (``derive_seed``):
   every CPU core (``train_images``; a count, or sized to the time budget), or
   drawn fresh for every step (``data: "stream"``);
 * validation (``val_images``, seed ``derive_seed(S, "validation")``): watched
-  after every epoch, picks the best checkpoint;
+  after every epoch, picks the best checkpoint (highest whole-string accuracy;
+  among equals -- e.g. 100% -- the lowest validation loss);
 * test (``test_images``, 2,000 by default, seed ``derive_seed(S, "test")``):
   never seen in training nor used to choose anything; whole-string and
   per-character accuracy on it are the reported result.
@@ -29,7 +30,8 @@ rest is the validation set for early stopping and the best checkpoint.
 Training length scales with the data (``folder_epochs``):
 
     epochs   = clamp(ceil(folder_samples / n_train), folder_min_epochs, folder_max_epochs)
-    patience = max(5, ceil(epochs / 5))        (epochs without a better validation whole-string accuracy)
+    patience = max(5, ceil(epochs / 5))        (epochs without a better validation whole-string accuracy,
+                                                or an equal one with a lower validation loss)
 
 With the defaults (200,000 samples, 5..100 epochs): 1,000 images (720 of
 them for training) train 100 epochs, 7,168 train 28 epochs, 100,000 (72,000)
@@ -669,6 +671,7 @@ def run(settings: dict, out, resume: bool = False, workers: int | None = None, p
                             settings=settings, data=data["describe"])
     trainer = Trainer(model, opt, out_dir=out, batch_size=batch_size, eval_batch_size=max(256, 2 * batch_size),
                       metrics=multilabel_metrics(charset.length), monitor="val_string_accuracy", mode="max",
+                      tie_break="val_loss",
                       patience=patience, transform=train_t, eval_transform=eval_t, seed=xpnet_seed,
                       log_every=10, progress=sys.stderr.isatty() if progress is None else bool(progress),
                       log=log, metadata=metadata,

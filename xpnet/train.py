@@ -319,6 +319,9 @@ class Trainer:
       (recorded as ``val_<name>``);
     * ``monitor`` / ``mode`` / ``patience`` / ``min_delta``: early stopping and the choice of
       ``best.npz``; ``monitor`` defaults to the first metric (mode "max") or ``val_loss`` (mode "min");
+      ``tie_break`` (e.g. ``"val_loss"``): when ``monitor`` equals the best so far exactly (an
+      accuracy stuck at 100%), an epoch that is better on this value (lower for a loss) counts as
+      an improvement;
     * ``transform`` / ``eval_transform``: ``f(x, y) -> (x, y)`` on each batch, on the device;
     * ``seed``: the trainer's data-order generator;
     * ``log_every``: steps between loss read-backs (device synchronisations);
@@ -340,7 +343,7 @@ class Trainer:
                  keep_checkpoints: int = 2, progress: bool = True, log=print, plot: bool = True,
                  restore_best: bool = True, metadata: dict | None = None,
                  device_data_bytes: int = 2 * 1024 ** 3, time_budget: float | None = None,
-                 max_steps: int | None = None):
+                 max_steps: int | None = None, tie_break: str | None = None):
         if not callable(loss):
             raise UsageError("loss must be a function (logits, targets) -> (loss, dlogits).")
         self.model, self.optimizer, self.loss = model, optimizer, loss
@@ -352,6 +355,7 @@ class Trainer:
             if not callable(fn):
                 raise UsageError(f"metric {name!r} must be a function (logits, y) -> float.")
         self.monitor, self.mode = monitor, mode
+        self.tie_break = tie_break
         if mode not in (None, "min", "max"):
             raise UsageError(f"mode must be 'min' or 'max', got {mode!r}.")
         self.patience = None if patience is None else self._positive_int(patience, "patience")
@@ -493,7 +497,7 @@ class Trainer:
             "epoch_loss_sum": st["epoch_loss_sum"], "epoch_loss_count": st["epoch_loss_count"],
             "epoch_images": st["epoch_images"], "epoch_seconds": st["epoch_seconds"],
             "best_value": st["best_value"], "best_epoch": st["best_epoch"], "bad_epochs": st["bad_epochs"],
-            "monitor": st["monitor"], "mode": st["mode"], "stopped_early": st["stopped_early"],
+            "best_tie": st.get("best_tie"), "monitor": st["monitor"], "mode": st["mode"], "stopped_early": st["stopped_early"],
             "batch_size": self.batch_size, "seed": self.seed, "history": self.history.to_dict(),
             "elapsed": round(self.elapsed(), 3),
         }
@@ -678,6 +682,7 @@ class Trainer:
         self._data_rng.bit_generator.state = data_state
         backend.set_rng_state(xpnet_state)
         st["elapsed_before"] = float(ts.get("elapsed", 0.0))
+        st["best_tie"] = ts.get("best_tie")
         self.history = History.from_dict(ts.get("history"))
         self.last_checkpoint = Path(path)
         if st["batch_in_epoch"] and not source.resumable:
@@ -800,8 +805,11 @@ class Trainer:
             else:
                 better = best is None or (value > best + self.min_delta if mode == "max"
                                           else value < best - self.min_delta)
+                if not better and self.tie_break is not None and value == best:
+                    better = self._tie_better(record.get(self.tie_break), st.get("best_tie"))
             if better:
                 st["best_value"], st["best_epoch"], st["bad_epochs"] = value, epoch, 0
+                st["best_tie"] = record.get(self.tie_break) if self.tie_break is not None else None
                 improved = True
             else:
                 st["bad_epochs"] += 1
@@ -820,6 +828,14 @@ class Trainer:
             self._say(f"early stop: {monitor} did not improve for {self.patience} epoch(s); "
                       f"best {st['best_value']:.4f} at epoch {st['best_epoch']}")
         return stop
+
+    def _tie_better(self, value, best) -> bool:
+        """Whether ``value`` of the tie-breaker beats ``best`` (lower wins for a loss, else higher)."""
+        if value is None or math.isnan(value):
+            return False
+        if best is None:
+            return True
+        return value < best if "loss" in self.tie_break else value > best
 
     def _epoch_name(self, epoch, epochs):
         # With a time budget and no real epoch limit, "epoch 3/1000000" would only confuse.

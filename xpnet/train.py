@@ -105,7 +105,6 @@ import numpy
 from . import backend
 from . import io as xio
 from .errors import DataError, ModelFileError, ShapeError, TrainingError, UsageError
-from .gpu_errors import oom_guard
 from .ops.loss import sigmoid_bce_with_logits
 
 # --------------------------------------------------------------------------
@@ -691,6 +690,10 @@ class Trainer:
         self._say(f"resumed from {path} (step {st['step']}, epoch {st['epoch'] + (1 if st['batch_in_epoch'] else 0)})")
 
     def _run(self, source, st, val, xp):
+        # Imported here: gpu_errors pulls in importlib.metadata, which would slow every `import xpnet`
+        # (and every spawned data worker's start-up) for a guard that only training needs.
+        from .gpu_errors import oom_guard
+
         epochs, spe = st["epochs"], st["spe"]
         if self.progress:
             from tqdm.auto import tqdm

@@ -52,8 +52,10 @@ def _add_info(sub):
 COMMANDS = [_add_info]
 
 from .data.captcha import add_generate_command  # noqa: E402
+from .captcha_train import add_train_command  # noqa: E402
+from .recognizer import add_eval_command, add_predict_command  # noqa: E402
 
-COMMANDS.append(add_generate_command)
+COMMANDS += [add_generate_command, add_train_command, add_eval_command, add_predict_command]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,7 +81,7 @@ def main(argv=None) -> int:
     try:
         return int(args.func(args) or 0)
     except XpnetError as exc:
-        if args.debug:
+        if getattr(args, "debug", False):
             traceback.print_exc()
         print(f"xpnet: error: {_printable(exc)}", file=sys.stderr)
         return exc.exit_code

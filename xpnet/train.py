@@ -79,6 +79,18 @@ Behaviour worth knowing
   cannot be written, an iterator without ``steps_per_epoch``.
 * Early stopping: with ``patience`` set, training stops after ``patience``
   epochs without an improvement of ``monitor`` by more than ``min_delta``.
+* Limits: ``time_budget`` (seconds of wall-clock time inside ``fit``, evaluations
+  included, summed over resumes) and ``max_steps`` (optimizer steps in total)
+  stop training cleanly after the step that reaches them: the epoch in progress
+  ends there (evaluated, checkpointed, recorded in the history as a shorter
+  epoch), then the best weights are restored and ``model.npz`` is written as
+  usual.  ``trainer.fraction_done()`` is the fraction of the planned work done (the
+  largest of steps / planned steps, steps / ``max_steps`` and time / budget), so
+  a learning-rate schedule can follow the time budget (``xpnet.captcha_train``'s
+  ``ProgressOneCycle``).  Every history record carries ``elapsed`` (seconds of
+  training so far), so curves can be drawn against time.
+* Memory: each step runs inside ``xpnet.gpu_errors.oom_guard``, so running out of
+  device (or host) memory raises one sentence naming a batch size that fits.
 """
 
 from __future__ import annotations
@@ -345,14 +357,20 @@ class Trainer:
       (recorded as ``val_<name>``);
     * ``monitor`` / ``mode`` / ``patience`` / ``min_delta``: early stopping and the choice of
       ``best.npz``; ``monitor`` defaults to the first metric (mode "max") or ``val_loss`` (mode "min");
+      ``tie_break`` (e.g. ``"val_loss"``): when ``monitor`` equals the best so far exactly (an
+      accuracy stuck at 100%), an epoch that is better on this value (lower for a loss) counts as
+      an improvement;
     * ``transform`` / ``eval_transform``: ``f(x, y) -> (x, y)`` on each batch, on the device;
     * ``seed``: the trainer's data-order generator;
     * ``log_every``: steps between loss read-backs (device synchronisations);
     * ``checkpoint_every`` (steps) / ``checkpoint_seconds`` / ``keep_checkpoints``;
     * ``progress``: tqdm bar (loss, images/s, ETA); ``log``: a ``print``-like function for
       one line per epoch (None: silent);
-    * ``plot``: write ``history.png``; ``restore_best``: end with the best weights;
-    * ``metadata``: JSON-safe dict stored in every checkpoint and model file (charset, ...).
+    * ``plot``: write ``history.png`` after every epoch (True), never (False), or -- a number --
+      at most every ``plot`` seconds and once more at the end (a plot costs ~1 s of CPU);
+      ``restore_best``: end with the best weights;
+    * ``metadata``: JSON-safe dict stored in every checkpoint and model file (charset, ...);
+    * ``time_budget`` (seconds) / ``max_steps``: stop cleanly when reached (see the module docstring).
     """
 
     def __init__(self, model, optimizer, loss=sigmoid_bce_with_logits, *, out_dir=None, batch_size: int = 128,
@@ -362,7 +380,8 @@ class Trainer:
                  checkpoint_every: int | None = None, checkpoint_seconds: float | None = 600.0,
                  keep_checkpoints: int = 2, progress: bool = True, log=print, plot: bool = True,
                  restore_best: bool = True, metadata: dict | None = None,
-                 device_data_bytes: int = 2 * 1024 ** 3):
+                 device_data_bytes: int = 2 * 1024 ** 3, time_budget: float | None = None,
+                 max_steps: int | None = None, tie_break: str | None = None):
         if not callable(loss):
             raise UsageError("loss must be a function (logits, targets) -> (loss, dlogits).")
         self.model, self.optimizer, self.loss = model, optimizer, loss
@@ -374,6 +393,7 @@ class Trainer:
             if not callable(fn):
                 raise UsageError(f"metric {name!r} must be a function (logits, y) -> float.")
         self.monitor, self.mode = monitor, mode
+        self.tie_break = tie_break
         if mode not in (None, "min", "max"):
             raise UsageError(f"mode must be 'min' or 'max', got {mode!r}.")
         self.patience = None if patience is None else self._positive_int(patience, "patience")
@@ -387,11 +407,26 @@ class Trainer:
                                                                                         "checkpoint_every")
         self.checkpoint_seconds = checkpoint_seconds
         self.keep_checkpoints = self._positive_int(keep_checkpoints, "keep_checkpoints")
-        self.progress, self.log, self.plot = bool(progress), log, bool(plot)
+        self.progress, self.log = bool(progress), log
+        if isinstance(plot, bool) or plot is None:
+            self.plot, self.plot_seconds = bool(plot), None
+        else:
+            self.plot, self.plot_seconds = True, float(plot)
+        self._last_plot, self._plotted_epoch = None, 0
         self.restore_best = bool(restore_best)
         self.metadata = dict(metadata or {})
         self.device_data_bytes = int(device_data_bytes)
+        if time_budget is not None:
+            try:
+                time_budget = float(time_budget)
+            except (TypeError, ValueError):
+                raise UsageError(f"time_budget must be a number of seconds, got {time_budget!r}.") from None
+            if not math.isfinite(time_budget) or time_budget <= 0:
+                raise UsageError(f"time_budget must be a positive number of seconds, got {time_budget!r}.")
+        self.time_budget = time_budget
+        self.max_steps = None if max_steps is None else self._positive_int(max_steps, "max_steps")
         self.history = History()
+        self._st = None
         self.last_checkpoint: Path | None = None
         self._stop_requested = False
         self._bar = None
@@ -418,6 +453,36 @@ class Trainer:
             self._bar.write(msg)
         else:
             self.log(msg)
+
+    # ------------------------------------------------------------- limits
+    def elapsed(self) -> float:
+        """Seconds of training in ``fit`` so far, summed over resumed sessions (0 before ``fit``)."""
+        st = self._st
+        if st is None:
+            return 0.0
+        if st.get("session_start") is None:
+            return float(st["elapsed_before"])
+        return float(st["elapsed_before"]) + time.monotonic() - st["session_start"]
+
+    def fraction_done(self) -> float:
+        """Fraction of the planned work done, in [0, 1]: the largest of step / (epochs * steps per
+        epoch), step / ``max_steps`` and elapsed / ``time_budget`` (0 before ``fit``)."""
+        st = self._st
+        if st is None:
+            return 0.0
+        done = st["step"] / max(1, st["epochs"] * st["spe"])
+        if self.max_steps is not None:
+            done = max(done, st["step"] / self.max_steps)
+        if self.time_budget is not None:
+            done = max(done, self.elapsed() / self.time_budget)
+        return min(1.0, done)
+
+    def _limit_reached(self, st) -> str | None:
+        if self.max_steps is not None and st["step"] >= self.max_steps:
+            return f"reached max_steps ({self.max_steps})"
+        if self.time_budget is not None and self.elapsed() >= self.time_budget:
+            return f"reached the time budget ({self.time_budget:.0f} s)"
+        return None
 
     # ------------------------------------------------------------- evaluation
     def _xp(self):
@@ -471,8 +536,9 @@ class Trainer:
             "epoch_loss_sum": st["epoch_loss_sum"], "epoch_loss_count": st["epoch_loss_count"],
             "epoch_images": st["epoch_images"], "epoch_seconds": st["epoch_seconds"],
             "best_value": st["best_value"], "best_epoch": st["best_epoch"], "bad_epochs": st["bad_epochs"],
-            "monitor": st["monitor"], "mode": st["mode"], "stopped_early": st["stopped_early"],
+            "best_tie": st.get("best_tie"), "monitor": st["monitor"], "mode": st["mode"], "stopped_early": st["stopped_early"],
             "batch_size": self.batch_size, "seed": self.seed, "history": self.history.to_dict(),
+            "elapsed": round(self.elapsed(), 3),
         }
 
     def _save(self, path, st):
@@ -534,7 +600,10 @@ class Trainer:
         st["last_loss"] = float(values[-1])
         self.history.steps.append([st["step"], float(values.mean())])
         if self._bar is not None:
-            self._bar.set_postfix_str(f"loss {values.mean():.4g}  {st['ips']:,.0f} img/s  lr {st['lr']:.3g}",
+            left = ""
+            if self.time_budget is not None:
+                left = f"  {max(0.0, self.time_budget - self.elapsed()):.0f}s left"
+            self._bar.set_postfix_str(f"loss {values.mean():.4g}  {st['ips']:,.0f} img/s  lr {st['lr']:.3g}{left}",
                                       refresh=False)
 
     def _resolve_monitor(self, has_val):
@@ -578,7 +647,9 @@ class Trainer:
               "epoch_rng_state": None, "epoch_loss_sum": 0.0, "epoch_loss_count": 0, "epoch_images": 0,
               "epoch_seconds": 0.0, "best_value": None, "best_epoch": None, "bad_epochs": 0,
               "monitor": monitor, "mode": mode, "stopped_early": False, "pending": [], "lr": self.optimizer.current_lr(),
-              "ips": float("nan"), "last_loss": float("nan"), "window_images": 0}
+              "ips": float("nan"), "last_loss": float("nan"), "window_images": 0,
+              "elapsed_before": 0.0, "session_start": None}
+        self._st = st
         self.history = History()
         self.last_checkpoint = None
         self._bar = None
@@ -597,8 +668,10 @@ class Trainer:
                 f"{self.checkpoint_dir} already holds checkpoints of a run: pass resume=True to continue it, "
                 "or choose another out_dir."
             )
-        if st["stopped_early"] or st["epoch"] >= epochs:
-            why = "stopped early" if st["stopped_early"] else f"completed {st['epoch']} of {epochs} epoch(s)"
+        limit = self._limit_reached(st)
+        if st["stopped_early"] or st["epoch"] >= epochs or limit:
+            why = ("stopped early" if st["stopped_early"] else limit if limit
+                   else f"completed {st['epoch']} of {epochs} epoch(s)")
             self._say(f"nothing to do: the run in {self.out_dir} already {why}")
             return self.history
 
@@ -611,6 +684,8 @@ class Trainer:
             previous_handler = signal.signal(signal.SIGINT, on_sigint)
             handler_installed = True
         self._stop_requested = False
+        st["session_start"] = time.monotonic()
+        self._last_plot, self._plotted_epoch = st["session_start"], 0
         try:
             self._run(source, st, val, xp)
         finally:
@@ -619,6 +694,8 @@ class Trainer:
             if self._bar is not None:
                 self._bar.close()
                 self._bar = None
+            st["elapsed_before"] = self.elapsed()
+            st["session_start"] = None
         return self.history
 
     def _restore(self, path, st, source):
@@ -642,11 +719,17 @@ class Trainer:
             raise ModelFileError(f"checkpoint {path} was not written by xpnet's Trainer (no {exc} in it).") from None
         # Check every value before anything is restored: a damaged state must not leave a half-resumed trainer.
         history = _checked_train_state(path, st, data_state, xpnet_state, ts.get("history"))
+        elapsed, best_tie = ts.get("elapsed", 0.0), ts.get("best_tie")
+        for key, v in (("elapsed", elapsed), ("best_tie", best_tie)):
+            if not (v is None and key == "best_tie") and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise ModelFileError(f"checkpoint {path} has a damaged training state ({key} is {v!r}): "
+                                     "resume from an earlier checkpoint or start a new run.")
         xio.load_checkpoint(path, model=self.model, optimizer=self.optimizer)
         if ts.get("monitor") != st["monitor"]:
             st["best_value"], st["best_epoch"], st["bad_epochs"] = None, None, 0
         self._data_rng.bit_generator.state = data_state
         backend.set_rng_state(xpnet_state)
+        st["elapsed_before"], st["best_tie"] = float(elapsed), best_tie
         self.history = history
         self.last_checkpoint = Path(path)
         if st["batch_in_epoch"] and not source.resumable:
@@ -655,11 +738,18 @@ class Trainer:
         self._say(f"resumed from {path} (step {st['step']}, epoch {st['epoch'] + (1 if st['batch_in_epoch'] else 0)})")
 
     def _run(self, source, st, val, xp):
+        # Imported here: gpu_errors pulls in importlib.metadata, which would slow every `import xpnet`
+        # (and every spawned data worker's start-up) for a guard that only training needs.
+        from .gpu_errors import oom_guard
+
         epochs, spe = st["epochs"], st["spe"]
         if self.progress:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=epochs * spe, initial=st["step"], unit="step", dynamic_ncols=True,
+            total = epochs * spe if self.max_steps is None else min(epochs * spe, self.max_steps)
+            if self.time_budget is not None and total > 10 ** 6:
+                total = None  # the budget ends the run: count steps, show the time left
+            self._bar = tqdm(total=total, initial=st["step"], unit="step", dynamic_ncols=True,
                              file=sys.stderr, leave=True)
         st["last_ckpt_time"] = time.monotonic()
         while st["epoch"] < epochs:
@@ -672,7 +762,7 @@ class Trainer:
                 self._data_rng.bit_generator.state = st["epoch_rng_state"]
             source.start_epoch(self._data_rng, skip=st["batch_in_epoch"])
             if self._bar is not None:
-                self._bar.set_description(f"epoch {epoch + 1}/{epochs}", refresh=False)
+                self._bar.set_description(self._epoch_name(epoch + 1, epochs), refresh=False)
             t_epoch = time.monotonic()
             st["window_start"], st["window_images"] = t_epoch, 0
             for b in range(st["batch_in_epoch"], spe):
@@ -680,14 +770,14 @@ class Trainer:
                 x, y = _to_backend(x, xp), _to_backend(y, xp)
                 if self.transform is not None:
                     x, y = self.transform(x, y)
-                with oom_guard(self.model, int(x.shape[0])):  # MemoryError -> a sentence with a batch size
+                n = int(x.shape[0])
+                with oom_guard(self.model, n):
                     logits = self.model.forward(x, train=True)
                     loss, dlogits = self.loss(logits, y)
                     if getattr(loss, "ndim", None) != 0:
                         raise ShapeError("the loss function must return (loss as a 0-d array, dlogits).")
                     self.model.backward(dlogits)
-                st["lr"] = self.optimizer.step()
-                n = int(x.shape[0])
+                    st["lr"] = self.optimizer.step()
                 st["step"] += 1
                 st["batch_in_epoch"] = b + 1
                 st["epoch_images"] += n
@@ -700,16 +790,23 @@ class Trainer:
                 if self._stop_requested:
                     st["epoch_seconds"] += time.monotonic() - t_epoch
                     self._interrupt(st)
+                limit = self._limit_reached(st)
+                if limit:
+                    break
                 if b + 1 < spe and self._checkpoint_due(st):
                     st["epoch_seconds"] += time.monotonic() - t_epoch
                     t_epoch = time.monotonic()
                     self._checkpoint(st)
+            else:
+                limit = None
             self._flush(st)
             st["epoch_seconds"] += time.monotonic() - t_epoch
+            if limit:
+                self._say(f"stopping: {limit} at step {st['step']} (epoch {epoch + 1} ends here)")
             stop = self._end_epoch(st, val)
             if self._stop_requested:
                 self._interrupt(st, saved=True)
-            if stop:
+            if stop or limit:
                 break
         self._finish(st)
 
@@ -743,6 +840,7 @@ class Trainer:
             for k, v in self.evaluate(val).items():
                 record[f"val_{k}"] = v
         record["seconds"] = round(st["epoch_seconds"], 3)
+        record["elapsed"] = round(self.elapsed(), 3)
         record["eval_seconds"] = round(time.monotonic() - t_eval, 3)
         record["images_per_s"] = round(st["epoch_images"] / st["epoch_seconds"], 1) if st["epoch_seconds"] > 0 else None
         self.history.epochs.append(record)
@@ -758,8 +856,11 @@ class Trainer:
             else:
                 better = best is None or (value > best + self.min_delta if mode == "max"
                                           else value < best - self.min_delta)
+                if not better and self.tie_break is not None and value == best:
+                    better = self._tie_better(record.get(self.tie_break), st.get("best_tie"))
             if better:
                 st["best_value"], st["best_epoch"], st["bad_epochs"] = value, epoch, 0
+                st["best_tie"] = record.get(self.tie_break) if self.tie_break is not None else None
                 improved = True
             else:
                 st["bad_epochs"] += 1
@@ -772,17 +873,27 @@ class Trainer:
             self._checkpoint(st)
             self.history.write_json(self.out_dir / "history.json")
             self.history.write_csv(self.out_dir / "history.csv")
-            if self.plot:
-                self.history.plot(self.out_dir / "history.png", title=getattr(self.model, "name", ""))
+            self._plot(final=False)
         self._say(self._epoch_line(record, improved, st))
         if stop:
             self._say(f"early stop: {monitor} did not improve for {self.patience} epoch(s); "
                       f"best {st['best_value']:.4f} at epoch {st['best_epoch']}")
         return stop
 
-    @staticmethod
-    def _epoch_line(record, improved, st):
-        parts = [f"epoch {record['epoch']}/{st['epochs']}", f"step {record['step']}"]
+    def _tie_better(self, value, best) -> bool:
+        """Whether ``value`` of the tie-breaker beats ``best`` (lower wins for a loss, else higher)."""
+        if value is None or math.isnan(value):
+            return False
+        if best is None:
+            return True
+        return value < best if "loss" in self.tie_break else value > best
+
+    def _epoch_name(self, epoch, epochs):
+        # With a time budget and no real epoch limit, "epoch 3/1000000" would only confuse.
+        return f"epoch {epoch}" if self.time_budget is not None and epochs >= 10 ** 6 else f"epoch {epoch}/{epochs}"
+
+    def _epoch_line(self, record, improved, st):
+        parts = [self._epoch_name(record["epoch"], st["epochs"]), f"step {record['step']}"]
         if record.get("train_loss") is not None:
             parts.append(f"train loss {record['train_loss']:.4f}")
         for k, v in record.items():
@@ -791,7 +902,22 @@ class Trainer:
         if record.get("images_per_s"):
             parts.append(f"{record['images_per_s']:,.0f} img/s")
         parts.append(f"{record['seconds']:.1f}s")
+        if self.time_budget is not None:
+            parts.append(f"({record['elapsed']:.0f}/{self.time_budget:.0f}s of the budget)")
         return "  ".join(parts) + ("  *" if improved else "")
+
+    def _plot(self, final: bool):
+        if not self.plot or self.out_dir is None or not len(self.history):
+            return
+        now = time.monotonic()
+        if self.plot_seconds is not None:
+            due = now - self._last_plot >= self.plot_seconds
+            if not (due or final) or (final and self._plotted_epoch == len(self.history)):
+                return
+        elif final:
+            return  # plotted after every epoch already
+        self.history.plot(self.out_dir / "history.png", title=getattr(self.model, "name", ""))
+        self._last_plot, self._plotted_epoch = now, len(self.history)
 
     def _finish(self, st):
         if self.restore_best and self.best_path is not None and self.best_path.exists() \
@@ -799,6 +925,7 @@ class Trainer:
             xio.load_weights(self.model, self.best_path)
             self._say(f"restored the best weights (epoch {st['best_epoch']}, {st['monitor']} {st['best_value']:.4f})")
         if self.out_dir is not None:
+            self._plot(final=True)
             xio.save(self.model, self.out_dir / "model.npz", self.metadata)
 
 

@@ -27,16 +27,21 @@ every skipped file reported and listed in ``skipped.txt``), input size from
 ratio) unless ``--width`` is given, and a seeded split: ``test_fraction``
 (20%) is held out and reported at the end only; ``val_fraction`` (10%) of the
 rest is the validation set for early stopping and the best checkpoint.
-Training length scales with the data (``folder_epochs``):
+The configuration's ``folder`` settings replace its synthetic ones (Adam 1e-3,
+3% warm-up then cosine, shifts of up to 2 px and scales of up to 5% per image
+on the device, no time budget), and training length scales with the data
+(``folder_epochs``):
 
     epochs   = clamp(ceil(folder_samples / n_train), folder_min_epochs, folder_max_epochs)
-    patience = max(5, ceil(epochs / 5))        (epochs without a better validation whole-string accuracy,
+    patience = max(15, ceil(epochs / 4))       (epochs without a better validation whole-string accuracy,
                                                 or an equal one with a lower validation loss)
 
-With the defaults (200,000 samples, 5..100 epochs): 1,000 images (720 of
-them for training) train 100 epochs, 7,168 train 28 epochs, 100,000 (72,000)
-5 epochs.  Augmentation: random shifts of up to ``folder_max_shift`` (2)
-pixels and scales of up to ``folder_max_scale`` (5%), per image, on the device.
+With the defaults (300,000 samples, 10..200 epochs): 1,000 images (720 of
+them for training) train 200 epochs, 7,168 train 42 epochs, 100,000 (72,000)
+10 epochs.  Below ``folder_batchnorm_below`` (5,000) training images the
+default captcha_net gets BatchNorm (``captcha_net(batchnorm=True)``): small
+sets need it (benchmarks/RECIPE.md), large ones do as well without it and
+train twice as fast.
 
 Every run writes into its output folder (printed at the start and the end;
 default ``runs/captcha-<timestamp>``, never an existing run unless
@@ -90,70 +95,73 @@ from .train import Trainer
 # Named configurations: plain data.  Change values here to plug in a recipe.
 
 _DEFAULT = {
-    "description": "The README's main job on the 2-core CPU: synthetic 4-character CAPTCHAs (36 classes), "
-                   "captcha_net at 3x32x80, AdamW with a one-cycle rate over a 14-minute budget for the whole "
-                   "job (generation + training + evaluation), +-2 px shifts; 30,000 pre-generated images.",
+    "description": "The README's main job on the 2-core CPU (benchmarks/RECIPE.md): synthetic 4-character "
+                   "CAPTCHAs (36 classes), the seed's captcha_net at grey 1x32x80 with its output biases at the "
+                   "class prior, Adam peaking at 3e-3 (3% warm-up, then cosine to ~0 as the budget runs out), "
+                   "batch 64, +-2 px shifts, up to 100,000 pre-generated images; 14.5 minutes for the whole job.",
     # the network and its input
     "model": "captcha_net",        # a name from xpnet.models.MODELS
     "model_kwargs": {},            # extra arguments of that builder (e.g. {"width": 48} for captcha_net_bn)
     "height": 32,                  # input height in pixels
     "width": 80,                   # input width (synthetic); for --data: None = from the images' aspect ratio
-    "channels": 3,                 # 3 RGB, 1 grey
+    "channels": 1,                 # 1 grey, 3 RGB (grey: the same accuracy for a third of the first conv)
     # the task (synthetic data; a folder infers them unless --charset/--length are given)
     "charset": DIGITS_UPPER,
     "length": 4,
     # how long: seconds of wall clock for the whole job; None = until epochs/steps are done
-    "time_budget": 840,
+    "time_budget": 870,
     "epochs": None,                # passes over the training set (None: as many as the budget allows)
     "steps": None,                 # optimizer steps in total (None: no step limit)
-    "final_reserve": 20,           # seconds of the budget kept for the final evaluation and saving
+    "final_reserve": 25,           # seconds of the budget kept for the final evaluation and saving
     # synthetic data
     "data": "pool",                # "pool": pre-generate train_images, then epochs over them;
                                    # "stream": fresh images for every step (workers render them meanwhile)
-    "train_images": 30000,         # a count, or {"max": N, "budget_fraction": f}: generate until N images
+    "train_images": {"max": 100_000, "budget_fraction": 0.2},
+                                   # a count, or {"max": N, "budget_fraction": f}: generate until N images
                                    # or until f * time_budget seconds have gone, whichever comes first
     "stream_epoch_steps": 500,     # with data "stream": steps between validations ("epochs")
     "val_images": 1000,            # validation set (best checkpoint), its own seed
     "test_images": 2000,           # held-out test set (reported), its own seed
     # optimisation
-    "batch_size": 64,
-    "optimizer": "adamw",          # "adamw", "adam" or "sgd" (momentum 0.9, Nesterov)
-    "lr": 2e-3,                    # peak learning rate of the one-cycle schedule
-    "weight_decay": 1e-4,          # AdamW: decoupled; SGD/Adam: L2
-    "pct_start": 0.25,             # share of the run spent warming up to the peak rate
+    "batch_size": 64,              # 128 is ~20% faster per image in xpnet but learns less per image
+    "optimizer": "adam",           # "adamw", "adam" or "sgd" (momentum 0.9, Nesterov)
+    "lr": 3e-3,                    # peak learning rate (1e-3 / 2e-3 / 3e-3 measured 0.79 / 0.86 / 0.88)
+    "weight_decay": 0.0,           # AdamW: decoupled; SGD/Adam: L2
+    "pct_start": 0.03,             # share of the run spent warming up to the peak rate
     "div_factor": 25.0,            # start rate = lr / div_factor
     "final_div_factor": 1e4,       # end rate = start rate / final_div_factor
     "clip_norm": None,             # global gradient-norm clipping (None: off)
-    "prior_bias": False,           # start the output biases at log(p / (1 - p)), p = 1 / n_classes, so that
-                                   # the first steps need not learn "mostly no" (the flat start of the loss)
+    "prior_bias": True,            # start the output biases at log(p / (1 - p)), p = 1 / n_classes, so that
+                                   # the first steps need not learn "mostly no" (0.910 against 0.899)
     # augmentation, per image, on the device (before normalising)
     "max_shift": 2,                # random shifts of up to this many pixels in x and y
     "max_scale": 0.0,              # random scales in [1 - s, 1 + s] about the centre (0: off)
-    "folder_max_shift": 2,         # the same for --data runs: real sets are small, so a little more variety
-    "folder_max_scale": 0.05,
     # --data DIR
+    "folder": {                    # these settings replace the ones above for --data runs (options still win)
+        "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "pct_start": 0.03,
+        "max_shift": 2, "max_scale": 0.05,   # real sets are small: a little more variety
+        "time_budget": None,                 # the epochs rule below decides
+    },
+    "folder_batchnorm_below": 5000,  # captcha_net gets BatchNorm when a folder has fewer training images
     "test_fraction": 0.2,          # held out, reported at the end, never used to choose anything
     "val_fraction": 0.1,           # of the rest: early stopping and the best checkpoint
-    "folder_samples": 200_000,     # training samples to see in total (sets the number of epochs, see above)
-    "folder_min_epochs": 5,
-    "folder_max_epochs": 100,
-    "patience": "auto",            # epochs without improvement before stopping; "auto": max(5, epochs / 5)
-    "folder_time_budget": None,    # time budget for --data runs (None: none, the epochs rule decides)
+    "folder_samples": 300_000,     # training samples to see in total (sets the number of epochs, see above)
+    "folder_min_epochs": 10,
+    "folder_max_epochs": 200,
+    "patience": "auto",            # epochs without improvement before stopping; "auto": max(15, epochs / 4)
 }
 
 CONFIGS: dict[str, dict] = {
     "default": _DEFAULT,
     "long": {
         **_DEFAULT,
-        "description": "The longer recipe: the same network and schedule over a 60-minute budget on the 2-core "
+        "description": "The longer recipe: the same network, input and schedule over a 59-minute budget on the 2-core "
                        "CPU (on a GPU: the same configuration with --time-budget 300).  Training images are "
                        "generated on every core until 12% of the budget has gone or 300,000 are made, so a GPU "
                        "box with many cores gets a large set quickly and the GPU never waits for data.",
-        "time_budget": 3600,
+        "time_budget": 3540,
         "train_images": {"max": 300_000, "budget_fraction": 0.12},
         "final_reserve": 30,
-        "batch_size": 128,
-        "lr": 3e-3,
     },
     "quick": {
         **_DEFAULT,
@@ -340,12 +348,15 @@ def resolve_settings(args) -> dict:
     s = get_config(args.config)
     s["config"] = args.config
     s["data_dir"] = os.path.abspath(args.data) if args.data else None
+    if s["data_dir"] is not None:
+        s.update(s["folder"])  # before the command-line options, which still win
     if args.model is not None:
         if args.model not in models.MODELS:
             raise UsageError(f"unknown model {args.model!r}: choose one of {', '.join(models.MODELS)}.")
         if args.model != s["model"]:
             s["model_kwargs"] = {}  # the configuration's arguments were for its own model
         s["model"] = args.model
+        s["folder_batchnorm_below"] = None  # the user chose the network: use it as it is
     for opt in ("height", "width", "channels", "length", "batch_size", "epochs", "steps", "workers"):
         v = getattr(args, opt, None)
         if opt == "workers":
@@ -368,7 +379,6 @@ def resolve_settings(args) -> dict:
         s["length"] = args.length
         if args.width is None:
             s["width"] = None
-        s["time_budget"] = s["folder_time_budget"]
     elif args.charset is not None:
         s["charset"] = args.charset
     if args.charset is not None:
@@ -636,6 +646,12 @@ def run(settings: dict, out, resume: bool = False, workers: int | None = None, p
     else:
         data = _folder_data(settings, out, workers, progress, log)
     charset, pp = data["charset"], data["preprocess"]
+    below = settings.get("folder_batchnorm_below")
+    if (settings["data_dir"] is not None and settings["model"] == "captcha_net" and below
+            and data["n_train"] < below and "batchnorm" not in (settings.get("model_kwargs") or {})):
+        settings["model_kwargs"] = {**(settings.get("model_kwargs") or {}), "batchnorm": True}
+        log(f"fewer than {below:,} training images: captcha_net with BatchNorm (about twice the step time, "
+            f"far more accurate on small sets; --model captcha_net keeps it plain)")
     run_doc = {"settings": settings, "data": data["describe"], "started": _now(),
                "python": platform.python_version(), "backend": backend.current()}
     if not resume:
@@ -646,9 +662,7 @@ def run(settings: dict, out, resume: bool = False, workers: int | None = None, p
     if settings.get("prior_bias"):
         set_prior_bias(model, charset)
     opt, schedule = build_optimizer(settings, model)
-    folder = settings["data_dir"] is not None
-    train_t, eval_t = make_transforms(pp, settings["folder_max_shift" if folder else "max_shift"],
-                                      settings["folder_max_scale" if folder else "max_scale"])
+    train_t, eval_t = make_transforms(pp, settings["max_shift"], settings["max_scale"])
     batch_size = settings["batch_size"]
     n_train = data["n_train"]
     stream_mode = settings["data"] == "stream" and settings["data_dir"] is None
@@ -854,7 +868,7 @@ def folder_patience(epochs: int, settings: dict | None = None):
     if p is None:
         return None
     if p == "auto":
-        return max(5, -(-int(epochs) // 5))
+        return max(15, -(-int(epochs) // 4))
     return _positive_int(p, "patience")
 
 

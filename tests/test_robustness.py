@@ -1,6 +1,6 @@
 """Reliability and safety (issue 7): the bad-input and failure cases that no other test file covers.
 
-The cases already tested elsewhere are listed in docs/when_things_go_wrong.md with their tests;
+The cases already tested elsewhere are listed in the README ("When things go wrong") with their tests;
 this file adds the missing ones:
 
 * the CLI's error policy for whatever escapes a command (OSError, MemoryError, a bug);

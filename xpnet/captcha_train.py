@@ -751,7 +751,7 @@ def run(settings: dict, out, resume: bool = False, workers: int | None = None, p
         "wall_seconds": round(time.monotonic() - t0, 1),
         "steps": h[-1]["step"] if len(h) else 0,
         "epochs": len(h),
-        "best_epoch": max(range(len(h)), key=lambda i: h[i].get("val_string_accuracy") or -1) + 1 if len(h) else None,
+        "best_epoch": trainer.best_epoch,     # the weights evaluated (ties broken by validation loss)
         "val_string_accuracy": max((r.get("val_string_accuracy") or 0) for r in h.epochs) if len(h) else None,
         "finished": _now(),
     }

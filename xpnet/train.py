@@ -443,6 +443,11 @@ class Trainer:
         return self.out_dir / "checkpoints" if self.out_dir is not None else None
 
     @property
+    def best_epoch(self) -> int | None:
+        """The epoch (1-based) whose weights are the best so far by ``monitor`` (ties: ``tie_break``)."""
+        return None if self._st is None else self._st["best_epoch"]
+
+    @property
     def best_path(self) -> Path | None:
         return self.out_dir / "best.npz" if self.out_dir is not None else None
 

@@ -197,22 +197,25 @@ def test_data_runs_take_the_folder_settings_and_options_still_win(tmp_path):
     assert synthetic["time_budget"] == ct.CONFIGS["default"]["time_budget"] and synthetic["channels"] == 1
     folder = ct.resolve_settings(parser.parse_args(["--data", str(tmp_path)]))
     assert (folder["lr"], folder["max_scale"], folder["time_budget"]) == (1e-3, 0.05, None)
-    assert folder["folder_batchnorm_below"] == 5000 and folder["width"] is None and folder["charset"] is None
+    assert folder["folder_small"]["batchnorm"] and folder["width"] is None and folder["charset"] is None
     mine = ct.resolve_settings(parser.parse_args(["--data", str(tmp_path), "--lr", "5e-4", "--time-budget", "60",
                                                   "--model", "captcha_net"]))
-    assert (mine["lr"], mine["time_budget"], mine["folder_batchnorm_below"]) == (5e-4, 60.0, None)
+    assert (mine["lr"], mine["time_budget"], mine["folder_small"]["batchnorm"]) == (5e-4, 60.0, False)
 
 
 @pytest.mark.parametrize("below, want_bn", [(5000, True), (10, False)])
-def test_small_folders_train_captcha_net_with_batchnorm(tmp_path, below, want_bn):
+def test_small_folders_get_batchnorm_and_stronger_augmentation(tmp_path, below, want_bn):
     folder = tmp_path / "imgs"
     write_captcha_pngs(folder, 60, seed=5, charset="ABCD", length=2, workers=0, progress=False)
     settings = tiny_settings(data_dir=str(folder), charset=None, length=None, width=None, epochs=1,
-                             model="captcha_net", folder_batchnorm_below=below)
+                             model="captcha_net", max_shift=2, max_scale=0.05,
+                             folder_small={"below": below, "batchnorm": True, "max_shift": 3, "max_scale": 0.1})
     logged = []
     ct.run(settings, tmp_path / "run", workers=0, progress=False, log=logged.append)
     run_doc = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run_doc["settings"]["model_kwargs"] == ({"batchnorm": True} if want_bn else {})
+    aug = (run_doc["settings"]["max_shift"], run_doc["settings"]["max_scale"])
+    assert aug == ((3, 0.1) if want_bn else (2, 0.05))
     model, _ = xpnet.load(tmp_path / "run" / "model.npz")
     kinds = [type(layer).__name__ for layer in model.layers]
     assert kinds.count("BatchNorm") == (3 if want_bn else 0) and kinds.count("Conv2D") == 3

@@ -38,10 +38,12 @@ on the device, no time budget), and training length scales with the data
 
 With the defaults (300,000 samples, 10..200 epochs): 1,000 images (720 of
 them for training) train 200 epochs, 7,168 train 42 epochs, 100,000 (72,000)
-10 epochs.  Below ``folder_batchnorm_below`` (5,000) training images the
-default captcha_net gets BatchNorm (``captcha_net(batchnorm=True)``): small
-sets need it (benchmarks/RECIPE.md), large ones do as well without it and
-train twice as fast.
+10 epochs.  Below ``folder_small["below"]`` (5,000) training images the
+default captcha_net gets BatchNorm (``captcha_net(batchnorm=True)``) and
+stronger augmentation (shifts of up to 3 px, scales of up to 10%): small sets
+need both (benchmarks/RECIPE.md; 1,000 real images: 79.0% whole-string with
+BatchNorm and the large-set augmentation, 83.5% with both), large ones do as
+well without them and train twice as fast.
 
 Every run writes into its output folder (printed at the start and the end;
 default ``runs/captcha-<timestamp>``, never an existing run unless
@@ -143,7 +145,11 @@ _DEFAULT = {
         "max_shift": 2, "max_scale": 0.05,   # real sets are small: a little more variety
         "time_budget": None,                 # the epochs rule below decides
     },
-    "folder_batchnorm_below": 5000,  # captcha_net gets BatchNorm when a folder has fewer training images
+    "folder_small": {              # folders with fewer training images than "below" get, on top of "folder":
+        "below": 5000,
+        "batchnorm": True,         # captcha_net with BatchNorm (unless --model is given)
+        "max_shift": 3, "max_scale": 0.1,
+    },
     "test_fraction": 0.2,          # held out, reported at the end, never used to choose anything
     "val_fraction": 0.1,           # of the rest: early stopping and the best checkpoint
     "folder_samples": 300_000,     # training samples to see in total (sets the number of epochs, see above)
@@ -379,7 +385,7 @@ def resolve_settings(args) -> dict:
         if args.model != s["model"]:
             s["model_kwargs"] = {}  # the configuration's arguments were for its own model
         s["model"] = args.model
-        s["folder_batchnorm_below"] = None  # the user chose the network: use it as it is
+        s["folder_small"] = {**s["folder_small"], "batchnorm": False}  # the user chose the network: keep it
     for opt in ("height", "width", "channels", "length", "batch_size", "epochs", "steps", "workers"):
         v = getattr(args, opt, None)
         if opt == "workers":
@@ -669,12 +675,16 @@ def run(settings: dict, out, resume: bool = False, workers: int | None = None, p
     else:
         data = _folder_data(settings, out, workers, progress, log)
     charset, pp = data["charset"], data["preprocess"]
-    below = settings.get("folder_batchnorm_below")
-    if (settings["data_dir"] is not None and settings["model"] == "captcha_net" and below
-            and data["n_train"] < below and "batchnorm" not in (settings.get("model_kwargs") or {})):
-        settings["model_kwargs"] = {**(settings.get("model_kwargs") or {}), "batchnorm": True}
-        log(f"fewer than {below:,} training images: captcha_net with BatchNorm (about twice the step time, "
-            f"far more accurate on small sets; --model captcha_net keeps it plain)")
+    small = settings.get("folder_small") or {}
+    if settings["data_dir"] is not None and small and data["n_train"] < small["below"]:
+        settings["max_shift"], settings["max_scale"] = small["max_shift"], small["max_scale"]
+        said = f"shifts of up to {small['max_shift']} px and scales of up to {small['max_scale']:.0%}"
+        if (small["batchnorm"] and settings["model"] == "captcha_net"
+                and "batchnorm" not in (settings.get("model_kwargs") or {})):
+            settings["model_kwargs"] = {**(settings.get("model_kwargs") or {}), "batchnorm": True}
+            said = ("captcha_net with BatchNorm (about twice the step time; --model captcha_net keeps it plain) "
+                    "and " + said)
+        log(f"fewer than {small['below']:,} training images: {said}")
     run_doc = {"settings": settings, "data": data["describe"], "started": _now(),
                "python": platform.python_version(), "backend": backend.current()}
     if not resume:

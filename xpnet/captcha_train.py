@@ -296,7 +296,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help=f"images per training step (default: the configuration's, {d['batch_size']} for default)")
     p.add_argument("--lr", type=float, metavar="LR", default=None,
                    help=f"peak learning rate of the one-cycle schedule (default: the configuration's, "
-                        f"{d['lr']:g} for default)")
+                        f"{d['lr']:g} for default, {d['folder']['lr']:g} with --data)")
     p.add_argument("--model", metavar="NAME", default=None,
                    help=f"network, one of {', '.join(models.MODELS)} (default: the configuration's, "
                         f"{d['model']} for default; captcha_net_bn is stronger but slower)")

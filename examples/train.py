@@ -15,28 +15,18 @@ configurations and the rules.
 from __future__ import annotations
 
 import sys
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from xpnet.captcha_train import build_train_parser, train_from_args  # noqa: E402
-from xpnet.errors import XpnetError  # noqa: E402
+from xpnet.cli import run_guarded  # noqa: E402
 
 
 def main(argv=None) -> int:
     args = build_train_parser("train.py").parse_args(argv)
-    try:
-        train_from_args(args)
-    except XpnetError as exc:
-        if getattr(args, "debug", False):
-            traceback.print_exc()
-        print(f"train.py: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("train.py: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    # the CLI's error policy: one sentence, exit 2 (usage) / 1 (runtime) / 130 (Ctrl-C), tracebacks with --debug
+    return run_guarded(lambda a: train_from_args(a) and 0, args, prog="train.py")
 
 
 if __name__ == "__main__":

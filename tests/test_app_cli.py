@@ -207,3 +207,19 @@ def test_cli_train_runs_resumes_and_never_overwrites(tmp_path, monkeypatch, caps
     assert "nothing to do" in capsys.readouterr().out
     assert cli.main(args + ["--resume", "--lr", "0.5"]) == 2
     assert "--lr 0.5 differs from the run's" in capsys.readouterr().err
+
+
+def test_the_example_script_shares_the_cli_error_policy(capsys):
+    """examples/train.py runs under xpnet.cli.run_guarded: an error no command caught is still one
+    sentence with the script's name and exit code 1, never a traceback."""
+    import argparse
+
+    from xpnet.cli import run_guarded
+
+    def disk_full(args):
+        raise OSError(28, "No space left on device", "/data/model.npz")
+
+    assert run_guarded(disk_full, argparse.Namespace(debug=False), prog="train.py") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("train.py: error: No space left on device (/data/model.npz)") and err.count("\n") == 1
+    assert "Traceback" not in err

@@ -32,18 +32,23 @@ def test_gpu_python_scripts_say_why_they_cannot_run(script):
     assert "needs CuPy and a CUDA device" in proc.stderr and proc.stderr.count("\n") == 1
 
 
-def test_gpu_check_runs_without_a_gpu_and_reports_stages_unavailable(tmp_path):
+def run_gpu_check_without_a_gpu(tmp_path, **env_extra):
+    """Run gpu_check.sh on this GPU-less machine into tmp_path/out: (process, out folder, summary text)."""
     if backend.has_cupy_gpu:
         pytest.skip("a GPU is usable here: run benchmarks/gpu_check.sh itself")
     if shutil.which("bash") is None or shutil.which("timeout") is None:
         pytest.skip("bash and coreutils' timeout are needed")
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHON=sys.executable, XPNET_DEPS_DIR=str(tmp_path / "deps"))
+    env = dict(os.environ, PYTHON=sys.executable, XPNET_DEPS_DIR=str(tmp_path / "deps"), **env_extra)
     env.pop("OUT", None)
     proc = subprocess.run(["bash", SCRIPT, str(out)], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
+    return proc, out, (out / "summary.txt").read_text()
+
+
+def test_gpu_check_runs_without_a_gpu_and_reports_stages_unavailable(tmp_path):
+    proc, out, summary = run_gpu_check_without_a_gpu(tmp_path)
     assert proc.returncode == 1, proc.stdout + proc.stderr  # GPU stages did not pass: not success
-    summary = (out / "summary.txt").read_text()
     assert "1 environment          ok" in summary
     for stage in ("2 gpu tests", "3 model parity", "4 kernel bench", "5 cross-backend bench", "6 captcha training"):
         line = next(l for l in summary.splitlines() if l.startswith(stage))
@@ -54,15 +59,6 @@ def test_gpu_check_runs_without_a_gpu_and_reports_stages_unavailable(tmp_path):
 
 
 def test_gpu_check_runs_only_the_stages_asked_for(tmp_path):
-    if backend.has_cupy_gpu:
-        pytest.skip("a GPU is usable here: run benchmarks/gpu_check.sh itself")
-    if shutil.which("bash") is None or shutil.which("timeout") is None:
-        pytest.skip("bash and coreutils' timeout are needed")
-    out = tmp_path / "out"
-    env = dict(os.environ, PYTHON=sys.executable, XPNET_DEPS_DIR=str(tmp_path / "deps"), XPNET_GPU_STAGES="5 6")
-    env.pop("OUT", None)
-    proc = subprocess.run(["bash", SCRIPT, str(out)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=120)
-    summary = (out / "summary.txt").read_text()
+    proc, _, summary = run_gpu_check_without_a_gpu(tmp_path, XPNET_GPU_STAGES="5 6")
     stages = [l.split()[0] for l in summary.splitlines() if l[:2] in ("1 ", "2 ", "3 ", "4 ", "5 ", "6 ")]
     assert stages == ["5", "6"] and proc.returncode == 1, summary

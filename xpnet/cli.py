@@ -76,37 +76,44 @@ def _printable(text) -> str:
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    return run_guarded(args.func, args)
+
+
+def run_guarded(func, args, prog: str = "xpnet") -> int:
+    """``func(args)`` under the CLI's error policy: its exit code, or one sentence on stderr and 2 / 1 / 130.
+
+    Shared by ``xpnet COMMAND`` and the example scripts, so both answer every failure the same way.
+    """
     try:
-        return int(args.func(args) or 0)
+        return int(func(args) or 0)
     except XpnetError as exc:
         if getattr(args, "debug", False):
             traceback.print_exc()
-        print(f"xpnet: error: {_printable(exc)}", file=sys.stderr)
+        print(f"{prog}: error: {_printable(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("xpnet: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     # Safety nets: library code raises XpnetError on purpose; whatever else escapes still gets one
     # sentence and exit code 1 (a traceback only with --debug).
     except MemoryError:
-        if args.debug:
+        if getattr(args, "debug", False):
             traceback.print_exc()
-        print("xpnet: error: out of memory: use a smaller batch size or fewer images, or close other "
+        print(f"{prog}: error: out of memory: use a smaller batch size or fewer images, or close other "
               "programs.", file=sys.stderr)
         return 1
     except OSError as exc:
-        if args.debug:
+        if getattr(args, "debug", False):
             traceback.print_exc()
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-        print(f"xpnet: error: {_printable(exc.strerror or exc)}{_printable(where)}: check the path, its "
+        print(f"{prog}: error: {_printable(exc.strerror or exc)}{_printable(where)}: check the path, its "
               "permissions and the free disk space (--debug shows where it happened).", file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 -- a bug: say so, keep the traceback for --debug
-        if args.debug:
+        if getattr(args, "debug", False):
             traceback.print_exc()
-        print(f"xpnet: internal error: {type(exc).__name__}: {_printable(exc)}. This is a bug in xpnet: "
+        print(f"{prog}: internal error: {type(exc).__name__}: {_printable(exc)}. This is a bug in xpnet: "
               "run again with --debug and report the traceback.", file=sys.stderr)
         return 1
 

@@ -272,3 +272,26 @@ def test_predict_and_gradients_are_fresh_arrays(rng):
     np.testing.assert_array_equal(y1, kept[0])  # not overwritten by the next step
     np.testing.assert_array_equal(g1, kept[1])
     assert m.gradients()["conv1.W"] is not g1
+
+
+def test_ufunc_buffer_size_is_set_in_every_shard_and_restored_for_the_caller(rng, monkeypatch):
+    # The executor shrinks NumPy's ufunc buffer inside its shards (strided views run
+    # without copies through buffers); the caller's own setting must come back.
+    seen = []
+    real = stages.ReLUStage.forward
+
+    def spy(self, x, sh, step):
+        seen.append(np.getbufsize())
+        return real(self, x, sh, step)
+
+    monkeypatch.setattr(stages.ReLUStage, "forward", spy)
+    xpnet.set_num_threads(2)
+    m = Sequential([Flatten(), Dense(6), ReLU(), Dense(3)], input_shape=(2, 3, 3))
+    x = rng.standard_normal((16, 2, 3, 3)).astype(np.float32)
+    saved = np.setbufsize(4096)
+    try:
+        m.forward(x, train=False)
+        assert np.getbufsize() == 4096
+    finally:
+        np.setbufsize(saved)
+    assert seen == [fuse.UFUNC_BUFSIZE] * 2  # both shards, the calling thread's included

@@ -8,8 +8,8 @@ commutes with a per-channel shift and with ReLU).  Backward: the ReLU mask, the
 pool's routing (from K-1 bool "beat the running max" records), im2col again
 (cheaper than keeping it), the weight gradient, and the input gradient: for
 'same' stride-1 convs one product with the flipped kernel over the im2col of
-the zero-padded dz, otherwise one kernel tap at a time, each tap's (rows, C)
-slab added into dx while it is hot.
+the zero-padded dz, otherwise dz times all kernel taps in one product (every
+tap's (rows, C) slab side by side) and one strided addition per tap into dx.
 
 With BatchNorm in training the order changes: convolve every chunk and keep z,
 all-reduce the batch statistics between shards, then normalise, pool and ReLU;
@@ -80,7 +80,7 @@ class _ShardPlan:
                 self.dxbuf = emp((n, g.h, g.w, g.c), dt)
             elif need_dx:
                 self.dxbuf, self.dxpad = blk.padded(n, dt, emp)
-                slab = emp((cr, g.c), dt)
+                dcol = emp((cr, g.kdim), dt)  # one (rows, C) slab per kernel tap, side by side
         self.chunks = []
         for a in range(0, n, chunk):
             e = min(n, a + chunk)
@@ -127,8 +127,9 @@ class _ShardPlan:
                 elif need_dx:
                     ch.dx = self.dxbuf[a:e]
                     views = nhwc.tap_views(self.dxpad[a:e], g, plain=True)
-                    ch.taps = [(blk.wtaps_views[t], slab[:r], v, slab[:r].reshape(v.shape))
-                               for t, v in enumerate(views)]
+                    ch.dcol = dcol[:r]
+                    taps = ch.dcol.reshape(views[0].shape[:3] + (g.kh * g.kw, g.c))
+                    ch.taps = [(v, taps[:, :, :, t]) for t, v in enumerate(views)]
             self.chunks.append(ch)
 
 
@@ -154,12 +155,12 @@ class ConvBlock(Stage):
         self.wmat = {True: numpy.empty((g.kdim, g.f), dt), False: numpy.empty((g.kdim, g.f), dt)}
         self.bias = {True: numpy.empty(g.f, dt), False: numpy.empty(g.f, dt)}
         self.has_bias = {True: conv.bias, False: conv.bias or bn is not None}
-        self.wtaps = numpy.empty((g.kh * g.kw, g.f, g.c), dt)
-        self.wtaps_views = list(self.wtaps)
+        # (F, KH*KW*C): the kernel taps' (F, C) matrices side by side, for the input gradient.
+        self.wtaps = numpy.empty((g.f, g.kh * g.kw * g.c), dt)
         # Input gradient: for a stride-1 conv whose output covers about as many
         # pixels as its input ('same' padding), one product with the flipped kernel
-        # over the im2col of the zero-padded dz (K = KH*KW*F) beats KH*KW thin
-        # products (K = F) and their additions.  Otherwise tap by tap.
+        # over the im2col of the zero-padded dz (K = KH*KW*F) beats the tap
+        # products (K = F) and their additions.  Otherwise dz @ wtaps, then col2im.
         self.dx_im2col = (g.sh, g.sw) == (1, 1) and g.ph < g.kh and g.pw < g.kw and g.h * g.w <= 1.15 * g.rows
         if self.dx_im2col:
             self.gd = nhwc.ConvGeometry(g.f, g.oh, g.ow, g.c, g.kh, g.kw, 1, 1, g.kh - 1 - g.ph, g.kw - 1 - g.pw)
@@ -233,7 +234,7 @@ class ConvBlock(Stage):
         if train and self.dx_im2col:
             numpy.copyto(self.wflip.reshape(g.kh, g.kw, g.f, g.c), w[:, :, ::-1, ::-1].transpose(2, 3, 0, 1))
         elif train:
-            numpy.copyto(self.wtaps.reshape(g.kh, g.kw, g.f, g.c), w.transpose(2, 3, 0, 1))
+            numpy.copyto(self.wtaps.reshape(g.f, g.kh, g.kw, g.c), w.transpose(0, 2, 3, 1))
 
     # -- forward
     def forward(self, x, sh, step):
@@ -335,10 +336,10 @@ class ConvBlock(Stage):
                 numpy.copyto(ch.dcol_dst, ch.dcol_src)
                 mm(ch.dcol, self.wflip, out=ch.dx2)
             elif need_dx:
+                mm(ch.dz, self.wtaps, out=ch.dcol)  # every tap's slab in one product
                 ch.dx.fill(0)
-                for wt, slab, view, slab_v in ch.taps:  # one kernel tap: a product, then a strided add
-                    mm(ch.dz, wt, out=slab)
-                    add(view, slab_v, out=view)
+                for view, tap in ch.taps:  # col2im: one strided addition per kernel tap
+                    add(view, tap, out=view)
         sh.grads[(self.conv, "W")] = nhwc.weight_grad_from_matrix(p.dwmat, self.conv.params["W"].shape)
         if db is not None:
             sh.grads[(self.conv, "b")] = db.astype(dt)

@@ -159,6 +159,7 @@ class FastExecutor:
         need = [s.layers[0].needs_input_grad for s in self.stages]
         want_dx = self.model.compute_input_grad
         dx_full = numpy.empty((step.n,) + tuple(self.model.input_shape), dtype=dout.dtype) if want_dx else None
+        totals = self._gradient_totals(step.t)
 
         def run_shard(k):
             sh = self._shard(k)
@@ -172,20 +173,41 @@ class FastExecutor:
                 d = convert(d, step.layouts[i], step.src_layouts[i])
             if want_dx:
                 dx_full[a:e] = convert(d, step.src_layouts[0], NCHW)
-            return sh.grads
+            if totals:
+                step.reducer.wait()  # every shard's partial gradients are ready
+                self._add_partial_gradients(k, step.t, totals)
 
-        shard_grads = self._run(run_shard, step.t)
-        # Partial gradients are added in shard order: deterministic for a given T.
-        for layer in self.model.layers:
-            for name in layer.params:
-                parts = [g[(layer, name)] for g in shard_grads if (layer, name) in g]
-                total = parts[0] if len(parts) == 1 else parts[0] + parts[1]
-                for p in parts[2:]:
-                    total += p
-                layer.grads[name] = total
-        for g in shard_grads:
-            g.clear()
+        self._run(run_shard, step.t)
+        for (layer, name), total in totals.items():
+            layer.grads[name] = total
+        if not totals:
+            for layer in self.model.layers:
+                for name in layer.params:
+                    layer.grads[name] = self.shards[0].grads[(layer, name)]
+        for sh in self.shards[:step.t]:
+            sh.grads.clear()
         return dx_full
+
+    def _gradient_totals(self, t):
+        """{(layer, name): fresh array} for the whole-batch gradients; {} with one shard (no sum)."""
+        if t == 1:
+            return {}
+        return {(layer, name): numpy.empty(p.shape, p.dtype)
+                for layer in self.model.layers for name, p in layer.params.items()}
+
+    def _add_partial_gradients(self, k, t, totals):
+        """Shard k's slice of every total: the shards' partial gradients added in shard
+        order (deterministic for a given T), all shards at once instead of after the run."""
+        for key, total in totals.items():
+            flat = total.reshape(-1)
+            lo, hi = k * flat.size // t, (k + 1) * flat.size // t
+            parts = [sh.grads[key].reshape(-1)[lo:hi] for sh in self.shards[:t] if key in sh.grads]
+            if len(parts) == 1:
+                flat[lo:hi] = parts[0]
+                continue
+            numpy.add(parts[0], parts[1], out=flat[lo:hi])
+            for part in parts[2:]:
+                numpy.add(flat[lo:hi], part, out=flat[lo:hi])
 
     def _run(self, fn, t):
         # One BLAS thread per shard, also when there is a single shard (a small

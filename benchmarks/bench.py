@@ -165,14 +165,13 @@ def _xpnet_tasks(cfg):
         x, t = _data(n, cfg["dtype"])
         x, t = xpnet.asarray(x), xpnet.asarray(t)
         if cfg["kind"] == "train":
-            params = list(model.parameters().values())
+            opt = xpnet.optim.SGD(model, lr=LR)  # as PyTorch's side uses torch.optim.SGD
 
             def step():
                 logits = model.forward(x, train=True)
                 _, d = ops.sigmoid_bce_with_logits(logits, t)
                 model.backward(d)
-                for p, g in zip(params, model.gradients().values()):
-                    p -= LR * g
+                opt.step()
             tasks["step"] = (step, n)
         else:
             tasks["step"] = (lambda: model.forward(x, train=False), n)

@@ -235,3 +235,35 @@ def test_cupy_step_matches_numpy(rng):
             results.setdefault(be, []).append(backend.to_numpy(ps["w"]))
     for a, b in zip(results["numpy"], results[name]):
         np.testing.assert_allclose(a, b, **tolerance(np.float32))
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3, clip_norm=0.5),
+    lambda p: optim.Adam(p, lr=1e-2, weight_decay=1e-3, clip_norm=0.5),
+    lambda p: optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+])
+def test_update_split_across_threads_gives_the_same_bits(make, rng):
+    # Large models are updated in slices on the shard threads; every update is
+    # element-wise, so the result must not depend on the number of slices.
+    saved = xpnet.settings.get_num_threads()
+    shapes = {"w": (300, 257), "b": (7,), "v": (3, 5, 11)}  # 77k values: above the parallel threshold
+    assert sum(math.prod(s) for s in shapes.values()) >= optim.Optimizer.PARALLEL_MIN_SIZE
+    start = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    steps = [{k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()} for _ in range(3)]
+    steps[1]["w"] = np.asfortranarray(steps[1]["w"])  # a non-contiguous gradient too
+    results = []
+    try:
+        for threads in (1, 3):
+            xpnet.set_num_threads(threads)
+            params = {k: v.copy() for k, v in start.items()}
+            opt = make(params)
+            assert opt._threads([(k, p, None, {}) for k, p in params.items()]) == threads
+            for g in steps:
+                opt.step(g)
+            results.append(params)
+    finally:
+        xpnet.set_num_threads(saved)
+    for k in shapes:
+        assert results[0][k].dtype == np.float32
+        np.testing.assert_array_equal(results[1][k], results[0][k])
+        assert not np.array_equal(results[0][k], start[k])

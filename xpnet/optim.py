@@ -35,7 +35,8 @@ from collections import OrderedDict
 
 import numpy
 
-from . import backend
+from . import backend, settings
+from .parallel import shard_pool
 from .errors import ModelFileError, UsageError
 
 # --------------------------------------------------------------------------
@@ -255,15 +256,49 @@ class Optimizer:
         if not math.isfinite(lr) or lr < 0:
             raise UsageError(f"the learning rate at step {self.step_count} is {lr!r}: it must be finite and >= 0.")
         scale = self._clip_scale(grads, params) if self.clip_norm is not None else None
+        jobs = []
         for name, p in params.items():
             g = grads[name]
             if g.shape != p.shape:
                 raise UsageError(f"gradient of '{name}' has shape {g.shape} but the parameter has {p.shape}.")
-            if scale is not None:
-                g = g * scale
-            self._update(name, p, g, lr, self._slots(name, p))
+            jobs.append((name, p, g, self._slots(name, p)))
+        t = self._threads(jobs)
+        if t == 1:
+            for name, p, g, slots in jobs:
+                self._update(name, p, g if scale is None else g * scale, lr, slots)
+        else:
+            jobs = [(name, p, numpy.ascontiguousarray(g), slots) for name, p, g, slots in jobs]
+
+            def update_slice(k):
+                # Every update is element-wise: slice k of each parameter gives the same
+                # bits as the whole array, whatever the number of slices.
+                for name, p, g, slots in jobs:
+                    lo, hi = k * p.size // t, (k + 1) * p.size // t
+                    if hi > lo:
+                        gk = g.reshape(-1)[lo:hi]
+                        self._update((name, k), p.reshape(-1)[lo:hi], gk if scale is None else gk * scale, lr,
+                                     {s: v.reshape(-1)[lo:hi] for s, v in slots.items()})
+
+            shard_pool().run(update_slice, t)
         self.step_count += 1
         return lr
+
+    # Below this many parameter values in all, the update runs on the calling thread only.
+    PARALLEL_MIN_SIZE = 1 << 16
+
+    def _threads(self, jobs) -> int:
+        """How many CPU threads share this update: the fast path's thread count for large
+        NumPy models (the passes release the GIL), else 1."""
+        t = settings.get_num_threads()
+        if t == 1 or not settings.fast_paths_enabled():
+            return 1
+        total = 0
+        for _, p, _, slots in jobs:
+            if type(p) is not numpy.ndarray or not p.flags.c_contiguous or \
+                    any(not v.flags.c_contiguous for v in slots.values()):
+                return 1
+            total += p.size
+        return t if total >= self.PARALLEL_MIN_SIZE else 1
 
     def _clip_scale(self, grads, params):
         first = next(iter(params.values()))

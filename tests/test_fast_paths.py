@@ -295,3 +295,18 @@ def test_ufunc_buffer_size_is_set_in_every_shard_and_restored_for_the_caller(rng
     finally:
         np.setbufsize(saved)
     assert seen == [fuse.UFUNC_BUFSIZE] * 2  # both shards, the calling thread's included
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_column_sums_match_a_float64_sum_and_grow_their_ones(rng, dtype):
+    for rows in (1, 37, 5000, 9001):  # past the first ones vector (4096)
+        a = rng.standard_normal((rows, 33)).astype(dtype)
+        got = stages.column_sums(a)
+        assert got.dtype == dtype and got.shape == (33,)
+        want = a.astype(np.float64).sum(axis=0)
+        if dtype == np.float32:  # float32 accumulation: error grows with the row count
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-7 * rows)
+        else:
+            assert_allclose(got, want, kind="op")
+    strided = rng.standard_normal((50, 20)).astype(dtype)[::2, ::3]
+    np.testing.assert_allclose(stages.column_sums(strided), strided.astype(np.float64).sum(axis=0), rtol=1e-5, atol=1e-5)

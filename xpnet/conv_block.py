@@ -30,7 +30,7 @@ from .errors import UsageError
 from .layers import Conv2D, MaxPool2D
 from .ops import nhwc
 from .stages import (NCHW, NHWC, BatchStats, Stage, batch_moments, bn_check_batch, bn_update_running, chunk_images,
-                     convert)
+                     column_sums, convert)
 
 
 class _Chunk:
@@ -310,7 +310,7 @@ class ConvBlock(Stage):
         db = None
         if self.conv.bias and self.bn is None:
             # The pool only routes values: sum the (smaller) pooled gradient.
-            db = p.d.reshape(-1, g.f).sum(axis=0)
+            db = column_sums(p.d.reshape(-1, g.f))
         bn_terms = self._bn_backward_terms(p, sh, step) if self.bn is not None else None
         if bn_terms is not None and self.conv.bias:
             db = numpy.zeros(g.f, numpy.float64)
@@ -325,7 +325,7 @@ class ConvBlock(Stage):
                 add(ch.dz, ch.tmp, out=ch.dz)
                 add(ch.dz, c_0, out=ch.dz)
                 if db is not None:
-                    db += ch.dz.sum(axis=0)
+                    db += column_sums(ch.dz)
             elif pooled:
                 nhwc.pool_blocks_backward(ch.d, ch.gt, ch.dz_blocks, ch.later, ch.mask, ch.fmask)
             numpy.copyto(ch.b_dst, ch.b_src)  # im2col again
@@ -359,7 +359,7 @@ class ConvBlock(Stage):
         for ch in p.chunks:
             if self.pool is not None:
                 nhwc.pool_blocks_backward(ch.d, ch.gt, ch.du_blocks, ch.later, ch.mask, ch.fmask)
-            dbeta += ch.du.sum(axis=0)
+            dbeta += column_sums(ch.du)
             numpy.subtract(ch.zall, mean, out=ch.tmp)
             dxc += numpy.einsum("ij,ij->j", ch.du, ch.tmp)
         dbeta = step.reducer.allreduce(sh.k, self.key("dbeta"), dbeta)

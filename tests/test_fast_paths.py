@@ -310,3 +310,30 @@ def test_column_sums_match_a_float64_sum_and_grow_their_ones(rng, dtype):
             assert_allclose(got, want, kind="op")
     strided = rng.standard_normal((50, 20)).astype(dtype)[::2, ::3]
     np.testing.assert_allclose(stages.column_sums(strided), strided.astype(np.float64).sum(axis=0), rtol=1e-5, atol=1e-5)
+
+
+def test_error_in_one_shards_backward_releases_the_other_from_the_gradient_barrier(rng):
+    m = Sequential([Dense(4), ReLU(), Dense(2)], input_shape=(3,))  # no BatchNorm: the only barrier is the sum
+    x = rng.standard_normal((8, 3)).astype(np.float32)
+    d = np.ones((8, 2), np.float32)
+    xpnet.set_num_threads(2)
+    m.forward(x, train=True)
+    m.backward(d)
+    want = {k: v.copy() for k, v in m.gradients().items()}
+    stage = m._fast.stages[0]
+    original = stage.backward
+
+    def broken(dy, sh, step, need_dx):
+        if sh.k == 0:
+            raise RuntimeError("shard 0 failed")
+        return original(dy, sh, step, need_dx)
+
+    stage.backward = broken
+    m.forward(x, train=True)
+    with pytest.raises(RuntimeError, match="shard 0 failed"):
+        m.backward(d)  # shard 1 waits at the gradient barrier: it must be released
+    stage.backward = original
+    m.forward(x, train=True)
+    m.backward(d)
+    for k, v in m.gradients().items():
+        np.testing.assert_array_equal(v, want[k])

@@ -585,9 +585,14 @@ def label(cfg):
 
 def run_group(cfgs, rounds, min_round_s, max_steps_round=50, env_for=None, progress=None):
     """Start the workers of one comparison, then time them round-robin."""
-    workers = [Worker(c, env_for(c) if env_for else None) for c in cfgs]
-    for w in workers:
+    # One worker at a time: a worker times its warm-up steps to decide how many
+    # steps it gets per round, and warming up beside five others (as when all
+    # started at once) inflated that estimate -- at b500 to one timed step per round.
+    workers = []
+    for c in cfgs:
+        w = Worker(c, env_for(c) if env_for else None)
         w.wait_ready()
+        workers.append(w)
         if w.error:
             print(f"  ! {label(w.cfg)}: {w.error}", file=sys.stderr)
     live = [w for w in workers if not w.error]

@@ -80,3 +80,30 @@ def test_summary_and_targets_from_fake_results():
     assert st["peak_share"] == pytest.approx(bench.step_flops("captcha_net", 128) / 0.1 / 1e9 / 200)
     tg = {t["target"]: t for t in bench.targets(groups, 200.0)}
     assert tg["b128 train vs PyTorch CPU default"]["met"]
+
+
+def test_workers_warm_up_one_at_a_time(monkeypatch):
+    # Each worker's warm-up decides its steps per round; warming up beside the others
+    # (all started at once) inflated it.  The next worker starts only once one is ready.
+    events = []
+
+    class FakeWorker:
+        def __init__(self, cfg, env=None):
+            self.cfg, self.error, self.times = cfg, None, {}
+            events.append(("start", cfg["name"]))
+            self.ready = {"estimate_s": {"step": 0.25}}
+
+        def wait_ready(self):
+            events.append(("ready", self.cfg["name"]))
+
+        def time(self, task, n, skip=0):
+            self.times.setdefault(task, []).extend([0.25] * n)
+
+        def close(self):
+            return {}
+
+    monkeypatch.setattr(bench, "Worker", FakeWorker)
+    monkeypatch.setattr(bench, "summarise", lambda w, end: {"n": len(w.times["step"])})
+    res = bench.run_group([{"name": "a"}, {"name": "b"}, {"name": "c"}], rounds=3, min_round_s=0.6)
+    assert events == [("start", "a"), ("ready", "a"), ("start", "b"), ("ready", "b"), ("start", "c"), ("ready", "c")]
+    assert [r["n"] for r in res] == [9, 9, 9]  # ceil(0.6 / 0.25) = 3 timed steps per round

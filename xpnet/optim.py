@@ -16,6 +16,9 @@ Everything stays on the parameters' backend: the slots (velocity, moments) are
 allocated with ``xp = get_array_module(param)``, learning rates and bias
 corrections are Python floats, so a step never synchronises the GPU.  The
 update keeps the parameters' dtype (Python scalars do not upcast float32).
+On NumPy, models of 65,536 values or more are updated in slices on the fast
+path's CPU threads (``xpnet.set_num_threads``); every update is element-wise,
+so the result is the same bits as on one thread.
 
 State for checkpoints: ``state_dict()`` returns ``(meta, arrays)`` -- a
 JSON-safe dict and a dict of NumPy arrays -- and ``load_state_dict(meta,

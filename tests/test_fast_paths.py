@@ -337,3 +337,24 @@ def test_error_in_one_shards_backward_releases_the_other_from_the_gradient_barri
     m.backward(d)
     for k, v in m.gradients().items():
         np.testing.assert_array_equal(v, want[k])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_kept_gradient_is_not_changed_by_the_next_step(rng, threads):
+    # A 1x1 conv on one channel: its (KH*KW*C, F) weight-gradient matrix is already
+    # contiguous once transposed, so a view would have handed out the block's reused buffer.
+    xpnet.set_num_threads(threads)
+    m = Sequential([Conv2D(4, 1), ReLU(), MaxPool2D(2), Flatten(), Dense(3)], input_shape=(1, 6, 6))
+    x = rng.standard_normal((8, 1, 6, 6)).astype(np.float32)
+    t = np.zeros((8, 3), np.float32)
+
+    def step(x):
+        _, d = ops.sigmoid_bce_with_logits(m.forward(x, train=True), t)
+        m.backward(d)
+        return m.gradients()
+
+    kept = step(x)
+    copies = {k: v.copy() for k, v in kept.items()}
+    step(3 * x)
+    for k, v in kept.items():
+        np.testing.assert_array_equal(v, copies[k], err_msg=k)

@@ -163,7 +163,9 @@ def weight_matrix(w):
 def weight_grad_from_matrix(dwmat, w_shape):
     """Inverse of ``weight_matrix`` for a gradient: (KH*KW*C, F) -> (F, C, KH, KW)."""
     f, c, kh, kw = w_shape
-    return get_array_module(dwmat).ascontiguousarray(dwmat.reshape(kh, kw, c, f).transpose(3, 2, 0, 1))
+    # Always a copy: for C = KH = KW = 1 the transposed view is already contiguous, and
+    # ascontiguousarray would hand out the caller's reused buffer as the gradient.
+    return dwmat.reshape(kh, kw, c, f).transpose(3, 2, 0, 1).copy(order="C")
 
 
 def weight_taps(w):

@@ -358,3 +358,31 @@ def test_a_kept_gradient_is_not_changed_by_the_next_step(rng, threads):
     step(3 * x)
     for k, v in kept.items():
         np.testing.assert_array_equal(v, copies[k], err_msg=k)
+
+
+def test_gradient_dtypes_do_not_depend_on_the_thread_count(rng):
+    # The shards' partial gradients are summed in place: the total keeps their dtype,
+    # as one shard hands it out (a float64 d(logits) on a float32 model widens Dense's).
+    x = rng.standard_normal((8, 2, 6, 6)).astype(np.float32)
+    d = rng.standard_normal((8, 3))  # float64
+    dtypes = []
+    for threads in (1, 2):
+        xpnet.set_num_threads(threads)
+        xpnet.seed(0)
+        m = Sequential([Conv2D(3, 3), ReLU(), MaxPool2D(2), Flatten(), Dense(3)], input_shape=(2, 6, 6))
+        m.forward(x, train=True)
+        m.backward(d)
+        dtypes.append({k: v.dtype for k, v in m.gradients().items()})
+    assert dtypes[0] == dtypes[1]
+
+
+def test_the_callers_numpy_error_handling_applies_in_every_shard(rng):
+    xpnet.set_num_threads(2)
+    m = Sequential([Flatten(), Dense(3)], input_shape=(4,))
+    x = np.zeros((8, 4), np.float32)
+    x[-1] = 3e38  # only the last shard overflows
+    m.layers[1].params["W"][...] = 10
+    with np.errstate(over="ignore"):
+        assert np.isinf(m.forward(x, train=False)[-1]).all()
+    with np.errstate(over="raise"), pytest.raises(FloatingPointError):
+        m.forward(x, train=False)

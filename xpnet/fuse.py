@@ -159,7 +159,7 @@ class FastExecutor:
         need = [s.layers[0].needs_input_grad for s in self.stages]
         want_dx = self.model.compute_input_grad
         dx_full = numpy.empty((step.n,) + tuple(self.model.input_shape), dtype=dout.dtype) if want_dx else None
-        totals = self._gradient_totals(step.t)
+        keys = [(layer, name) for layer in self.model.layers for name in layer.params]
 
         def run_shard(k):
             sh = self._shard(k)
@@ -173,56 +173,41 @@ class FastExecutor:
                 d = convert(d, step.layouts[i], step.src_layouts[i])
             if want_dx:
                 dx_full[a:e] = convert(d, step.src_layouts[0], NCHW)
-            if totals:
+            if step.t > 1:
+                for key, g in sh.grads.items():
+                    if not g.flags.c_contiguous:  # slices of it are summed in place
+                        sh.grads[key] = numpy.ascontiguousarray(g)
                 step.reducer.wait()  # every shard's partial gradients are ready
-                self._add_partial_gradients(k, step.t, totals)
+                self._add_partial_gradients(k, step.t, keys)
 
         self._run(run_shard, step.t)
-        for (layer, name), total in totals.items():
-            layer.grads[name] = total
-        if not totals:
-            for layer in self.model.layers:
-                for name in layer.params:
-                    layer.grads[name] = self.shards[0].grads[(layer, name)]
+        for layer, name in keys:
+            layer.grads[name] = self.shards[0].grads[(layer, name)]  # now the whole-batch sum
         for sh in self.shards[:step.t]:
             sh.grads.clear()
         return dx_full
 
-    def _gradient_totals(self, t):
-        """{(layer, name): fresh array} for the whole-batch gradients; {} with one shard (no sum)."""
-        if t == 1:
-            return {}
-        return {(layer, name): numpy.empty(p.shape, p.dtype)
-                for layer in self.model.layers for name, p in layer.params.items()}
+    def _add_partial_gradients(self, k, t, keys):
+        """Add slice k of every shard's partial gradient into shard 0's, in shard order.
 
-    def _add_partial_gradients(self, k, t, totals):
-        """Shard k's slice of every total: the shards' partial gradients added in shard
-        order (deterministic for a given T), all shards at once instead of after the run."""
-        for key, total in totals.items():
-            flat = total.reshape(-1)
-            lo, hi = k * flat.size // t, (k + 1) * flat.size // t
-            parts = [sh.grads[key].reshape(-1)[lo:hi] for sh in self.shards[:t] if key in sh.grads]
-            if len(parts) == 1:
-                flat[lo:hi] = parts[0]
-                continue
-            numpy.add(parts[0], parts[1], out=flat[lo:hi])
-            for part in parts[2:]:
-                numpy.add(flat[lo:hi], part, out=flat[lo:hi])
+        All shards at once instead of after the run; (p0 + p1) + p2 ... as before, so
+        the same bits for a given T.  Shard 0's partials are fresh arrays of the step
+        (never a reused buffer), so they can hold the total.
+        """
+        for key in keys:
+            parts = [sh.grads[key] for sh in self.shards[:t] if key in sh.grads]
+            if len(parts) < 2:
+                continue  # e.g. BatchNorm's gamma/beta: all-reduced already, on shard 0 only
+            total = parts[0].reshape(-1)
+            lo, hi = k * total.size // t, (k + 1) * total.size // t
+            for part in parts[1:]:
+                numpy.add(total[lo:hi], part.reshape(-1)[lo:hi], out=total[lo:hi])
 
     def _run(self, fn, t):
         # One BLAS thread per shard, also when there is a single shard (a small
         # batch): waking BLAS helper threads for tiny products costs more than it
         # gives, and on a busy machine it can wait a whole scheduler slice.
-        def shard(k):
-            # NumPy's ufunc buffer size is per thread (a context variable): set it
-            # in every shard's thread, and put the caller's back afterwards.
-            saved = numpy.setbufsize(UFUNC_BUFSIZE)
-            try:
-                return fn(k)
-            finally:
-                numpy.setbufsize(saved)
-
-        return shard_pool().run(shard, t, blas=1)
+        return shard_pool().run(fn, t, blas=1, bufsize=UFUNC_BUFSIZE)
 
     def invalidate(self):
         self.pending = None

@@ -21,6 +21,8 @@ import contextlib
 import queue
 import threading
 
+import numpy
+
 _controller = None
 _controller_failed = False
 
@@ -129,13 +131,18 @@ class ShardPool:
             r = self.reducers[t] = Reducer(t)
         return r
 
-    def run(self, fn, t: int, blas: int | None = None):
+    def run(self, fn, t: int, blas: int | None = None, bufsize: int | None = None):
         """[fn(0), ..., fn(t-1)], shard 0 on this thread; the first error (by shard) is raised.
 
         ``blas``: limit BLAS to that many threads for the region.  Set and restored
         under the pool's lock, so two Python threads running regions one after the
         other cannot leave BLAS limited.
+
+        Every shard runs under the caller's NumPy error handling (``numpy.errstate``
+        is per thread: a worker would otherwise use its own), and with ``bufsize``
+        as NumPy's ufunc buffer size when given; both are put back afterwards.
         """
+        fn = _with_numpy_state(fn, numpy.geterr(), bufsize)
         with self._lock, (blas_threads(blas) if blas else contextlib.nullcontext()):
             if t == 1:
                 return [fn(0)]
@@ -170,6 +177,20 @@ class ShardPool:
         if real or any(e is not None for e in errors):
             raise (real or [e for e in errors if e is not None])[0]
         return results
+
+
+def _with_numpy_state(fn, err: dict, bufsize: int | None):
+    """fn run under NumPy error handling ``err`` and ufunc buffer size ``bufsize`` (if given)."""
+    def run(k):
+        with numpy.errstate(**err):
+            if bufsize is None:
+                return fn(k)
+            saved = numpy.setbufsize(bufsize)
+            try:
+                return fn(k)
+            finally:
+                numpy.setbufsize(saved)
+    return run
 
 
 _pool: ShardPool | None = None

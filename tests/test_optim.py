@@ -267,3 +267,62 @@ def test_update_split_across_threads_gives_the_same_bits(make, rng):
         assert results[0][k].dtype == np.float32
         np.testing.assert_array_equal(results[1][k], results[0][k])
         assert not np.array_equal(results[0][k], start[k])
+
+
+def _big_params(rng):
+    return {"w": rng.standard_normal((300, 257)).astype(np.float32), "b": rng.standard_normal(7).astype(np.float32)}
+
+
+def test_a_subclass_update_sees_whole_named_parameters(rng):
+    # Only the built-in updates are split across threads: a subclass may look at the name,
+    # at the whole array, or rebind its slots.
+    class NoDecayOnBias(optim.SGD):
+        def _update(self, name, p, g, lr, slots):
+            assert p.shape == (7,) if name == "b" else p.shape == (300, 257)
+            if name == "b":
+                p -= lr * g
+            else:
+                super()._update(name, p, g, lr, slots)
+
+    saved = xpnet.settings.get_num_threads()
+    try:
+        xpnet.set_num_threads(2)
+        params = _big_params(rng)
+        start = {k: v.copy() for k, v in params.items()}
+        g = {k: np.ones_like(v) for k, v in params.items()}
+        opt = NoDecayOnBias(params, lr=0.5, weight_decay=0.1)
+        assert opt._threads([(k, p, None, {}) for k, p in params.items()]) == 1
+        opt.step(g)
+    finally:
+        xpnet.set_num_threads(saved)
+    np.testing.assert_allclose(params["b"], start["b"] - 0.5)
+    np.testing.assert_allclose(params["w"], start["w"] - 0.5 * (1 + 0.1 * start["w"]), rtol=1e-6)
+
+
+def test_the_callers_numpy_error_handling_reaches_every_slice(rng):
+    saved = xpnet.settings.get_num_threads()
+    try:
+        xpnet.set_num_threads(2)
+        params = _big_params(rng)
+        g = {k: np.zeros_like(v) for k, v in params.items()}
+        g["w"][-1, -1] = 3e38  # in the last slice: lr * g overflows float32 there
+        opt = optim.SGD(params, lr=10.0)
+        assert opt._threads([(k, p, None, {}) for k, p in params.items()]) == 2
+        with np.errstate(over="raise"), pytest.raises(FloatingPointError):
+            opt.step(g)
+    finally:
+        xpnet.set_num_threads(saved)
+
+
+def test_scratch_of_another_thread_count_is_dropped(rng):
+    saved = xpnet.settings.get_num_threads()
+    params = _big_params(rng)
+    g = {k: np.ones_like(v) for k, v in params.items()}
+    opt = optim.Adam(params, lr=1e-3)
+    try:
+        for threads in (3, 2):
+            xpnet.set_num_threads(threads)
+            opt.step(g)
+    finally:
+        xpnet.set_num_threads(saved)
+    assert set(opt._scratch_buffers) == {(name, k) for name in params for k in range(2)}

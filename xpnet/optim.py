@@ -272,6 +272,10 @@ class Optimizer:
         else:
             jobs = [(name, p, numpy.ascontiguousarray(g), slots) for name, p, g, slots in jobs]
 
+            if getattr(self, "_scratch_threads", t) != t:
+                self.__dict__.get("_scratch_buffers", {}).clear()  # slices of another thread count
+            self._scratch_threads = t
+
             def update_slice(k):
                 # Every update is element-wise: slice k of each parameter gives the same
                 # bits as the whole array, whatever the number of slices.
@@ -279,8 +283,8 @@ class Optimizer:
                     lo, hi = k * p.size // t, (k + 1) * p.size // t
                     if hi > lo:
                         gk = g.reshape(-1)[lo:hi]
-                        self._update((name, k), p.reshape(-1)[lo:hi], gk if scale is None else gk * scale, lr,
-                                     {s: v.reshape(-1)[lo:hi] for s, v in slots.items()})
+                        self._update(name, p.reshape(-1)[lo:hi], gk if scale is None else gk * scale, lr,
+                                     {s: v.reshape(-1)[lo:hi] for s, v in slots.items()}, part=k)
 
             shard_pool().run(update_slice, t)
         self.step_count += 1
@@ -291,9 +295,13 @@ class Optimizer:
 
     def _threads(self, jobs) -> int:
         """How many CPU threads share this update: the fast path's thread count for large
-        NumPy models (the passes release the GIL), else 1."""
+        NumPy models (the passes release the GIL), else 1.
+
+        Only the built-in updates are split: a subclass's ``_update`` may look at the
+        parameter's name or at the whole array, or rebind its slots.
+        """
         t = settings.get_num_threads()
-        if t == 1 or not settings.fast_paths_enabled():
+        if t == 1 or not settings.fast_paths_enabled() or type(self)._update not in _SLICEABLE_UPDATES:
             return 1
         total = 0
         for _, p, _, slots in jobs:
@@ -328,7 +336,9 @@ class Optimizer:
                     slots[s] = xp.asarray(host) if xp is not numpy else host
         return slots
 
-    def _update(self, name, p, g, lr, slots):
+    def _update(self, name, p, g, lr, slots, part=None):
+        """Update p (and its slots) in place.  ``part``: which slice of a parameter split
+        across threads this is (built-in optimizers only; None for the whole array)."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------- state
@@ -414,7 +424,7 @@ class SGD(Optimizer):
         self.nesterov = bool(nesterov)
         self.SLOTS = ("velocity",) if self.momentum > 0 else ()
 
-    def _update(self, name, p, g, lr, slots):
+    def _update(self, name, p, g, lr, slots, part=None):
         if self.weight_decay:
             g = g + self.weight_decay * p
         if self.momentum:
@@ -453,7 +463,7 @@ class Adam(Optimizer):
         self.betas = (b1, b2)
         self.eps = _positive(eps, "eps")
 
-    def _update(self, name, p, g, lr, slots):
+    def _update(self, name, p, g, lr, slots, part=None):
         b1, b2 = self.betas
         if self.weight_decay:
             if self.decoupled:
@@ -462,7 +472,7 @@ class Adam(Optimizer):
                 g = g + self.weight_decay * p
         xp = backend.get_array_module(p)
         m, v = slots["m"], slots["v"]
-        tmp = self._scratch(name, p, xp)  # one reused buffer: no fresh allocations per step
+        tmp = self._scratch(name if part is None else (name, part), p, xp)  # reused: no allocations per step
         m *= b1
         xp.multiply(g, 1.0 - b1, out=tmp)
         m += tmp
@@ -501,6 +511,8 @@ class AdamW(Adam):
 
 
 OPTIMIZERS = {cls.__name__: cls for cls in (SGD, Adam, AdamW)}
+# Element-wise updates that give the same bits on slices of a parameter as on the whole.
+_SLICEABLE_UPDATES = (SGD._update, Adam._update)
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "Schedule", "Constant", "StepDecay", "Cosine", "OneCycle",
            "schedule_from_dict", "OPTIMIZERS", "SCHEDULES"]

@@ -160,3 +160,41 @@ def test_models_stepped_from_two_threads_leave_blas_threads_as_they_were(rng):
     assert not errors
     np.testing.assert_array_equal(models[0].gradients()["conv1.W"], models[1].gradients()["conv1.W"])
     assert [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"] == before
+
+
+def test_a_model_stepped_from_a_second_python_thread_gets_one_blas_thread_per_shard(rng, monkeypatch):
+    # threadpoolctl ignores OpenBLAS limits set from any thread but the first that set
+    # one: once the main thread had run a step, a step from another thread used
+    # full-width BLAS in its shards (and gave other bits than the same step on the
+    # main thread).
+    from threadpoolctl import threadpool_info
+
+    from xpnet import conv_block
+
+    def blas_widths():
+        return [d["num_threads"] for d in threadpool_info() if d["user_api"] == "blas"]
+    if max(blas_widths() or [1]) < 2:
+        pytest.skip("BLAS runs one thread here: a missing limit cannot be seen")
+    seen = []
+    real = conv_block.ConvBlock.backward
+
+    def backward(self, *args, **kwargs):
+        seen.append((threading.current_thread().name, blas_widths()))
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(conv_block.ConvBlock, "backward", backward)
+    model = xpnet.models.captcha_net(input_shape=(3, 32, 40))
+    x = rng.standard_normal((8, 3, 32, 40)).astype(np.float32)
+    t = (rng.random((8, 144)) < 0.1).astype(np.float32)
+
+    def conv1_grad(m):
+        _, d = ops.sigmoid_bce_with_logits(m.forward(x, train=True), t)
+        m.backward(d)
+        return m.gradients()["conv1.W"].copy()
+    on_main = conv1_grad(model.clone())
+    got = {}
+    th = threading.Thread(target=lambda: got.update(g=conv1_grad(model.clone())), name="user-thread")
+    th.start()
+    th.join()
+    assert any(name == "user-thread" for name, _ in seen)
+    assert all(widths == [1] * len(widths) for _, widths in seen), seen
+    np.testing.assert_array_equal(got["g"], on_main)

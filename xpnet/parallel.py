@@ -44,6 +44,19 @@ def can_limit_blas() -> bool:
     return _blas_controller() is not None
 
 
+def _set_threads(lib, n: int):
+    """Set one BLAS library's thread count, from whichever Python thread calls.
+
+    threadpoolctl (3.6 and later) ignores OpenBLAS (pthreads) limits set from any
+    thread but the first one that set a limit, while that thread lives: a model
+    stepped from a second Python thread (a server's worker, a GUI's training
+    thread) then ran every shard with full-width BLAS -- oversubscribed, and with
+    results that depended on the calling thread.  Its process-wide setter is safe
+    here: xpnet's regions run one at a time under the pool's lock.
+    """
+    getattr(lib, "_real_set_num_threads", lib.set_num_threads)(n)
+
+
 @contextlib.contextmanager
 def blas_threads(n: int):
     """Limit BLAS to ``n`` threads inside the block (no-op when threadpoolctl is missing)."""
@@ -54,13 +67,13 @@ def blas_threads(n: int):
     saved = [lib.num_threads for lib in ctl.lib_controllers]
     changed = [lib for lib, s in zip(ctl.lib_controllers, saved) if s != n]
     for lib in changed:
-        lib.set_num_threads(n)
+        _set_threads(lib, n)
     try:
         yield
     finally:
         for lib, s in zip(ctl.lib_controllers, saved):
             if lib in changed:
-                lib.set_num_threads(s)
+                _set_threads(lib, s)
 
 
 class _Worker:

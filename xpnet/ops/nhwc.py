@@ -208,15 +208,15 @@ def pool_blocks_backward(dy, gt, douts, later, mask, fmask):
     if k_last == 0:
         xp.copyto(douts[0], dy)
         return douts
-    xp.copyto(later, gt[k_last - 1])
+    beaten = gt[k_last - 1]  # "a block after k beat the running max": a view until the first OR
     for k in range(k_last, -1, -1):
         if k == k_last:
             won = gt[k_last - 1]
         elif k > 0:
-            won = xp.greater(gt[k - 1], later, out=mask)  # beat the earlier ones, no later one beat it
-            xp.logical_or(later, gt[k - 1], out=later)
+            won = xp.greater(gt[k - 1], beaten, out=mask)  # beat the earlier ones, no later one beat it
+            beaten = xp.logical_or(beaten, gt[k - 1], out=later)
         else:
-            won = xp.logical_not(later, out=mask)
+            won = xp.logical_not(beaten, out=mask)
         xp.copyto(fmask, won)  # bool -> float once; a mixed-type multiply is slower
         xp.multiply(dy, fmask, out=douts[k])
     return douts

@@ -148,6 +148,42 @@ def test_small_chunks_give_the_same_result():
     assert_paths_agree(seed_like, (3, 17, 22), n=7, threads=2)
 
 
+def bn_blocks():  # every BatchNorm path of the conv block: 'same' + pool, no pool, plain backward order
+    return [Conv2D(5, 3, pad="same", bias=False), BatchNorm(), ReLU(), MaxPool2D(2),
+            Conv2D(6, 3, pad=1), BatchNorm(), ReLU(), Conv2D(4, 3), BatchNorm(), ReLU(), MaxPool2D(2),
+            Flatten(), Dense(4)]
+
+
+@pytest.mark.parametrize("group_chunks", [1, 3, None])
+def test_element_wise_groups_of_chunks_give_the_same_result(monkeypatch, group_chunks):
+    # One image per chunk; the pool, bias, ReLU and BatchNorm work over groups of 1 or 3
+    # chunks (7 images: a partial last group) or the whole shard.
+    from xpnet import conv_block
+    stages.CHUNK_BYTES = 1
+    if group_chunks is None:
+        monkeypatch.setattr(stages, "GROUP_BYTES", 1 << 40)
+    else:
+        monkeypatch.setattr(conv_block, "group_images", lambda chunk, nbytes, n: min(n, group_chunks * chunk))
+    fast = assert_paths_agree(seed_like, (3, 17, 22), n=7, threads=2)
+    plan = next(p for p in fast._fast.shards[0].plans.values() if p.train)
+    sizes = [[c.z.shape[0] // fast._fast.stages[0].g.rows for c in gp.chunks] for gp in plan.groups]
+    k = plan.n if group_chunks is None else group_chunks
+    assert sizes == [[1] * min(k, plan.n - a) for a in range(0, plan.n, k)]
+    assert plan.n > 3
+    assert_paths_agree(bn_blocks, (3, 12, 14), n=7, threads=2)
+
+
+def test_group_images_are_whole_chunks_within_the_batch():
+    bytes_per_image = 1000
+    for chunk in (1, 3, 7):
+        for n in (1, 5, 20, 200):
+            k = stages.group_images(min(chunk, n), bytes_per_image, n)
+            assert 1 <= k <= n
+            assert k == n or k % min(chunk, n) == 0
+    assert stages.group_images(2, 10 * stages.GROUP_BYTES, 100) == 2  # one chunk over the size: no grouping
+    assert stages.group_images(2, stages.GROUP_BYTES // 8, 100) == 8
+
+
 def test_conv_layer_reports_its_im2col_bytes():
     m = xpnet.models.captcha_net()
     conv2 = m.layers[3]

@@ -30,11 +30,15 @@ from .errors import UsageError
 from .layers import Conv2D, MaxPool2D
 from .ops import nhwc
 from .stages import (NCHW, NHWC, BatchStats, Stage, batch_moments, bn_check_batch, bn_update_running, chunk_images,
-                     column_sums, convert)
+                     column_sums, convert, group_images)
 
 
 class _Chunk:
-    """Views of one chunk (images a:e of the shard) into the shard plan's buffers."""
+    """Views of one chunk (images a:e of the shard) for its products: im2col, conv output rows."""
+
+
+class _Group:
+    """Consecutive chunks whose element-wise work (pool, bias, ReLU, BatchNorm) runs as one set of calls."""
 
 
 class _ShardPlan:
@@ -54,83 +58,100 @@ class _ShardPlan:
         self.interior = self.xin[:, g.ph:g.ph + g.h, g.pw:g.pw + g.w]
         self.y = emp((n, g.qh, g.qw, g.f), dt)
         self.gt = emp((g.k - 1, n, g.qh, g.qw, g.f), bool) if (pooled and train) else None
-        chunk = chunk_images(g.rows * g.kdim * numpy.dtype(dt).itemsize, n)
-        cr = chunk * g.rows
-        col = emp((g.kdim, cr) if blk.kmajor else (cr, g.kdim), dt)
-        z = emp((cr, g.f), dt) if (pooled and not bn_train) else None
+        itemsize = numpy.dtype(dt).itemsize
+        chunk = chunk_images(g.rows * g.kdim * itemsize, n)
+        group = group_images(chunk, g.rows * g.f * itemsize, n)
+        cr, gr = chunk * g.rows, group * g.rows
+        # Buffers every chunk reuses: the im2col block, and for the input gradient its
+        # counterpart (and the zero-padded dz it is built from).
+        self._col = emp((g.kdim, cr) if blk.kmajor else (cr, g.kdim), dt)
+        z = emp((gr, g.f), dt) if (pooled and not bn_train) else None
         if bn_train:
             self.zall = emp((n * g.rows, g.f), dt)
-            u = emp((cr, g.f), dt) if pooled else None
-            self.tmp = emp((cr, g.f), dt)
+            u = emp((gr, g.f), dt) if pooled else None
+            tmp = emp((gr, g.f), dt)
         if train:
             self.d = emp((n, g.qh, g.qw, g.f), dt)
             self.pos = emp(self.d.shape, bool) if blk.relu is not None else None
             self.dwmat = emp((g.kdim, g.f), dt)
             self.dwtmp = emp((g.kdim, g.f), dt)
-            dz = emp((cr, g.f), dt) if (pooled or bn_train) else None
+            dz = emp((gr, g.f), dt) if (pooled or bn_train) else None
             if bn_train:
                 self.du_all = emp((n * g.rows, g.f), dt) if pooled else self.d.reshape(n * g.rows, g.f)
             if pooled:
-                later, mask = emp((chunk, g.qh, g.qw, g.f), bool), emp((chunk, g.qh, g.qw, g.f), bool)
-                fmask = emp((chunk, g.qh, g.qw, g.f), dt)
+                later, mask = emp((group, g.qh, g.qw, g.f), bool), emp((group, g.qh, g.qw, g.f), bool)
+                fmask = emp((group, g.qh, g.qw, g.f), dt)
             if need_dx and blk.dx_im2col:
                 gd = blk.gd
-                dzpad = zer((chunk, gd.hp, gd.wp, gd.c), dt)  # borders (and rows no pool reads) stay zero
-                dcol = emp((chunk * gd.rows, gd.kdim), dt)
+                self._dzpad = zer((chunk, gd.hp, gd.wp, gd.c), dt)  # borders (and rows no pool reads) stay zero
+                self._dcol = emp((chunk * gd.rows, gd.kdim), dt)
                 self.dxbuf = emp((n, g.h, g.w, g.c), dt)
             elif need_dx:
                 self.dxbuf, self.dxpad = blk.padded(n, dt, emp)
-                dcol = emp((cr, g.kdim), dt)  # one (rows, C) slab per kernel tap, side by side
-        self.chunks = []
-        for a in range(0, n, chunk):
-            e = min(n, a + chunk)
-            m, r = e - a, (e - a) * g.rows
-            ch = _Chunk()
-            ch.a, ch.e, ch.m = a, e, m
-            ch.f_src, ch.f_dst, ch.f_mat = blk.im2col_views(self.xin[a:e], col, r, self.fwd_plain)
-            ch.y = self.y[a:e]
-            ch.y2 = ch.y.reshape(r, g.f) if not pooled else None
-            ch.gt = self.gt[:, a:e] if self.gt is not None else None
-            if z is not None:
-                ch.z = z[:r]
-                ch.z_blocks = nhwc.grouped_blocks(ch.z, g, m, plain=False)
+                self._dcol = emp((cr, g.kdim), dt)  # one (rows, C) slab per kernel tap, side by side
+        self.groups = []
+        for ga in range(0, n, group):
+            ge = min(n, ga + group)
+            m, r = ge - ga, (ge - ga) * g.rows
+            gp = _Group()
+            gp.y = self.y[ga:ge]
+            gp.gt = self.gt[:, ga:ge] if self.gt is not None else None
             if bn_train:
-                ch.zall = self.zall[a * g.rows:e * g.rows]
-                ch.tmp = self.tmp[:r]
-                ch.u = u[:r] if pooled else ch.y2
-                ch.u_blocks = nhwc.grouped_blocks(ch.u, g, m, plain=self.fwd_plain) if pooled else None
+                gp.zall = self.zall[ga * g.rows:ge * g.rows]
+                gp.tmp = tmp[:r]
+                gp.u = u[:r] if pooled else gp.y.reshape(r, g.f)
+                gp.u_blocks = nhwc.grouped_blocks(gp.u, g, m, plain=self.fwd_plain) if pooled else None
+            else:
+                gp.z = z[:r] if pooled else gp.y.reshape(r, g.f)  # where the chunks' products go
+                gp.z_blocks = nhwc.grouped_blocks(gp.z, g, m, plain=False) if pooled else None
             if train:
-                if self.bwd_plain == self.fwd_plain:
-                    ch.b_src, ch.b_dst, ch.b_mat = ch.f_src, ch.f_dst, ch.f_mat
-                else:
-                    ch.b_src, ch.b_dst, ch.b_mat = blk.im2col_views(self.xin[a:e], col, r, self.bwd_plain)
-                ch.b_matT = ch.b_mat.T
-                ch.d = self.d[a:e]
-                ch.dz = dz[:r] if dz is not None else ch.d.reshape(r, g.f)
+                gp.d = self.d[ga:ge]
+                gp.dz = dz[:r] if dz is not None else gp.d.reshape(r, g.f)
                 if pooled:
-                    ch.dz_blocks = nhwc.grouped_blocks(ch.dz, g, m, plain=self.bwd_plain)
-                    ch.later, ch.mask, ch.fmask = later[:m], mask[:m], fmask[:m]
+                    gp.dz_blocks = nhwc.grouped_blocks(gp.dz, g, m, plain=self.bwd_plain)
+                    gp.later, gp.mask, gp.fmask = later[:m], mask[:m], fmask[:m]
                 if bn_train:
-                    ch.du = self.du_all[a * g.rows:e * g.rows]
-                    ch.du_blocks = nhwc.grouped_blocks(ch.du, g, m, plain=self.bwd_plain) if pooled else None
-                if need_dx and blk.dx_im2col:
-                    # dz (grouped rows) -> a zero-padded NHWC map -> im2col -> one product.
-                    gd = blk.gd
-                    inner = dzpad[:m, gd.ph:gd.ph + g.qh * g.pkh, gd.pw:gd.pw + g.qw * g.pkw]
-                    ch.dz_dst = inner.reshape(m, g.qh, g.pkh, g.qw, g.pkw, g.f).transpose(0, 2, 4, 1, 3, 5)
-                    ch.dz_src = ch.dz.reshape(ch.dz_dst.shape)
-                    rd = m * gd.rows
-                    ch.dcol_src = nhwc.grouped_window_view(dzpad[:m], gd)
-                    ch.dcol_dst = dcol[:rd].reshape(ch.dcol_src.shape)
-                    ch.dcol = dcol[:rd]
-                    ch.dx2 = self.dxbuf[a:e].reshape(rd, g.c)
-                elif need_dx:
-                    ch.dx = self.dxbuf[a:e]
-                    views = nhwc.tap_views(self.dxpad[a:e], g, plain=True)
-                    ch.dcol = dcol[:r]
-                    taps = ch.dcol.reshape(views[0].shape[:3] + (g.kh * g.kw, g.c))
-                    ch.taps = [(v, taps[:, :, :, t]) for t, v in enumerate(views)]
-            self.chunks.append(ch)
+                    gp.du = self.du_all[ga * g.rows:ge * g.rows]
+                    gp.du_blocks = nhwc.grouped_blocks(gp.du, g, m, plain=self.bwd_plain) if pooled else None
+            gp.chunks = [self._chunk(blk, gp, ga, a, min(ge, a + chunk), train, need_dx)
+                         for a in range(ga, ge, chunk)]
+            self.groups.append(gp)
+
+    def _chunk(self, blk, gp, ga, a, e, train, need_dx):
+        """The views the products of chunk a:e (in the group starting at image ga) read and write."""
+        g = blk.g
+        m, r = e - a, (e - a) * g.rows
+        rows = slice((a - ga) * g.rows, (e - ga) * g.rows)
+        ch = _Chunk()
+        col = self._col
+        ch.f_src, ch.f_dst, ch.f_mat = blk.im2col_views(self.xin[a:e], col, r, self.fwd_plain)
+        ch.z = gp.zall[rows] if hasattr(gp, "zall") else gp.z[rows]
+        if not train:
+            return ch
+        if self.bwd_plain == self.fwd_plain:
+            ch.b_src, ch.b_dst, ch.b_mat = ch.f_src, ch.f_dst, ch.f_mat
+        else:
+            ch.b_src, ch.b_dst, ch.b_mat = blk.im2col_views(self.xin[a:e], col, r, self.bwd_plain)
+        ch.b_matT = ch.b_mat.T
+        ch.dz = gp.dz[rows]
+        if need_dx and blk.dx_im2col:
+            # dz (grouped rows) -> a zero-padded NHWC map -> im2col -> one product.
+            gd, dzpad, dcol = blk.gd, self._dzpad, self._dcol
+            inner = dzpad[:m, gd.ph:gd.ph + g.qh * g.pkh, gd.pw:gd.pw + g.qw * g.pkw]
+            ch.dz_dst = inner.reshape(m, g.qh, g.pkh, g.qw, g.pkw, g.f).transpose(0, 2, 4, 1, 3, 5)
+            ch.dz_src = ch.dz.reshape(ch.dz_dst.shape)
+            rd = m * gd.rows
+            ch.dcol_src = nhwc.grouped_window_view(dzpad[:m], gd)
+            ch.dcol_dst = dcol[:rd].reshape(ch.dcol_src.shape)
+            ch.dcol = dcol[:rd]
+            ch.dx2 = self.dxbuf[a:e].reshape(rd, g.c)
+        elif need_dx:
+            ch.dx = self.dxbuf[a:e]
+            views = nhwc.tap_views(self.dxpad[a:e], g, plain=True)
+            ch.dcol = self._dcol[:r]
+            taps = ch.dcol.reshape(views[0].shape[:3] + (g.kh * g.kw, g.c))
+            ch.taps = [(v, taps[:, :, :, t]) for t, v in enumerate(views)]
+        return ch
 
 
 class ConvBlock(Stage):
@@ -249,17 +270,16 @@ class ConvBlock(Stage):
         else:
             mm, cp, mx, add = numpy.matmul, numpy.copyto, numpy.maximum, numpy.add
             pooled, relu = self.pool is not None, self.relu is not None
-            for ch in p.chunks:
-                cp(ch.f_dst, ch.f_src)  # im2col, rows grouped by pool position
-                if pooled:
+            for gp in p.groups:
+                for ch in gp.chunks:
+                    cp(ch.f_dst, ch.f_src)  # im2col, rows grouped by pool position
                     mm(ch.f_mat, wmat, out=ch.z)
-                    nhwc.pool_blocks_forward(ch.z_blocks, ch.y, ch.gt)
-                else:
-                    mm(ch.f_mat, wmat, out=ch.y2)
+                if pooled:
+                    nhwc.pool_blocks_forward(gp.z_blocks, gp.y, gp.gt)
                 if bias is not None:
-                    add(ch.y, bias, out=ch.y)  # after the pool: max commutes with a per-channel shift
+                    add(gp.y, bias, out=gp.y)  # after the pool: max commutes with a per-channel shift
                 if relu:
-                    mx(ch.y, 0, out=ch.y)
+                    mx(gp.y, 0, out=gp.y)
         if train:
             sh.cache[self.index] = p
         return p.y
@@ -270,12 +290,13 @@ class ConvBlock(Stage):
         wmat = self.wmat[True]
         bias = self.bias[True] if self.conv.bias else None
         stats = BatchStats()
-        for ch in p.chunks:
-            numpy.copyto(ch.f_dst, ch.f_src)
-            numpy.matmul(ch.f_mat, wmat, out=ch.zall)
+        for gp in p.groups:
+            for ch in gp.chunks:
+                numpy.copyto(ch.f_dst, ch.f_src)
+                numpy.matmul(ch.f_mat, wmat, out=ch.z)
             if bias is not None:
-                numpy.add(ch.zall, bias, out=ch.zall)
-            stats.add(batch_moments(ch.zall, dt, ch.tmp))
+                numpy.add(gp.zall, bias, out=gp.zall)
+            stats.add(batch_moments(gp.zall, dt, gp.tmp))
         m_total = step.n * g.rows
         bn_check_batch(bn, m_total)
         mean, var = stats.finish(sh, step, self.key("bn"), m_total)
@@ -284,13 +305,13 @@ class ConvBlock(Stage):
         shift = bn.params["beta"] - mean.astype(dt) * scale
         if sh.k == 0:
             bn_update_running(bn, mean, var, m_total)
-        for ch in p.chunks:
-            numpy.multiply(ch.zall, scale, out=ch.u)
-            numpy.add(ch.u, shift, out=ch.u)
+        for gp in p.groups:
+            numpy.multiply(gp.zall, scale, out=gp.u)
+            numpy.add(gp.u, shift, out=gp.u)
             if self.pool is not None:
-                nhwc.pool_blocks_forward(ch.u_blocks, ch.y, ch.gt)
+                nhwc.pool_blocks_forward(gp.u_blocks, gp.y, gp.gt)
             if self.relu is not None:
-                numpy.maximum(ch.y, 0, out=ch.y)
+                numpy.maximum(gp.y, 0, out=gp.y)
         p.bn = (mean.astype(dt), inv_std, scale, m_total)
 
     # -- backward
@@ -317,29 +338,30 @@ class ConvBlock(Stage):
         p.dwmat.fill(0)
         mm, add = numpy.matmul, numpy.add
         pooled = self.pool is not None
-        for ch in p.chunks:
+        for gp in p.groups:
             if bn_terms is not None:
                 c_a, c_z, c_0 = bn_terms
-                numpy.multiply(ch.du, c_a, out=ch.dz)
-                numpy.multiply(ch.zall, c_z, out=ch.tmp)
-                add(ch.dz, ch.tmp, out=ch.dz)
-                add(ch.dz, c_0, out=ch.dz)
+                numpy.multiply(gp.du, c_a, out=gp.dz)
+                numpy.multiply(gp.zall, c_z, out=gp.tmp)
+                add(gp.dz, gp.tmp, out=gp.dz)
+                add(gp.dz, c_0, out=gp.dz)
                 if db is not None:
-                    db += column_sums(ch.dz)
+                    db += column_sums(gp.dz)
             elif pooled:
-                nhwc.pool_blocks_backward(ch.d, ch.gt, ch.dz_blocks, ch.later, ch.mask, ch.fmask)
-            numpy.copyto(ch.b_dst, ch.b_src)  # im2col again
-            mm(ch.b_matT, ch.dz, out=p.dwtmp)
-            add(p.dwmat, p.dwtmp, out=p.dwmat)
-            if need_dx and self.dx_im2col:
-                numpy.copyto(ch.dz_dst, ch.dz_src)
-                numpy.copyto(ch.dcol_dst, ch.dcol_src)
-                mm(ch.dcol, self.wflip, out=ch.dx2)
-            elif need_dx:
-                mm(ch.dz, self.wtaps, out=ch.dcol)  # every tap's slab in one product
-                ch.dx.fill(0)
-                for view, tap in ch.taps:  # col2im: one strided addition per kernel tap
-                    add(view, tap, out=view)
+                nhwc.pool_blocks_backward(gp.d, gp.gt, gp.dz_blocks, gp.later, gp.mask, gp.fmask)
+            for ch in gp.chunks:
+                numpy.copyto(ch.b_dst, ch.b_src)  # im2col again
+                mm(ch.b_matT, ch.dz, out=p.dwtmp)
+                add(p.dwmat, p.dwtmp, out=p.dwmat)
+                if need_dx and self.dx_im2col:
+                    numpy.copyto(ch.dz_dst, ch.dz_src)
+                    numpy.copyto(ch.dcol_dst, ch.dcol_src)
+                    mm(ch.dcol, self.wflip, out=ch.dx2)
+                elif need_dx:
+                    mm(ch.dz, self.wtaps, out=ch.dcol)  # every tap's slab in one product
+                    ch.dx.fill(0)
+                    for view, tap in ch.taps:  # col2im: one strided addition per kernel tap
+                        add(view, tap, out=view)
         sh.grads[(self.conv, "W")] = nhwc.weight_grad_from_matrix(p.dwmat, self.conv.params["W"].shape)
         if db is not None:
             sh.grads[(self.conv, "b")] = db.astype(dt)
@@ -356,12 +378,12 @@ class ConvBlock(Stage):
         dt = p.d.dtype
         dbeta = numpy.zeros(g.f, numpy.float64)
         dxc = numpy.zeros(g.f, numpy.float64)  # sum of du * (z - mean)
-        for ch in p.chunks:
+        for gp in p.groups:
             if self.pool is not None:
-                nhwc.pool_blocks_backward(ch.d, ch.gt, ch.du_blocks, ch.later, ch.mask, ch.fmask)
-            dbeta += column_sums(ch.du)
-            numpy.subtract(ch.zall, mean, out=ch.tmp)
-            dxc += numpy.einsum("ij,ij->j", ch.du, ch.tmp)
+                nhwc.pool_blocks_backward(gp.d, gp.gt, gp.du_blocks, gp.later, gp.mask, gp.fmask)
+            dbeta += column_sums(gp.du)
+            numpy.subtract(gp.zall, mean, out=gp.tmp)
+            dxc += numpy.einsum("ij,ij->j", gp.du, gp.tmp)
         dbeta = step.reducer.allreduce(sh.k, self.key("dbeta"), dbeta)
         dxc = step.reducer.allreduce(sh.k, self.key("dxc"), dxc)
         inv_std64 = inv_std.astype(numpy.float64)

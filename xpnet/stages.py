@@ -26,6 +26,11 @@ from .parallel import shard_bounds
 # Conv work is done on chunks of images whose im2col block is about this big:
 # small enough to stay near a core's L2 cache with the conv output next to it.
 CHUNK_BYTES = 1024 * 1024
+# The element-wise work on a conv block's output (pool, bias, ReLU, their
+# gradients) runs over groups of chunks whose conv output is about this big:
+# fewer, larger NumPy calls, each of which costs the two shard threads a turn
+# at the GIL, still in cache.
+GROUP_BYTES = 1024 * 1024
 
 NCHW, NHWC, FLAT = "nchw", "nhwc", "flat"
 
@@ -68,6 +73,11 @@ def chunk_images(bytes_per_image: int, n: int) -> int:
     """Images per chunk: about CHUNK_BYTES of im2col, never above the im2col budget."""
     budget = min(CHUNK_BYTES, settings.get_im2col_budget_bytes())
     return max(1, min(n, budget // max(1, bytes_per_image)))
+
+
+def group_images(chunk: int, bytes_per_image: int, n: int) -> int:
+    """Images per element-wise group: a multiple of ``chunk``, about GROUP_BYTES of conv output."""
+    return min(n, chunk * max(1, GROUP_BYTES // max(1, chunk * bytes_per_image)))
 
 
 # --------------------------------------------------------------------------- stages

@@ -184,6 +184,24 @@ def test_group_images_are_whole_chunks_within_the_batch():
     assert stages.group_images(2, stages.GROUP_BYTES // 8, 100) == 8
 
 
+def test_k_major_blocks_with_phase_planes_and_without(monkeypatch):
+    # Every conv K-major (as a first conv on few channels is): where the input gradient
+    # is not needed, or comes from the im2col of dz, im2col is copied from phase planes.
+    from xpnet import conv_block
+    monkeypatch.setattr(conv_block.ConvBlock, "KMAJOR_BELOW_BYTES", 1 << 20)
+
+    def layers():
+        return [Conv2D(4, (3, 2), stride=(2, 1), pad=(1, 2)), ReLU(), MaxPool2D(2),
+                Conv2D(5, 3, pad="same"), ReLU(), MaxPool2D((1, 2)), Conv2D(3, 2), Flatten(), Dense(4)]
+    for input_grad in (False, True):
+        fast = assert_paths_agree(layers, (2, 19, 23), n=7, threads=2, input_grad=input_grad)
+        used = [p.planes is not None for sh in fast._fast.shards for p in sh.plans.values() if p.train]
+        assert any(used) and not all(used)  # the last conv (pad 0, input gradient tap by tap) has none
+    settings.set_im2col_budget(0.0001)  # the planes do not fit: the strided copy, same results
+    fast = assert_paths_agree(layers, (2, 19, 23), n=7, threads=2, input_grad=False)
+    assert all(p.planes is None for sh in fast._fast.shards for p in sh.plans.values())
+
+
 def test_conv_layer_reports_its_im2col_bytes():
     m = xpnet.models.captcha_net()
     conv2 = m.layers[3]

@@ -67,6 +67,27 @@ def test_weight_matrix_layouts_roundtrip(rng):
     np.testing.assert_array_equal(taps[1 * 5 + 3], w[:, :, 1, 3])
 
 
+@pytest.mark.parametrize("geom", [
+    # (C, H, W, KH, KW, SH, SW, PH, PW, PKH, PKW)
+    (3, 32, 80, 3, 3, 1, 1, 0, 0, 2, 2),   # captcha_net's first conv
+    (2, 21, 19, 3, 2, 2, 1, 1, 2, 3, 3),   # strides, padding, a 3x3 pool
+    (1, 12, 13, 5, 5, 1, 1, 0, 0, 2, 2),   # the MNIST conv
+    (2, 9, 11, 3, 3, 2, 2, 1, 1, 1, 1),    # no pool
+    (1, 10, 10, 2, 3, 1, 2, 0, 1, 2, 1),   # rectangular kernel and pool
+])
+def test_phase_planes_give_the_k_major_grouped_im2col(rng, geom):
+    c, h, w, kh, kw, sh, sw, ph, pw, pkh, pkw = geom
+    g = nhwc.ConvGeometry(c, h, w, 4, kh, kw, sh, sw, ph, pw, pkh, pkw)
+    xpad = rng.standard_normal((3, g.hp, g.wp, c))
+    planes = np.ascontiguousarray(nhwc.phase_planes_view(xpad, g))
+    assert planes.shape == nhwc.phase_shape(3, g)
+    expected = nhwc.grouped_window_view(xpad, g).transpose(5, 6, 7, 0, 1, 2, 3, 4)
+    np.testing.assert_array_equal(nhwc.phase_window_view(planes, g), expected)
+    # from an NCHW buffer seen as NHWC (what the K-major block stores) as well
+    nchw = np.ascontiguousarray(xpad.transpose(0, 3, 1, 2))
+    np.testing.assert_array_equal(nhwc.phase_planes_view(nchw.transpose(0, 2, 3, 1), g), planes)
+
+
 @pytest.mark.parametrize("k", [2, 4, 9])
 def test_pool_blocks_max_and_routing_with_ties_to_the_first(rng, k):
     shape = (3, 5, 4)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import numpy
 
+from . import settings
 from .errors import UsageError
 from .layers import Conv2D, MaxPool2D
 from .ops import nhwc
@@ -56,6 +57,13 @@ class _ShardPlan:
         emp, zer = numpy.empty, numpy.zeros
         self.xbuf, self.xin = blk.padded(n, dt, zer)  # the padding border stays zero
         self.interior = self.xin[:, g.ph:g.ph + g.h, g.pw:g.pw + g.w]
+        # A K-major im2col in grouped order is copied from phase planes: long runs
+        # (nhwc.phase_planes_view), when they fit the im2col budget.
+        self.planes = None
+        if blk.kmajor and not (self.fwd_plain or self.bwd_plain):
+            shape = nhwc.phase_shape(n, g)
+            if int(numpy.prod(shape)) * numpy.dtype(dt).itemsize <= settings.get_im2col_budget_bytes():
+                self.planes = emp(shape, dt)
         self.y = emp((n, g.qh, g.qw, g.f), dt)
         self.gt = emp((g.k - 1, n, g.qh, g.qw, g.f), bool) if (pooled and train) else None
         itemsize = numpy.dtype(dt).itemsize
@@ -124,7 +132,12 @@ class _ShardPlan:
         rows = slice((a - ga) * g.rows, (e - ga) * g.rows)
         ch = _Chunk()
         col = self._col
-        ch.f_src, ch.f_dst, ch.f_mat = blk.im2col_views(self.xin[a:e], col, r, self.fwd_plain)
+        if self.planes is not None:
+            part = col[:, :r]
+            ch.f_src = nhwc.phase_window_view(self.planes[a:e], g)
+            ch.f_dst, ch.f_mat = part.reshape(ch.f_src.shape), part.T
+        else:
+            ch.f_src, ch.f_dst, ch.f_mat = blk.im2col_views(self.xin[a:e], col, r, self.fwd_plain)
         ch.z = gp.zall[rows] if hasattr(gp, "zall") else gp.z[rows]
         if not train:
             return ch
@@ -263,7 +276,13 @@ class ConvBlock(Stage):
         train = step.train
         need_dx = bool(train and self.conv.needs_input_grad)
         p = self.plan(sh, x.shape[0], x.dtype, train, need_dx)
-        numpy.copyto(p.interior, convert(x, step.layouts[self.index], NHWC))
+        x = convert(x, step.layouts[self.index], NHWC)
+        if p.planes is not None and g.ph == g.pw == 0:
+            numpy.copyto(p.planes, nhwc.phase_planes_view(x, g))  # straight from the input
+        else:
+            numpy.copyto(p.interior, x)
+            if p.planes is not None:
+                numpy.copyto(p.planes, nhwc.phase_planes_view(p.xin, g))
         wmat, bias = self.wmat[train], self.bias[train] if self.has_bias[train] else None
         if self.bn is not None and train:
             self._forward_bn(p, sh, step)

@@ -222,6 +222,42 @@ def pool_blocks_backward(dy, gt, douts, later, mask, fmask):
     return douts
 
 
+def phase_shape(n: int, g: ConvGeometry):
+    """Shape (N, C, U, V, QH, QW) of the phase planes of ``phase_planes_view``."""
+    return (n, g.c, g.sh * (g.pkh - 1) + g.kh, g.sw * (g.pkw - 1) + g.kw, g.qh, g.qw)
+
+
+def phase_planes_view(xpad, g: ConvGeometry):
+    """View (N, C, U, V, QH, QW) of a padded (N, Hp, Wp, C) array (any strides): its phase planes.
+
+    Plane (u, v) holds, for every pool window (qi, qj), the input pixel read at
+    vertical offset u = sh*a + kh and horizontal offset v = sw*b + kw from the
+    window's corner, for pool position (a, b) and kernel tap (kh, kw):
+    ``[n, c, u, v, qi, qj] = xpad[n, SH*qi + u, SW*qj + v, c]``, SH = sh*PKH and
+    SW = sw*PKW.  Copied once into a C-contiguous buffer, each (tap, channel,
+    image, pool position) row of the K-major grouped im2col is one contiguous
+    run of QH*QW values (``phase_window_view``) instead of QH strided runs of
+    QW: for few input channels (a first conv) the im2col copy was bound by the
+    number of its runs.
+    """
+    xp = get_array_module(xpad)
+    s_n, s_h, s_w, s_c = xpad.strides
+    return xp.lib.stride_tricks.as_strided(
+        xpad, shape=phase_shape(xpad.shape[0], g),
+        strides=(s_n, s_c, s_h, s_w, g.sh * g.pkh * s_h, g.sw * g.pkw * s_w))
+
+
+def phase_window_view(planes, g: ConvGeometry):
+    """View (KH, KW, C, N, PKH, PKW, QH, QW) of C-contiguous phase planes (N, C, U, V, QH, QW):
+    the K-major grouped im2col of ``im2col_grouped_kmajor`` (plain=False), read as
+    planes[n, c, sh*a + kh, sw*b + kw]."""
+    xp = get_array_module(planes)
+    s_n, s_c, s_u, s_v, s_i, s_j = planes.strides
+    return xp.lib.stride_tricks.as_strided(
+        planes, shape=(g.kh, g.kw, g.c, planes.shape[0], g.pkh, g.pkw, g.qh, g.qw),
+        strides=(s_u, s_v, s_c, s_n, g.sh * s_u, g.sw * s_v, s_i, s_j))
+
+
 def im2col_grouped_kmajor(xpad, g: ConvGeometry, out, plain: bool = False):
     """Like ``im2col_grouped`` but transposed: ``out`` (KH*KW*C, N*rows), C-contiguous.
 

@@ -16,6 +16,13 @@ all-reduce the batch statistics between shards, then normalise, pool and ReLU;
 backward all-reduces dbeta and dgamma before the convolution gradients.  In
 evaluation BatchNorm is folded into the weights and bias.
 
+The products run per chunk (about ``stages.CHUNK_BYTES`` of im2col); the
+element-wise work on the conv output (pool, bias, ReLU, BatchNorm, and their
+gradients) per group of chunks (about ``stages.GROUP_BYTES`` of conv output):
+fewer, larger NumPy calls, each of which costs the shard threads a turn at the
+GIL.  A K-major im2col (few input channels) is copied from phase planes of the
+input (``nhwc.phase_planes_view``): long runs instead of many short ones.
+
 Everything a shard needs for n images -- buffers and every strided view of
 every chunk -- is built once (``_ShardPlan``) and reused step after step:
 building views costs Python time, and Python time is what the two shards'

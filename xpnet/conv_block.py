@@ -45,6 +45,11 @@ class _Chunk:
     """Views of one chunk (images a:e of the shard) for its products: im2col, conv output rows."""
 
 
+def _buffer_key(a):
+    """What identifies the memory an array view reads: (address, shape, strides, dtype)."""
+    return (a.__array_interface__["data"][0], a.shape, a.strides, a.dtype.str)
+
+
 class _Group:
     """Consecutive chunks whose element-wise work (pool, bias, ReLU, BatchNorm) runs as one set of calls."""
 
@@ -131,6 +136,24 @@ class _ShardPlan:
             gp.chunks = [self._chunk(blk, gp, ga, a, min(ge, a + chunk), train, need_dx)
                          for a in range(ga, ge, chunk)]
             self.groups.append(gp)
+        # Without padding, a block that is not the first can read its input where it
+        # lies -- the previous stage's output, which nothing changes before the next
+        # forward -- instead of copying it into xin, once the same buffer comes twice.
+        self.may_read_input = blk.index > 0 and g.ph == g.pw == 0 and not blk.kmajor
+        self.src_key, self.seen_key = _buffer_key(self.xin), None
+
+    def read_from(self, blk, src):
+        """Point the chunks' im2col sources at src (N, Hp, Wp, C): xin, or the input itself."""
+        g = blk.g
+        for gp in self.groups:
+            for ch in gp.chunks:
+                same = getattr(ch, "b_src", None) is ch.f_src
+                ch.f_src = nhwc.grouped_window_view(src[ch.a:ch.e], g, self.fwd_plain)
+                if same:
+                    ch.b_src = ch.f_src
+                elif hasattr(ch, "b_src"):
+                    ch.b_src = nhwc.grouped_window_view(src[ch.a:ch.e], g, self.bwd_plain)
+        self.src_key = _buffer_key(src)
 
     def _chunk(self, blk, gp, ga, a, e, train, need_dx):
         """The views the products of chunk a:e (in the group starting at image ga) read and write."""
@@ -138,6 +161,7 @@ class _ShardPlan:
         m, r = e - a, (e - a) * g.rows
         rows = slice((a - ga) * g.rows, (e - ga) * g.rows)
         ch = _Chunk()
+        ch.a, ch.e = a, e
         col = self._col
         if self.planes is not None:
             part = col[:, :r]
@@ -284,9 +308,17 @@ class ConvBlock(Stage):
         need_dx = bool(train and self.conv.needs_input_grad)
         p = self.plan(sh, x.shape[0], x.dtype, train, need_dx)
         x = convert(x, step.layouts[self.index], NHWC)
+        key = _buffer_key(x) if p.may_read_input else None
         if p.planes is not None and g.ph == g.pw == 0:
             numpy.copyto(p.planes, nhwc.phase_planes_view(x, g))  # straight from the input
+        elif key is not None and key in (p.src_key, p.seen_key):
+            if key != p.src_key:
+                p.read_from(self, x)  # the same buffer as last time: read it where it lies
         else:
+            if p.may_read_input:
+                if p.src_key != _buffer_key(p.xin):
+                    p.read_from(self, p.xin)
+                p.seen_key = key
             numpy.copyto(p.interior, x)
             if p.planes is not None:
                 numpy.copyto(p.planes, nhwc.phase_planes_view(p.xin, g))

@@ -117,7 +117,7 @@ class _ShardPlan:
             gp.y = self.y[ga:ge]
             gp.gt = self.gt[:, ga:ge] if self.gt is not None else None
             if bn_train:
-                gp.zall = self.zall[ga * g.rows:ge * g.rows]
+                gp.zall = gp.z = self.zall[ga * g.rows:ge * g.rows]  # the products go to z, kept whole
                 gp.tmp = tmp[:r]
                 gp.u = u[:r] if pooled else gp.y.reshape(r, g.f)
                 gp.u_blocks = nhwc.grouped_blocks(gp.u, g, m, plain=self.fwd_plain) if pooled else None
@@ -169,7 +169,7 @@ class _ShardPlan:
             ch.f_dst, ch.f_mat = part.reshape(ch.f_src.shape), part.T
         else:
             ch.f_src, ch.f_dst, ch.f_mat = blk.im2col_views(self.xin[a:e], col, r, self.fwd_plain)
-        ch.z = gp.zall[rows] if hasattr(gp, "zall") else gp.z[rows]
+        ch.z = gp.z[rows]
         if not train:
             return ch
         if self.bwd_plain == self.fwd_plain:

@@ -292,6 +292,47 @@ def test_buffers_are_reused_after_the_first_step(rng):
     assert buffers() == before and len(before) > 10  # ...and the training plan survives
 
 
+@pytest.mark.parametrize("shape, dtype", [((3, 5, 7), np.float32), (17, np.float64), ((0, 4), np.float32),
+                                           ((2, 3), bool), ((), np.float32)])
+def test_workspace_buffers_start_on_a_cache_line(shape, dtype):
+    bufs = [stages.workspace(shape, dtype, zero=True) for _ in range(8)]
+    for b in bufs:
+        assert b.ctypes.data % stages.ALIGN_BYTES == 0 or b.size == 0  # (no bytes: no address to speak of)
+        assert b.shape == np.empty(shape).shape and b.dtype == np.dtype(dtype)
+        assert b.flags.c_contiguous and b.flags.writeable and not b.any()
+    if bufs[0].size:  # separate memory: writing one leaves the others as they were
+        bufs[0].fill(1)
+        assert bufs[0].all() and not any(b.any() for b in bufs[1:])
+
+
+def test_every_conv_block_buffer_comes_from_the_aligned_workspace(rng):
+    models = [(xpnet.models.captcha_net_bn(input_shape=(3, 16, 40), width=8), 6),
+              (xpnet.models.captcha_net(input_shape=(3, 32, 40)), 5)]
+    whole = {"y", "gt", "d", "pos", "dwmat", "dwtmp", "_col", "planes", "xbuf", "dxbuf", "zall", "du_all",
+             "_dcol", "_dzpad"}
+    checked = set()
+    for m, n in models:
+        x = rng.standard_normal((n,) + m.input_shape).astype(np.float32)
+        _, d = ops.sigmoid_bce_with_logits(m.forward(x, train=True), np.zeros((n, 144), np.float32))
+        m.backward(d)
+        m.forward(x, train=False)
+        blocks = [st for st in m._fast.stages if hasattr(st, "wmat")]
+        for blk in blocks:
+            for w in (*blk.wmat.values(), *blk.bias.values(), blk.wtaps):
+                assert w.ctypes.data % stages.ALIGN_BYTES == 0
+        for sh in m._fast.shards:
+            for p in sh.plans.values():
+                for name, v in vars(p).items():
+                    if not isinstance(v, np.ndarray):
+                        continue
+                    # every buffer and view is carved from a workspace's raw bytes...
+                    assert v.base is not None and v.base.dtype == np.uint8, name
+                    if name in whole:  # ...and each whole buffer starts on a cache line
+                        assert v.ctypes.data % stages.ALIGN_BYTES == 0, name
+                        checked.add(name)
+    assert {"y", "gt", "d", "dwmat", "_col", "planes", "xbuf", "dxbuf", "zall", "_dcol", "_dzpad"} <= checked
+
+
 def test_switch_and_conditions_for_the_fast_path(rng):
     m = Sequential(seed_like(), input_shape=(3, 17, 22))
     x = rng.standard_normal((4, 3, 17, 22)).astype(np.float32)

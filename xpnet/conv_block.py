@@ -31,6 +31,8 @@ threads contend for (the GIL).
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy
 
 from . import settings
@@ -38,7 +40,7 @@ from .errors import UsageError
 from .layers import Conv2D, MaxPool2D
 from .ops import nhwc
 from .stages import (NCHW, NHWC, BatchStats, Stage, batch_moments, bn_check_batch, bn_update_running, chunk_images,
-                     column_sums, convert, group_images)
+                     column_sums, convert, group_images, workspace)
 
 
 class _Chunk:
@@ -66,7 +68,7 @@ class _ShardPlan:
         # (long runs for its additions); BatchNorm keeps z in backward's order.
         self.bwd_plain = need_dx and not blk.dx_im2col
         self.fwd_plain = bn_train and self.bwd_plain
-        emp, zer = numpy.empty, numpy.zeros
+        emp, zer = workspace, partial(workspace, zero=True)  # cache-line aligned (stages.workspace)
         self.xbuf, self.xin = blk.padded(n, dt, zer)  # the padding border stays zero
         self.interior = self.xin[:, g.ph:g.ph + g.h, g.pw:g.pw + g.w]
         # A K-major im2col in grouped order is copied from phase planes: long runs
@@ -217,11 +219,11 @@ class ConvBlock(Stage):
         self.kmajor = g.kw * g.c * dt.itemsize < self.KMAJOR_BELOW_BYTES
         # Weights in the layouts the products read, refreshed in place every step
         # (shard plans hold views of them).  Evaluation with BatchNorm folds it in.
-        self.wmat = {True: numpy.empty((g.kdim, g.f), dt), False: numpy.empty((g.kdim, g.f), dt)}
-        self.bias = {True: numpy.empty(g.f, dt), False: numpy.empty(g.f, dt)}
+        self.wmat = {True: workspace((g.kdim, g.f), dt), False: workspace((g.kdim, g.f), dt)}
+        self.bias = {True: workspace(g.f, dt), False: workspace(g.f, dt)}
         self.has_bias = {True: conv.bias, False: conv.bias or bn is not None}
         # (F, KH*KW*C): the kernel taps' (F, C) matrices side by side, for the input gradient.
-        self.wtaps = numpy.empty((g.f, g.kh * g.kw * g.c), dt)
+        self.wtaps = workspace((g.f, g.kh * g.kw * g.c), dt)
         # Input gradient: for a stride-1 conv whose output covers about as many
         # pixels as its input ('same' padding), one product with the flipped kernel
         # over the im2col of the zero-padded dz (K = KH*KW*F) beats the tap
@@ -229,7 +231,7 @@ class ConvBlock(Stage):
         self.dx_im2col = (g.sh, g.sw) == (1, 1) and g.ph < g.kh and g.pw < g.kw and g.h * g.w <= 1.15 * g.rows
         if self.dx_im2col:
             self.gd = nhwc.ConvGeometry(g.f, g.oh, g.ow, g.c, g.kh, g.kw, 1, 1, g.kh - 1 - g.ph, g.kw - 1 - g.pw)
-            self.wflip = numpy.empty((g.kh * g.kw * g.f, g.c), dt)
+            self.wflip = workspace((g.kh * g.kw * g.f, g.c), dt)
 
     @staticmethod
     def can_group(conv: Conv2D, bn, pool: MaxPool2D) -> bool:

@@ -34,6 +34,29 @@ GROUP_BYTES = 1024 * 1024
 
 NCHW, NHWC, FLAT = "nchw", "nhwc", "flat"
 
+# Workspace buffers start on a cache line.  NumPy only promises 16 bytes (a large
+# array starts 16 bytes into a page), so every 64-byte AVX-512 load or store of an
+# element-wise pass over such a buffer straddles two cache lines.  Aligned conv-block
+# buffers: captcha_net's step 1-3% faster, captcha_net_bn's ~5% (benchmarks/NOTES.md #33).
+ALIGN_BYTES = 64
+
+
+def workspace(shape, dtype, zero: bool = False):
+    """A NumPy buffer of ``shape`` and ``dtype`` whose first byte is ALIGN_BYTES-aligned.
+
+    Views that start at a multiple of 64 bytes into it (rows of 16 float32
+    channels or more) are aligned too.  ``zero`` fills it with zeros.
+    """
+    shape = (int(shape),) if numpy.ndim(shape) == 0 else tuple(int(s) for s in shape)
+    dtype = numpy.dtype(dtype)
+    nbytes = int(numpy.prod(shape, dtype=numpy.int64)) * dtype.itemsize
+    raw = numpy.empty(nbytes + ALIGN_BYTES, numpy.uint8)
+    start = -raw.ctypes.data % ALIGN_BYTES
+    out = raw[start:start + nbytes].view(dtype).reshape(shape)
+    if zero:
+        out.fill(0)
+    return out
+
 
 def convert(x, src: str, dst: str):
     """A view of a 4-D array in another layout (flat arrays pass through)."""

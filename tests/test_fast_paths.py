@@ -317,6 +317,7 @@ def test_every_conv_block_buffer_comes_from_the_aligned_workspace(rng):
         m.backward(d)
         m.forward(x, train=False)
         blocks = [st for st in m._fast.stages if hasattr(st, "wmat")]
+        assert len(blocks) == sum(isinstance(layer, Conv2D) for layer in m.layers)  # one block per conv
         for blk in blocks:
             for w in (*blk.wmat.values(), *blk.bias.values(), blk.wtaps):
                 assert w.ctypes.data % stages.ALIGN_BYTES == 0

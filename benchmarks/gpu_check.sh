@@ -113,7 +113,7 @@ try:
 except Exception as exc:
     print("torch cuda probe failed:", exc)
 try:
-    from xpnet import gpu_errors
+    from xpnet import memory as gpu_errors
     print("cupy wheel", gpu_errors.installed_cupy_wheel())
 except Exception as exc:
     print("xpnet import failed:", exc)

@@ -11,7 +11,7 @@ probability of each chosen character (see ``xpnet.recognizer``).
 
 In a program::
 
-    from xpnet.recognizer import Recognizer
+    from xpnet.captcha.recognizer import Recognizer
     reader = Recognizer.load("model.npz")
     pred = reader.predict_files(["a.png"])
     print(pred.texts[0], pred.confidences[0])

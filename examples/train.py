@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from xpnet.captcha_train import build_train_parser, train_from_args  # noqa: E402
+from xpnet.captcha.job import build_train_parser, train_from_args  # noqa: E402
 from xpnet.cli import run_guarded  # noqa: E402
 
 

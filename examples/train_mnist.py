@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import numpy as np  # noqa: E402
 
 import xpnet  # noqa: E402
-from xpnet import metrics, optim  # noqa: E402
+from xpnet import metrics
+from xpnet.nn import optim  # noqa: E402
 from xpnet.data.mnist import load_mnist  # noqa: E402
 from xpnet.errors import XpnetError  # noqa: E402
 

@@ -9,18 +9,20 @@
 
 __version__ = "0.1.0"
 
-from . import backend, errors, layers, models, ops, settings  # noqa: E402
-from . import io, metrics, optim  # noqa: E402
+from . import backend, errors, ops, config as settings  # noqa: E402
+from .nn import layers, models
+from .nn import serialization as io, optim  # noqa: E402
+from . import metrics
 from .backend import (  # noqa: E402
     asarray, get_array_module, get_dtype, seed, set_dtype, to_numpy, use, using,
 )
-from .layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU  # noqa: E402
-from .model import Sequential  # noqa: E402
-from .io import load, load_checkpoint, save, save_checkpoint  # noqa: E402
-from .optim import SGD, Adam, AdamW  # noqa: E402
-from .train import Trainer, fit  # noqa: E402
-from . import train  # noqa: E402,F811  (the module, next to the fit shortcut)
-from .settings import (  # noqa: E402
+from .nn.layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU  # noqa: E402
+from .nn.sequential import Sequential  # noqa: E402
+from .nn.serialization import load, load_checkpoint, save, save_checkpoint  # noqa: E402
+from .nn.optim import SGD, Adam, AdamW  # noqa: E402
+from .training.trainer import Trainer, fit  # noqa: E402
+from .training import trainer as train  # noqa: E402,F811  (the module, next to the fit shortcut)
+from .config import (  # noqa: E402
     fast_paths, fast_paths_enabled, get_im2col_budget_bytes, get_num_threads, set_im2col_budget, set_num_threads,
 )
 

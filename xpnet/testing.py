@@ -11,7 +11,7 @@ import numpy
 
 from . import backend
 from .errors import BackendError
-from .layers import Dropout
+from .nn.layers import Dropout
 
 # CuPy vs NumPy (or fast path vs reference path) on identical inputs.  float32
 # sums of a few thousand products differ by summation order: ~1e-6 relative

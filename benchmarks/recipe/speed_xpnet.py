@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import xpnet  # noqa: E402
 from xpnet import ops  # noqa: E402
-from xpnet.layers import BatchNorm, Conv2D, Dense, Flatten, MaxPool2D, ReLU  # noqa: E402
+from xpnet.nn.layers import BatchNorm, Conv2D, Dense, Flatten, MaxPool2D, ReLU  # noqa: E402
 from recipe_torch import DEFAULTS, build, loss_fn  # noqa: E402
 
 NETS = {

@@ -14,7 +14,7 @@ results are the same up to the order of the float additions in dw and db.
 
 from __future__ import annotations
 
-from .. import settings
+from .. import config as settings
 from ..backend import check_same_backend, get_array_module
 from ..errors import ShapeError
 from .im2col import col2im, im2col, im2col_nbytes, output_hw, pair

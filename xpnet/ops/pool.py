@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from ..backend import get_array_module
 from ..errors import ShapeError
-from . import nhwc
 from .im2col import output_hw, pad_input, pair, window_view
 
 
@@ -50,14 +49,14 @@ def _position_views(a, kh, kw, oh, ow):
 def forward_reshape(x, size):
     """Non-overlapping windows (stride == size, no padding): element-wise maxima of the
     kh*kw strided position views, recording where each window's first maximum is
-    (``nhwc.pool_blocks_forward``) -- no copy of the windows, no arg-max over a tiny axis."""
+    (``pool_blocks_forward``) -- no copy of the windows, no arg-max over a tiny axis."""
     kh, kw = size
     n, c, h, w = x.shape
     oh, ow = h // kh, w // kw
     xp = get_array_module(x)
     y = xp.empty((n, c, oh, ow), dtype=x.dtype)
     gt = xp.empty((kh * kw - 1, n, c, oh, ow), dtype=bool)
-    nhwc.pool_blocks_forward(_position_views(x, kh, kw, oh, ow), y, gt)
+    pool_blocks_forward(_position_views(x, kh, kw, oh, ow), y, gt)
     return y, (x.shape, x.dtype, gt, (kh, kw), (kh, kw), (0, 0), "reshape")
 
 
@@ -77,6 +76,54 @@ def _finish(x, windows, size, stride, pad, path):
     return y, (x.shape, x.dtype, idx, size, stride, pad, path)
 
 
+def pool_blocks_forward(blocks, out, gt=None):
+    """Max over K equally shaped arrays ``blocks`` into ``out``.
+
+    ``gt`` (bool, shape (K-1,) + out.shape), when given, records for k >= 1
+    whether block k was strictly greater than the maximum of the blocks before
+    it -- enough for the backward pass to find the winner, ties going to the
+    first block as in ``xpnet.ops.pool``.  2K-1 element-wise passes in all.
+    """
+    xp = get_array_module(out)
+    if len(blocks) == 1:
+        xp.copyto(out, blocks[0])
+        return out
+    if gt is not None:
+        xp.greater(blocks[1], blocks[0], out=gt[0])
+    xp.maximum(blocks[0], blocks[1], out=out)
+    for k in range(2, len(blocks)):
+        if gt is not None:
+            xp.greater(blocks[k], out, out=gt[k - 1])
+        xp.maximum(out, blocks[k], out=out)
+    return out
+
+
+def pool_blocks_backward(dy, gt, douts, later, mask, fmask):
+    """Route dy to each window's winning block: douts[k] = dy where block k won, else 0.
+
+    Block k won when it beat the blocks before it (gt[k-1]; block 0 trivially)
+    and no later block beat it.  ``later``/``mask`` (bool) and ``fmask`` (dy's
+    dtype) are scratch arrays of dy's shape.
+    """
+    xp = get_array_module(dy)
+    k_last = len(douts) - 1
+    if k_last == 0:
+        xp.copyto(douts[0], dy)
+        return douts
+    beaten = gt[k_last - 1]  # "a block after k beat the running max": a view until the first OR
+    for k in range(k_last, -1, -1):
+        if k == k_last:
+            won = gt[k_last - 1]
+        elif k > 0:
+            won = xp.greater(gt[k - 1], beaten, out=mask)  # beat the earlier ones, no later one beat it
+            beaten = xp.logical_or(beaten, gt[k - 1], out=later)
+        else:
+            won = xp.logical_not(beaten, out=mask)
+        xp.copyto(fmask, won)  # bool -> float once; a mixed-type multiply is slower
+        xp.multiply(dy, fmask, out=douts[k])
+    return douts
+
+
 def max_pool2d_backward(dy, cache):
     """dx (N, C, H, W): each dy goes to the position that held its window's maximum."""
     x_shape, dtype, idx, (kh, kw), (sh, sw), (ph, pw), path = cache
@@ -88,7 +135,7 @@ def max_pool2d_backward(dy, cache):
     if path == "reshape":  # idx holds the forward's winner records
         dx = xp.zeros(x_shape, dtype=dtype)  # rows and columns no window reads stay zero
         scratch = (xp.empty(dy.shape, dtype=bool), xp.empty(dy.shape, dtype=bool), xp.empty(dy.shape, dtype=dtype))
-        nhwc.pool_blocks_backward(dy, idx, _position_views(dx, kh, kw, oh, ow), *scratch)
+        pool_blocks_backward(dy, idx, _position_views(dx, kh, kw, oh, ow), *scratch)
         return dx
     # Scatter by comparison with the window positions (no put_along_axis needed).
     dwin = (idx[..., None] == xp.arange(kh * kw)) * dy[..., None]

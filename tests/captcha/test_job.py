@@ -1,0 +1,343 @@
+"""The CAPTCHA training pipelines (xpnet.captcha_train) and the Trainer's limits (time budget, max_steps,
+out-of-memory guard) they rely on."""
+
+import hashlib
+import json
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import xpnet
+from xpnet.captcha import job as ct
+from xpnet import memory as gpu_errors
+from xpnet.data import generate_captchas, write_captcha_pngs
+from xpnet.errors import UsageError
+from xpnet.captcha.recognizer import Recognizer
+
+from tests.system import _train_worker as W
+
+# A tiny but real task: 2 characters over 4 classes (chance: 1/16 whole strings), small grey inputs and the
+# cheap seed MNIST network, so that a few epochs run in seconds.
+TINY = dict(config="default", data_dir=None, seed=0, model="simple_convnet", model_kwargs={}, charset="ABCD",
+            length=2, height=24, width=48, channels=1, train_images=400, val_images=60, test_images=150,
+            time_budget=None, epochs=5, batch_size=32, lr=1e-2, final_reserve=0)
+
+
+def tiny_settings(**changes):
+    s = ct.get_config("default")
+    s.update(TINY)
+    s.update(changes)
+    return s
+
+
+def quiet(msg):
+    pass
+
+
+def test_a_short_synthetic_run_learns_and_writes_a_reader(tmp_path):
+    results = ct.run(tiny_settings(), tmp_path, workers=0, progress=False, log=quiet)
+    test = results["test"]
+    assert test["n"] == 150
+    assert test["string_accuracy"] >= 0.25               # chance is 1/16 (seeds 0 and 1 gave 0.67 and 0.42)
+    assert test["char_accuracy"] >= 0.5                  # chance is 1/4
+    history = json.loads((tmp_path / "history.json").read_text())["epochs"]
+    assert len(history) == 5 and history[-1]["train_loss"] < history[0]["train_loss"]
+    assert history[-1]["val_string_accuracy"] > history[0]["val_string_accuracy"]
+    # the saved reader reads the test images as the run reported
+    reader = Recognizer.load(tmp_path / "model.npz")
+    meta = reader.metadata
+    assert meta["charset"] == {"chars": "ABCD", "length": 2} and meta["preprocess"]["height"] == 24
+    assert meta["model"] == "simple_convnet" and meta["config"] == "default"
+    assert meta["results"]["test_string_accuracy"] == pytest.approx(test["string_accuracy"])
+    test_set = generate_captchas(150, ct.derive_seed(0, "test"), "ABCD", 2, preprocess=reader.preprocess, workers=0,
+                                 progress=False)
+    again = reader.evaluate(test_set.images, test_set.labels)
+    assert again.string_accuracy == pytest.approx(test["string_accuracy"])
+
+
+def test_budget_and_held_out_evaluation_wiring(tmp_path, monkeypatch):
+    """The default configuration's shape with a tiny budget: training stops on the budget, then the test
+    images -- from a seed of their own, never seen in training -- are evaluated, and everything is saved."""
+    default = ct.CONFIGS["default"]
+    assert default["time_budget"] <= 15 * 60 - 30 and default["test_images"] == 2000   # 30 s for start-up and exit
+    assert default["epochs"] is None and default["steps"] is None      # the budget decides
+    assert ct.CONFIGS["long"]["time_budget"] <= 60 * 60 - 60
+
+    made, evaluated = [], []
+    real_generate, real_evaluate = ct.generate_captchas, Recognizer.evaluate
+
+    def spy_generate(count, seed, *args, **kwargs):
+        data = real_generate(count, seed, *args, **kwargs)
+        made.append((count, seed, data))
+        return data
+
+    def spy_evaluate(self, images, labels, *args, **kwargs):
+        evaluated.append((np.array(images), list(labels)))
+        return real_evaluate(self, images, labels, *args, **kwargs)
+
+    monkeypatch.setattr(ct, "generate_captchas", spy_generate)
+    monkeypatch.setattr(Recognizer, "evaluate", spy_evaluate)
+    budgets = []
+    real_trainer = ct.Trainer
+
+    def spy_trainer(*args, **kwargs):
+        budgets.append(kwargs["time_budget"])
+        return real_trainer(*args, **kwargs)
+
+    monkeypatch.setattr(ct, "Trainer", spy_trainer)
+    # The job's clock stands still while the data are made (however loaded this machine is), so the
+    # trainer must get the whole budget less the final reserve; the trainer itself keeps the real clock.
+    monkeypatch.setattr(ct, "time", types.SimpleNamespace(monotonic=lambda: 1000.0))
+    settings = tiny_settings(epochs=None, time_budget=4.0, final_reserve=1, train_images=150, val_images=40,
+                             test_images=60)
+    results = ct.run(settings, tmp_path, workers=0, progress=False, log=quiet)
+    assert budgets == [3.0]
+
+    seeds = {count: seed for count, seed, _ in made}
+    train_seed, val_seed, test_seed = seeds[150], seeds[40], seeds[60]
+    assert train_seed == 0 and len({train_seed, val_seed, test_seed}) == 3
+    assert test_seed == ct.derive_seed(0, "test") and val_seed == ct.derive_seed(0, "validation")
+    assert len(evaluated) == 1
+    images, labels = evaluated[0]
+    test_data = [d for count, _, d in made if count == 60][0]
+    np.testing.assert_array_equal(images, test_data.images)
+    assert labels == test_data.labels
+    train_data = [d for count, _, d in made if count == 150][0]
+    seen = {hashlib.sha1(im.tobytes()).digest() for im in train_data.images}
+    assert not any(hashlib.sha1(im.tobytes()).digest() in seen for im in images)
+
+    # stopped by the budget (no epoch or step limit was set), then evaluated and saved
+    history = json.loads((tmp_path / "history.json").read_text())["epochs"]
+    run_doc = json.loads((tmp_path / "run.json").read_text())
+    assert run_doc["data"]["test_seed"] == test_seed and run_doc["settings"]["time_budget"] == 4.0
+    assert run_doc["settings"]["epochs"] is None and run_doc["settings"]["steps"] is None
+    assert history[-1]["elapsed"] >= 3.0 and results["train_seconds"] >= 3.0   # stopped by the budget
+    for name in ("model.npz", "history.csv", "history.json", "history.png", "results.json", "run.json",
+                 "best.npz"):
+        assert (tmp_path / name).is_file(), name
+    assert (tmp_path / "history.png").read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["test"]["n"] == 60 and str(test_seed) in saved["test_set"]
+
+
+def test_folder_pipeline_splits_reports_and_holds_out_the_test_part(tmp_path):
+    folder = tmp_path / "imgs"
+    write_captcha_pngs(folder, 200, seed=4, charset="ABCD", length=2, workers=0, progress=False)
+    (folder / "AB_999.png").write_bytes(b"")              # unreadable
+    (folder / "ABCDE_1.png").write_bytes((next(folder.glob("*_0.png"))).read_bytes())  # label of another length
+    (folder / "notes.txt").write_text("ignored")
+    settings = tiny_settings(data_dir=str(folder), charset=None, length=2, width=None, epochs=2,
+                             time_budget=None)
+    logged = []
+    results = ct.run(settings, tmp_path / "run", workers=0, progress=False, log=logged.append)
+    run_doc = json.loads((tmp_path / "run" / "run.json").read_text())
+    d = run_doc["data"]
+    assert d["images"] == 200 and d["skipped"] == 2
+    assert (d["test"], d["val"], d["train"]) == (40, 16, 144)        # 20% test, 10% of the rest validation
+    assert run_doc["settings"]["charset"] == "ABCD" and run_doc["settings"]["length"] == 2
+    assert run_doc["settings"]["width"] == 64        # 160x60 renders at height 24, rounded up to a multiple of 8
+    skipped = (tmp_path / "run" / "skipped.txt").read_text()
+    assert "AB_999.png" in skipped and "ABCDE_1.png" in skipped
+    assert any("2 file(s) skipped" in m for m in logged)
+    assert results["test"]["n"] == 40
+    # the test part is exactly the seeded split's, and its images are not in the training part
+    from xpnet.data import split_indices
+    rest, test_idx = split_indices(200, 0.2, ct.derive_seed(0, "split"))
+    names = sorted(p.name for p in folder.glob("*.png") if p.name not in ("AB_999.png", "ABCDE_1.png"))
+    test_names = {names[i] for i in test_idx}
+    mistakes = {Path(p).name for p, *_ in results["test_mistakes"]}
+    assert mistakes <= test_names
+
+
+def test_stream_mode_trains_on_fresh_batches(tmp_path):
+    logged = []
+    results = ct.run(tiny_settings(data="stream", stream_epoch_steps=3, epochs=2, val_images=30, test_images=30),
+                     tmp_path, workers=0, progress=False, log=logged.append)
+    history = json.loads((tmp_path / "history.json").read_text())["epochs"]
+    assert [r["step"] for r in history] == [3, 6] and results["test"]["n"] == 30
+    assert any("fresh images per epoch" in m for m in logged)
+    assert json.loads((tmp_path / "run.json").read_text())["data"]["train_images"] == "stream"
+
+
+def test_pregenerate_by_budget_makes_the_first_images_of_the_seed():
+    from xpnet.data import Charset, Preprocess
+    cs, pp = Charset("ABCD", 2), Preprocess(height=24, width=48, channels=1)
+    said = []
+    full = ct.pregenerate({"max": 40, "budget_fraction": 0.5}, 7, cs, pp, 0, False, 100.0, said.append, chunk=16)
+    assert len(full) == 40 and "the limit" in said[-1]
+    some = ct.pregenerate({"max": 10 ** 6, "budget_fraction": 1e-9}, 7, cs, pp, 0, False, 100.0, said.append,
+                          chunk=16)
+    assert 1 <= len(some) < 10 ** 6 and "of the budget" in said[-1]     # at least one chunk, then the time is up
+    want = generate_captchas(len(some), 7, cs, preprocess=pp, workers=0, progress=False)
+    np.testing.assert_array_equal(some.images, want.images)
+    assert some.labels == want.labels
+
+
+def test_prior_bias_starts_the_outputs_at_the_class_prior():
+    from xpnet.data import Charset, Preprocess
+    cs, pp = Charset("ABCD", 2), Preprocess(height=24, width=48, channels=1)
+    model = ct.build_model("captcha_net", cs, pp)
+    ct.set_prior_bias(model, cs)
+    b = model.layers[-1].params["b"]
+    assert b.shape == (8,) and b.dtype == np.float32
+    np.testing.assert_allclose(1 / (1 + np.exp(-b.astype(np.float64))), 0.25, rtol=1e-6)
+
+
+def test_folder_epochs_and_patience_scale_with_the_data():
+    assert ct.folder_epochs(720) == 200 and ct.folder_epochs(7168) == 42 and ct.folder_epochs(72_000) == 10
+    assert ct.folder_patience(200) == 50 and ct.folder_patience(42) == 15 and ct.folder_patience(10) == 15
+
+
+def test_data_runs_take_the_folder_settings_and_options_still_win(tmp_path):
+    parser = ct.build_train_parser()
+    synthetic = ct.resolve_settings(parser.parse_args([]))
+    assert (synthetic["optimizer"], synthetic["lr"], synthetic["max_scale"]) == ("adam", 3e-3, 0.0)
+    assert synthetic["time_budget"] == ct.CONFIGS["default"]["time_budget"] and synthetic["channels"] == 1
+    folder = ct.resolve_settings(parser.parse_args(["--data", str(tmp_path)]))
+    assert (folder["lr"], folder["max_scale"], folder["time_budget"]) == (1e-3, 0.05, None)
+    assert folder["folder_small"]["batchnorm"] and folder["width"] is None and folder["charset"] is None
+    mine = ct.resolve_settings(parser.parse_args(["--data", str(tmp_path), "--lr", "5e-4", "--time-budget", "60",
+                                                  "--model", "captcha_net"]))
+    assert (mine["lr"], mine["time_budget"], mine["folder_small"]["batchnorm"]) == (5e-4, 60.0, False)
+
+
+@pytest.mark.parametrize("below, want_bn", [(5000, True), (10, False)])
+def test_small_folders_get_batchnorm_and_stronger_augmentation(tmp_path, below, want_bn):
+    folder = tmp_path / "imgs"
+    write_captcha_pngs(folder, 60, seed=5, charset="ABCD", length=2, workers=0, progress=False)
+    settings = tiny_settings(data_dir=str(folder), charset=None, length=None, width=None, epochs=1,
+                             model="captcha_net", max_shift=2, max_scale=0.05,
+                             folder_small={"below": below, "batchnorm": True, "max_shift": 3, "max_scale": 0.1})
+    logged = []
+    ct.run(settings, tmp_path / "run", workers=0, progress=False, log=logged.append)
+    run_doc = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run_doc["settings"]["model_kwargs"] == ({"batchnorm": True} if want_bn else {})
+    aug = (run_doc["settings"]["max_shift"], run_doc["settings"]["max_scale"])
+    assert aug == ((3, 0.1) if want_bn else (2, 0.05))
+    model, _ = xpnet.load(tmp_path / "run" / "model.npz")
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds.count("BatchNorm") == (3 if want_bn else 0) and kinds.count("Conv2D") == 3
+    assert any("with BatchNorm" in m for m in logged) == want_bn
+
+
+def test_derived_seeds_differ_and_repeat():
+    for seed in (0, 1, 12345, 2 ** 32 - 1):
+        v, t = ct.derive_seed(seed, "validation"), ct.derive_seed(seed, "test")
+        assert len({seed, v, t}) == 3 and v == ct.derive_seed(seed, "validation")
+
+
+def test_progress_one_cycle_follows_the_fraction_done():
+    done = {"f": 0.0}
+    sched = ct.ProgressOneCycle(1e-2, pct_start=0.25, div_factor=10, final_div_factor=100,
+                                progress=lambda: done["f"])
+    values = []
+    for f in np.linspace(0, 1, 41):
+        done["f"] = f
+        values.append(sched(0))
+    assert values[0] == pytest.approx(1e-3) and values[10] == pytest.approx(1e-2)
+    assert values[-1] == pytest.approx(1e-5)
+    assert np.all(np.diff(values[:11]) > 0) and np.all(np.diff(values[10:]) < 0)
+    assert sched.to_dict() == {"type": "ProgressOneCycle", "max_lr": 1e-2, "pct_start": 0.25,
+                               "div_factor": 10.0, "final_div_factor": 100.0, "warmup_steps": 0}
+
+
+@pytest.mark.parametrize("total_steps", [100, 1000, 10_000])
+def test_progress_one_cycle_warms_up_for_at_least_warmup_steps(total_steps):
+    """Runs of any length: the peak comes after max(3% of the run, 300 steps) -- but never after half
+    the run -- the rate is continuous, and it still ends annealed."""
+    state = {"f": 0.0}
+    sched = ct.ProgressOneCycle(3e-3, pct_start=0.03, div_factor=25, final_div_factor=1e4,
+                                progress=lambda: state["f"], warmup_steps=300)
+    rates = []
+    for step in range(total_steps + 1):
+        state["f"] = step / total_steps
+        rates.append(sched(step))
+    rates = np.array(rates)
+    peak_at = int(np.argmax(rates))
+    want = min(max(0.03 * total_steps, 300), 0.5 * total_steps)
+    assert abs(peak_at - want) <= 1 + 0.01 * total_steps, (peak_at, want)
+    assert rates.max() == pytest.approx(3e-3, rel=1e-3) and rates[0] == pytest.approx(3e-3 / 25)
+    assert np.all(np.diff(rates[:peak_at]) >= 0) and np.all(np.diff(rates[peak_at:]) <= 0)
+    assert np.max(np.abs(np.diff(rates))) < 3e-3 * 10 / min(total_steps, 300)   # no jump anywhere
+    assert rates[-1] == pytest.approx(3e-3 / 25 / 1e4)
+
+
+def test_configurations_are_plain_documented_data():
+    for name, cfg in ct.CONFIGS.items():
+        assert isinstance(cfg["description"], str) and len(cfg["description"]) > 40, name
+        json.dumps(cfg)                                      # plain data: no functions, no objects
+        assert cfg["model"] in xpnet.models.MODELS and set(cfg) == set(ct.CONFIGS["default"]), name
+    with pytest.raises(UsageError, match="unknown configuration 'nope': choose one of default, long"):
+        ct.get_config("nope")
+
+
+# -------------------------------------------------------------- the Trainer's limits
+
+
+def test_max_steps_stops_mid_epoch_and_saves(tmp_path):
+    model, opt = W.build(4)
+    trainer = W.make_trainer(model, opt, tmp_path, max_steps=8)
+    trainer.fit(W.make_data(), epochs=4, val=W.make_data(48, seed=6))
+    h = trainer.history
+    assert h[-1]["step"] == 8 and len(h) == 2      # 6 steps per epoch: the second epoch ends at step 8
+    assert trainer.fraction_done() == 1.0
+    assert (tmp_path / "model.npz").is_file()
+    model2, opt2 = W.build(4)
+    said = []
+    again = W.make_trainer(model2, opt2, tmp_path, max_steps=8, log=said.append)
+    again.fit(W.make_data(), epochs=4, val=W.make_data(48, seed=6), resume=True)
+    assert any("nothing to do" in m and "max_steps" in m for m in said)
+
+
+def test_time_budget_stops_cleanly_and_counts_over_resumes(tmp_path):
+    model, opt = W.build(50)
+    trainer = W.make_trainer(model, opt, tmp_path, slow=0.02, time_budget=0.3)
+    trainer.fit(W.make_data(), epochs=50, val=W.make_data(48, seed=6))
+    h = trainer.history
+    assert 1 <= h[-1]["step"] < 50 * W.STEPS_PER_EPOCH
+    assert h[-1]["elapsed"] >= 0.3 and trainer.elapsed() >= 0.3 and trainer.fraction_done() == 1.0
+    assert (tmp_path / "model.npz").is_file()
+    # a resumed run with a larger budget goes on from the time already spent
+    model2, opt2 = W.build(50)
+    more = W.make_trainer(model2, opt2, tmp_path, slow=0.02, time_budget=0.6)
+    more.fit(W.make_data(), epochs=50, val=W.make_data(48, seed=6), resume=True)
+    assert more.history[-1]["step"] > h[-1]["step"] and more.elapsed() >= 0.6
+    assert more.elapsed() - trainer.elapsed() < 2.0   # it did not start the budget from zero
+
+
+@pytest.mark.parametrize("tie_break", [None, "val_loss"])
+def test_tie_break_keeps_improving_while_the_accuracy_is_stuck(tie_break):
+    model, opt = W.build(8)
+    perfect = {"accuracy": lambda logits, y: 1.0}       # an accuracy stuck at 100% from the first epoch
+    trainer = W.make_trainer(model, opt, None, metrics=perfect, patience=2, tie_break=tie_break)
+    trainer.fit(W.make_data(), epochs=8, val=W.make_data(48, seed=6))
+    h = trainer.history
+    losses = [r["val_loss"] for r in h.epochs]
+    if tie_break is None:
+        assert len(h) == 3                               # stopped: nothing "improved" after epoch 1
+    else:
+        assert len(h) > 3 and min(losses) < losses[0]    # lower losses count as progress
+        best = int(np.argmin(losses[:len(h)])) + 1
+        assert trainer.best_epoch == best == trainer._st["best_epoch"]
+
+
+def test_bad_limits_are_usage_errors():
+    model, opt = W.build(1)
+    with pytest.raises(UsageError, match="time_budget"):
+        W.make_trainer(model, opt, None, time_budget=-1)
+    with pytest.raises(UsageError, match="max_steps"):
+        W.make_trainer(model, opt, None, max_steps=0)
+
+
+def test_out_of_memory_in_a_step_becomes_one_sentence(monkeypatch):
+    model, opt = W.build(1)
+    trainer = W.make_trainer(model, opt, None)
+
+    def no_memory(x, train=False):
+        raise MemoryError("Unable to allocate 9.99 GiB")
+
+    monkeypatch.setattr(model, "forward", no_memory)
+    with pytest.raises(gpu_errors.OutOfMemoryError, match="batch"):
+        trainer.fit(W.make_data(), epochs=1)

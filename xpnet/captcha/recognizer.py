@@ -1,0 +1,440 @@
+"""A trained CAPTCHA reader: load a model file, read images, report texts, confidences and accuracy.
+
+    from xpnet.recognizer import Recognizer
+    reader = Recognizer.load("runs/captcha-.../model.npz")     # rebuilt on the current backend
+    pred = reader.predict_files(["a.png", "b.png"])          # Prediction
+    pred.texts, pred.confidences                              # ["2A2X", "K9PQ"], array([0.97, 0.41])
+    result = reader.evaluate_folder("labelled/")              # Evaluation (labels from file names)
+    print(result.report())
+
+What a model file must carry (``xpnet train`` writes it; see ``metadata_for``):
+``metadata["charset"]`` (``Charset.to_dict()``: characters and label length)
+and ``metadata["preprocess"]`` (``Preprocess.to_dict()``: input size, colour,
+resize policy, normalisation).  Prediction applies exactly that preprocessing,
+so a reader trained on 3x32x96 grey-padded images reads any image file the same
+way training did.
+
+Confidence (``Prediction.confidences``): the model's outputs are independent
+sigmoid units, one block of ``K`` classes per character.  The character read at
+position ``i`` is the block's arg-max; its *character confidence* is that
+unit's sigmoid probability -- the model's own estimate that this character is
+there.  The *text confidence* is the product of the character confidences: the
+probability that every character is right if the positions were independent.
+A text confidence of 0.9 or more is usually right; under 0.5 it is a guess (the
+calibration is the model's, not a guarantee).  It is in [0, 1] and never NaN.
+
+Errors: a missing or damaged model file, a model file without the metadata
+above, an image that cannot be read (with ``on_error="raise"``), a folder
+without usable images: each is one ``XpnetError`` sentence naming the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections import Counter
+
+import numpy
+
+from .. import backend
+from ..nn import serialization as xio
+from ..data.folder import IMAGE_EXTENSIONS, label_from_name, load_folder
+from ..data.images import Preprocess, read_image
+from ..data.labels import Charset
+from ..errors import DataError, ModelFileError, UsageError
+from ..memory import oom_guard
+
+
+def sigmoid(x):
+    """Stable logistic function on NumPy float arrays (no overflow warnings)."""
+    x = numpy.asarray(x, dtype=numpy.float64)
+    e = numpy.exp(-numpy.abs(x))
+    return numpy.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@dataclasses.dataclass
+class Prediction:
+    """What the reader saw in N images.
+
+    texts             N strings of ``charset.length`` characters
+    confidences       (N,) float64 in [0, 1]: product of the character confidences
+    char_confidences  (N, length) float64: sigmoid probability of each chosen character
+    indices           (N, length) int64 class indices
+    paths             N source paths ('' for in-memory images)
+    skipped           (path, reason) of files that could not be read (``on_error="report"``)
+    """
+
+    texts: list
+    confidences: numpy.ndarray
+    char_confidences: numpy.ndarray
+    indices: numpy.ndarray
+    paths: list = dataclasses.field(default_factory=list)
+    skipped: list = dataclasses.field(default_factory=list)
+
+    def __len__(self):
+        return len(self.texts)
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """Accuracy of a reader on labelled images.
+
+    n                  images evaluated
+    string_accuracy    fraction whose every character is right (the CAPTCHA is solved)
+    char_accuracy      fraction of characters right (over n * length)
+    position_accuracy  per-position character accuracy (list of length floats)
+    confused           most frequent mistakes: (true char, read char, count), most first
+    mistakes           (path or '#index', truth, read text, confidence) for every wrong image
+    mean_confidence    mean text confidence on right and on wrong images (None when there are none)
+    skipped            (path, reason) of files that could not be used
+    """
+
+    n: int
+    string_accuracy: float
+    char_accuracy: float
+    position_accuracy: list
+    confused: list
+    mistakes: list
+    mean_confidence: dict
+    skipped: list = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def report(self, top: int = 10, show_mistakes: int = 10) -> str:
+        """A few readable lines: accuracies, most confused characters, some mistakes."""
+        lines = [f"{self.n} images: whole-string accuracy {self.string_accuracy * 100:.2f}%, "
+                 f"per-character accuracy {self.char_accuracy * 100:.2f}% "
+                 f"({round(self.string_accuracy * self.n)} of {self.n} read right)"]
+        if len(self.position_accuracy) > 1:
+            lines.append("per position: " + "  ".join(f"{i + 1}: {a * 100:.1f}%"
+                                                       for i, a in enumerate(self.position_accuracy)))
+        mc = self.mean_confidence
+        if mc.get("right") is not None or mc.get("wrong") is not None:
+            parts = [f"{k} {v:.3f}" for k, v in mc.items() if v is not None]
+            lines.append("mean confidence: " + ", ".join(parts))
+        if self.confused:
+            lines.append("most confused (true -> read: count): " + ", ".join(
+                f"{t}->{p}: {c}" for t, p, c in self.confused[:top]))
+        elif self.n:
+            lines.append("no character was misread")
+        if self.mistakes and show_mistakes:
+            shown = ", ".join(f"{os.path.basename(p) or p} read {r!r} ({c:.2f})"
+                              for p, _, r, c in self.mistakes[:show_mistakes])
+            more = f" and {len(self.mistakes) - show_mistakes} more" if len(self.mistakes) > show_mistakes else ""
+            lines.append(f"wrong: {shown}{more}")
+        if self.skipped:
+            lines.append(f"{len(self.skipped)} file(s) skipped: " + "; ".join(
+                f"{os.path.basename(p)}: {r}" for p, r in self.skipped[:10])
+                + (f"; and {len(self.skipped) - 10} more" if len(self.skipped) > 10 else ""))
+        return "\n".join(lines)
+
+
+def metadata_for(charset: Charset, preprocess: Preprocess, **extra) -> dict:
+    """The metadata a model file needs to be a reader (plus any JSON-safe ``extra`` keys)."""
+    return {"task": "captcha", "charset": charset.to_dict(), "length": charset.length,
+            "preprocess": preprocess.to_dict(), "input_shape": list(preprocess.shape), **extra}
+
+
+class Recognizer:
+    """A model with its charset and preprocessing; reads images of any size and mode.
+
+    ``batch_size`` bounds the images per forward pass (memory), not the number
+    of images a call takes.
+    """
+
+    def __init__(self, model, charset: Charset, preprocess: Preprocess, metadata: dict | None = None,
+                 batch_size: int = 256):
+        if not isinstance(charset, Charset):
+            raise UsageError(f"charset must be an xpnet.data.Charset, got {type(charset).__name__}.")
+        if not isinstance(preprocess, Preprocess):
+            raise UsageError(f"preprocess must be an xpnet.data.Preprocess, got {type(preprocess).__name__}.")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, numpy.integer)) or batch_size < 1:
+            raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        if not model.built:
+            model.build(preprocess.shape)
+        out = model.output_shape
+        if tuple(model.input_shape) != tuple(preprocess.shape):
+            raise ModelFileError(f"the model takes inputs {tuple(model.input_shape)} but the preprocessing "
+                                 f"makes {preprocess.shape}: the model file's metadata does not fit its network.")
+        if out is None or int(numpy.prod(out)) != charset.n_outputs:
+            raise ModelFileError(f"the model has {out} outputs but charset {charset.chars!r} with length "
+                                 f"{charset.length} needs {charset.n_outputs}.")
+        self.model, self.charset, self.preprocess = model, charset, preprocess
+        self.metadata = dict(metadata or {})
+        self.batch_size = int(batch_size)
+        self.path = None
+
+    @classmethod
+    def load(cls, path, to: str | None = None, batch_size: int = 256) -> "Recognizer":
+        """Read a model file written by ``xpnet train`` (or ``xpnet.save`` with ``metadata_for``).
+
+        The network is rebuilt on backend ``to`` (default: the current one).
+        """
+        model, meta = xio.load(path, to=to)
+        try:
+            cs = Charset.from_dict(meta["charset"])
+            pp = Preprocess.from_dict(meta["preprocess"])
+        except (KeyError, TypeError, DataError) as exc:
+            what = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise ModelFileError(
+                f"model file {path} is not a CAPTCHA reader ({what} in its metadata): train it with "
+                f"`xpnet train`, or save it with metadata=xpnet.recognizer.metadata_for(charset, preprocess)."
+            ) from None
+        reader = cls(model, cs, pp, meta, batch_size)
+        reader.path = os.fspath(path)
+        return reader
+
+    # ------------------------------------------------------------------ reading
+    def logits(self, images):
+        """(N, C, H, W) uint8 images (NumPy or on the model's backend) -> (N, length*K) logits (NumPy)."""
+        images = self._check_images(images)
+        xp = backend.get_array_module(next(iter(self.model.parameters().values())))
+        parts = []
+        for i in range(0, images.shape[0], self.batch_size):
+            chunk = images[i:i + self.batch_size]
+            chunk = xp.asarray(chunk) if xp is not numpy else backend.to_numpy(chunk)
+            with oom_guard(self.model, int(chunk.shape[0]), what="prediction", train=False):
+                x = self.preprocess.normalize_batch(chunk, dtype=self.model.dtype)
+                parts.append(backend.to_numpy(self.model.forward(x, train=False)))
+        if not parts:
+            return numpy.zeros((0, self.charset.n_outputs), dtype=backend.get_dtype())
+        return numpy.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def predict(self, images, paths=None) -> Prediction:
+        """(N, C, H, W) uint8 images, already preprocessed -> ``Prediction``."""
+        logits = self.logits(images)
+        return self.decode(logits, paths)
+
+    def decode(self, logits, paths=None) -> Prediction:
+        """(N, length*K) logits (any backend) -> ``Prediction`` (texts, confidences)."""
+        logits = backend.to_numpy(logits)
+        n = logits.shape[0]
+        blocks = logits.reshape(n, self.charset.length, self.charset.n_classes)
+        idx = blocks.argmax(axis=2)
+        win = numpy.take_along_axis(blocks, idx[:, :, None], axis=2)[:, :, 0]
+        char_conf = sigmoid(win)
+        texts = self.charset.decode(idx) if n else []
+        return Prediction(texts=texts, confidences=char_conf.prod(axis=1), char_confidences=char_conf,
+                          indices=idx.astype(numpy.int64), paths=list(paths) if paths is not None else [""] * n)
+
+    def read_files(self, paths, on_error: str = "raise"):
+        """Image files -> ((M, C, H, W) uint8, the M paths read, [(path, reason)] skipped).
+
+        ``on_error="raise"``: the first unreadable file raises a DataError naming it;
+        ``"report"``: it is skipped and listed.
+        """
+        if on_error not in ("raise", "report"):
+            raise UsageError(f"on_error must be 'raise' or 'report', got {on_error!r}.")
+        paths = [os.fspath(p) for p in paths]
+        out = numpy.empty((len(paths),) + self.preprocess.shape, dtype=numpy.uint8)
+        used, skipped = [], []
+        for p in paths:
+            try:
+                out[len(used)] = read_image(p, self.preprocess)
+                used.append(p)
+            except DataError as exc:
+                if on_error == "raise":
+                    raise
+                skipped.append((p, str(exc).removeprefix(f"{p}: ").rstrip(".")))
+        return out[:len(used)], used, skipped
+
+    def predict_files(self, paths, on_error: str = "raise") -> Prediction:
+        """Read and recognise image files (any size, mode, format Pillow reads)."""
+        images, used, skipped = self.read_files(paths, on_error)
+        pred = self.predict(images, used)
+        pred.skipped = skipped
+        return pred
+
+    # --------------------------------------------------------------- evaluating
+    def evaluate(self, images, labels, paths=None, skipped=None, top: int = 10) -> Evaluation:
+        """Accuracy on (N, C, H, W) uint8 images with their text labels."""
+        labels = list(labels)
+        images = self._check_images(images)
+        if images.shape[0] != len(labels):
+            raise UsageError(f"{images.shape[0]} images but {len(labels)} labels.")
+        truth = self.charset.indices(labels)
+        pred = self.predict(images, paths)
+        return self.score(pred, truth, skipped, top)
+
+    def score(self, pred: Prediction, truth, skipped=None, top: int = 10) -> Evaluation:
+        """Compare a ``Prediction`` with the true (N, length) class indices."""
+        truth = numpy.asarray(truth, dtype=numpy.int64)
+        n = len(pred)
+        if n == 0:
+            raise DataError("there are no labelled images to evaluate.")
+        right_chars = pred.indices == truth
+        right = right_chars.all(axis=1)
+        mistakes_count = Counter()
+        for t, p in zip(truth[~right_chars].tolist(), pred.indices[~right_chars].tolist()):
+            mistakes_count[(t, p)] += 1
+        ordered = sorted(mistakes_count.items(), key=lambda kv: (-kv[1], kv[0]))
+        confused = [(self.charset.chars[t], self.charset.chars[p], c) for (t, p), c in ordered[:top]]
+        truth_text = self.charset.decode(truth)
+        mistakes = [(pred.paths[i] if pred.paths and pred.paths[i] else f"#{i}", truth_text[i], pred.texts[i],
+                     float(pred.confidences[i])) for i in numpy.flatnonzero(~right).tolist()]
+        conf = pred.confidences
+        return Evaluation(
+            n=n, string_accuracy=float(right.mean()), char_accuracy=float(right_chars.mean()),
+            position_accuracy=[float(v) for v in right_chars.mean(axis=0)], confused=confused, mistakes=mistakes,
+            mean_confidence={"right": float(conf[right].mean()) if right.any() else None,
+                             "wrong": float(conf[~right].mean()) if (~right).any() else None},
+            skipped=list(skipped or []))
+
+    def evaluate_folder(self, folder, workers: int | None = None, progress: bool | None = None,
+                        top: int = 10) -> Evaluation:
+        """Accuracy on a folder whose file names carry the labels (``xpnet.data.label_from_name``).
+
+        Files that cannot be read, or whose label does not fit the reader's
+        charset and length, are skipped and listed in ``Evaluation.skipped``.
+        """
+        data = load_folder(folder, charset=self.charset, preprocess=self.preprocess, on_error="report",
+                           workers=workers, progress=progress)
+        return self.evaluate(data.images, data.labels, data.paths, data.skipped, top)
+
+    def has_label(self, path) -> bool:
+        """Whether a file name carries a label this reader could produce (length and characters fit)."""
+        return not self.charset.check([label_from_name(path)])
+
+    # ------------------------------------------------------------------ helpers
+    def _check_images(self, images):
+        shape = tuple(getattr(images, "shape", ()))
+        if len(shape) != 4 or shape[1:] != self.preprocess.shape or getattr(images, "dtype", None) != numpy.uint8:
+            raise UsageError(f"the reader takes uint8 images (N,) + {self.preprocess.shape} made by its "
+                             f"preprocessing, got {getattr(images, 'dtype', type(images).__name__)} {shape}: "
+                             f"use predict_files, or read_image(path, reader.preprocess).")
+        return images
+
+    def describe(self) -> str:
+        pp = self.preprocess
+        return (f"{self.model.name}: {self.charset.length} characters of {self.charset.chars!r}, input "
+                f"{pp.channels}x{pp.height}x{pp.width} ({pp.resize}, {pp.normalize}), backend "
+                f"{self.model.backend or backend.current()}")
+
+
+def image_files(path) -> list[str]:
+    """The image files of a folder (sorted by name, sub-folders not entered), or ``[path]`` for a file."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        files = sorted(e.path for e in os.scandir(path)
+                       if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise DataError(f"folder {path} holds no image files ({', '.join(IMAGE_EXTENSIONS[:5])}, ...).")
+        return files
+    return [path]
+
+
+# --------------------------------------------------------------------------
+# ``xpnet eval`` and ``xpnet predict``
+
+
+def add_eval_command(sub) -> None:
+    """Register ``xpnet eval MODEL DIR``."""
+    p = sub.add_parser(
+        "eval", help="accuracy of a trained reader on a folder of labelled images",
+        description="Read every image of a folder whose file names carry the labels (2A2X.png, 2A2X_17.png: the "
+                    "name up to '_' or '.') and report whole-string accuracy (every character right), "
+                    "per-character accuracy, per-position accuracy and the most confused characters. Files that "
+                    "cannot be read, or whose label does not fit the model, are skipped and listed.")
+    p.add_argument("model", metavar="MODEL", help="model file written by xpnet train (model.npz)")
+    p.add_argument("folder", metavar="DIR", help="folder of labelled images")
+    p.add_argument("--top", type=int, default=10, metavar="K",
+                   help="how many of the most confused character pairs to show (default: 10)")
+    p.add_argument("--workers", type=int, default=None, metavar="W",
+                   help="processes decoding images (default: 1 below 3,000 files, else every CPU core)")
+    p.add_argument("--batch-size", type=int, default=256, metavar="B",
+                   help="images per forward pass; lower it if memory runs out (default: 256)")
+    p.add_argument("--json", action="store_true", help="print the full result as JSON (default: readable lines)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: on a terminal)")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _check_positive(value, option):
+    if value is not None and (isinstance(value, bool) or value < 1):
+        raise UsageError(f"{option} must be a positive integer, got {value}.")
+
+
+def _cmd_eval(args) -> int:
+    import json
+
+    _check_positive(args.top, "--top")
+    _check_positive(args.batch_size, "--batch-size")
+    if args.workers is not None and args.workers < 0:
+        raise UsageError(f"--workers must be 0 or more, got {args.workers}.")
+    reader = Recognizer.load(args.model, batch_size=args.batch_size)
+    result = reader.evaluate_folder(args.folder, workers=args.workers or None,
+                                    progress=False if args.no_progress else None, top=args.top)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+    else:
+        print(f"model {args.model}: {reader.describe()}")
+        print(result.report(top=args.top))
+    return 0
+
+
+def add_predict_command(sub) -> None:
+    """Register ``xpnet predict MODEL IMAGE...``."""
+    p = sub.add_parser(
+        "predict", help="read CAPTCHA images with a trained reader: text and confidence per image",
+        description="Print one line per image: the path, the text read and its confidence (the product over the "
+                    "characters of the sigmoid probability of each chosen character: near 1 = sure, under 0.5 = "
+                    "a guess). A folder stands for its image files. When file names carry labels that fit the "
+                    "model (2A2X.png, 2A2X_17.png), each line says whether the reading is right and the accuracy "
+                    "is printed at the end. The model is loaded once, on the current backend (XPNET_BACKEND).")
+    p.add_argument("model", metavar="MODEL", help="model file written by xpnet train (model.npz)")
+    p.add_argument("images", metavar="IMAGE", nargs="+", help="image files or folders of images")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="report unreadable images on stderr and go on (default: stop at the first one, exit 1)")
+    p.add_argument("--batch-size", type=int, default=256, metavar="B",
+                   help="images per forward pass (default: 256)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per image (path, text, confidence, label, right) (default: "
+                        "tab-separated lines)")
+    p.set_defaults(func=_cmd_predict)
+
+
+def _cmd_predict(args) -> int:
+    import json
+    import sys
+
+    _check_positive(args.batch_size, "--batch-size")
+    reader = Recognizer.load(args.model, batch_size=args.batch_size)
+    paths = []
+    for item in args.images:
+        if not os.path.exists(item):
+            raise DataError(f"{item}: no such file or folder.")
+        paths += image_files(item)
+    n_labelled = n_right = 0
+    chars_right = chars_total = 0
+    bad = []
+    chunk = max(args.batch_size, 256)
+    for i in range(0, len(paths), chunk):
+        images, used, skipped = reader.read_files(paths[i:i + chunk], "report" if args.skip_bad else "raise")
+        for p, reason in skipped:
+            print(f"xpnet: skipped {p}: {reason}", file=sys.stderr)
+        bad += skipped
+        pred = reader.predict(images, used)
+        for path, text, conf in zip(used, pred.texts, pred.confidences.tolist()):
+            label = label_from_name(path) if reader.has_label(path) else None
+            if label is not None:
+                n_labelled += 1
+                n_right += text == label
+                chars_right += sum(a == b for a, b in zip(text, label))
+                chars_total += len(label)
+            if args.json:
+                print(json.dumps({"path": path, "text": text, "confidence": round(conf, 6), "label": label,
+                                  "right": None if label is None else text == label}))
+            else:
+                mark = "" if label is None else ("\tright" if text == label else f"\tWRONG (label {label})")
+                print(f"{path}\t{text}\t{conf:.4f}{mark}")
+    if n_labelled and not args.json:
+        print(f"accuracy on {n_labelled} labelled image(s): whole-string {100 * n_right / n_labelled:.2f}% "
+              f"({n_right} right), per-character {100 * chars_right / chars_total:.2f}%")
+    if bad:
+        print(f"xpnet: {len(bad)} image(s) could not be read and were skipped", file=sys.stderr)
+        return 1
+    return 0
+
+
+__all__ = ["Recognizer", "Prediction", "Evaluation", "metadata_for", "image_files", "sigmoid",
+           "add_eval_command", "add_predict_command"]

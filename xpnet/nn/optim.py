@@ -1,0 +1,518 @@
+"""Optimizers and learning-rate schedules.
+
+    opt = xpnet.optim.AdamW(model, lr=xpnet.optim.OneCycle(3e-3, total_steps=2000), weight_decay=1e-4)
+    logits = model.forward(x, train=True)
+    loss, dlogits = sigmoid_bce_with_logits(logits, t)
+    model.backward(dlogits)
+    opt.step()                      # reads model.gradients(), updates parameters in place
+
+An optimizer takes a ``Sequential`` (it then reads ``model.parameters()`` and
+``model.gradients()`` afresh at every step, so ``model.to("cupy")`` after
+creating the optimizer still works) or a dict ``{name: array}`` of parameters
+(then ``step(grads)`` needs the matching gradient dict).  Parameters are
+updated in place (``p -= ...``): ``model.parameters()`` are live references.
+
+Everything stays on the parameters' backend: the slots (velocity, moments) are
+allocated with ``xp = get_array_module(param)``, learning rates and bias
+corrections are Python floats, so a step never synchronises the GPU.  The
+update keeps the parameters' dtype (Python scalars do not upcast float32).
+On NumPy, models of 65,536 values or more are updated in slices on the fast
+path's CPU threads (``xpnet.set_num_threads``); every update is element-wise,
+so the result is the same bits as on one thread.
+
+State for checkpoints: ``state_dict()`` returns ``(meta, arrays)`` -- a
+JSON-safe dict and a dict of NumPy arrays -- and ``load_state_dict(meta,
+arrays)`` puts them back (``xpnet.io`` stores both in one ``.npz``).
+
+Learning rates: a float, or a schedule -- any callable ``step -> lr`` where
+``step`` is the number of updates already done (0 for the first update).
+The built-in schedules (``StepDecay``, ``Cosine`` with optional linear warm-up,
+``OneCycle``) are saved with the optimizer's state.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import OrderedDict
+
+import numpy
+
+from .. import backend, config as settings
+from ..cpu.threads import shard_pool
+from ..errors import ModelFileError, UsageError
+
+# --------------------------------------------------------------------------
+# Schedules: callables step -> lr, described by JSON-safe dicts.
+
+
+class Schedule:
+    """Base class: ``schedule(step)`` is the learning rate of update number ``step`` (0-based)."""
+
+    def __call__(self, step: int) -> float:
+        raise NotImplementedError
+
+    def to_dict(self) -> dict:
+        return {"type": type(self).__name__, **self._config()}
+
+    def _config(self) -> dict:
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self._config().items())})"
+
+
+def _positive(value, name, allow_zero=False) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{name} must be a number, got {value!r}.") from None
+    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+        raise UsageError(f"{name} must be {'>= 0' if allow_zero else '> 0'} and finite, got {value!r}.")
+    return v
+
+
+def _count(value, name, minimum=1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)) or value < minimum:
+        raise UsageError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+class Constant(Schedule):
+    """The same learning rate at every step."""
+
+    def __init__(self, lr: float):
+        self.lr = _positive(lr, "lr")
+
+    def __call__(self, step):
+        return self.lr
+
+    def _config(self):
+        return {"lr": self.lr}
+
+
+class StepDecay(Schedule):
+    """``lr * gamma ** (step // step_size)``: divide by 1/gamma every ``step_size`` updates."""
+
+    def __init__(self, lr: float, step_size: int, gamma: float = 0.1):
+        self.lr = _positive(lr, "lr")
+        self.step_size = _count(step_size, "step_size")
+        self.gamma = _positive(gamma, "gamma")
+
+    def __call__(self, step):
+        return self.lr * self.gamma ** (int(step) // self.step_size)
+
+    def _config(self):
+        return {"lr": self.lr, "step_size": self.step_size, "gamma": self.gamma}
+
+
+class Cosine(Schedule):
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``total_steps``.
+
+    Warm-up step ``s`` (0-based) uses ``lr * (s + 1) / warmup_steps``; after
+    ``total_steps`` the rate stays at ``min_lr``.
+    """
+
+    def __init__(self, lr: float, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0):
+        self.lr = _positive(lr, "lr")
+        self.total_steps = _count(total_steps, "total_steps")
+        self.warmup_steps = _count(warmup_steps, "warmup_steps", minimum=0)
+        self.min_lr = _positive(min_lr, "min_lr", allow_zero=True)
+        if self.warmup_steps >= self.total_steps:
+            raise UsageError(f"warmup_steps ({warmup_steps}) must be smaller than total_steps ({total_steps}).")
+        if self.min_lr > self.lr:
+            raise UsageError(f"min_lr ({min_lr}) must not exceed lr ({lr}).")
+
+    def __call__(self, step):
+        step = int(step)
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if step >= self.total_steps:
+            return self.min_lr
+        progress = (step - self.warmup_steps) / (self.total_steps - self.warmup_steps)
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+    def _config(self):
+        return {"lr": self.lr, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
+                "min_lr": self.min_lr}
+
+
+class OneCycle(Schedule):
+    """One-cycle policy: cosine rise from ``max_lr / div_factor`` to ``max_lr`` over the first
+    ``pct_start`` of ``total_steps``, then cosine fall to ``max_lr / (div_factor * final_div_factor)``.
+
+    Good for short runs: a high rate in the middle, a very small one at the end.
+    """
+
+    def __init__(self, max_lr: float, total_steps: int, pct_start: float = 0.25, div_factor: float = 25.0,
+                 final_div_factor: float = 1e4):
+        self.max_lr = _positive(max_lr, "max_lr")
+        self.total_steps = _count(total_steps, "total_steps", minimum=2)
+        self.pct_start = float(pct_start)
+        if not 0.0 < self.pct_start < 1.0:
+            raise UsageError(f"pct_start must be between 0 and 1 (exclusive), got {pct_start!r}.")
+        self.div_factor = _positive(div_factor, "div_factor")
+        self.final_div_factor = _positive(final_div_factor, "final_div_factor")
+        self.initial_lr = self.max_lr / self.div_factor
+        self.final_lr = self.initial_lr / self.final_div_factor
+        self.up_steps = max(1, int(round(self.pct_start * self.total_steps)))
+
+    @staticmethod
+    def _anneal(start, end, fraction):
+        return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * min(max(fraction, 0.0), 1.0)))
+
+    def __call__(self, step):
+        step = int(step)
+        if step <= self.up_steps:
+            return self._anneal(self.initial_lr, self.max_lr, step / self.up_steps)
+        down = max(1, self.total_steps - 1 - self.up_steps)
+        return self._anneal(self.max_lr, self.final_lr, (step - self.up_steps) / down)
+
+    def _config(self):
+        return {"max_lr": self.max_lr, "total_steps": self.total_steps, "pct_start": self.pct_start,
+                "div_factor": self.div_factor, "final_div_factor": self.final_div_factor}
+
+
+SCHEDULES = {cls.__name__: cls for cls in (Constant, StepDecay, Cosine, OneCycle)}
+
+
+def schedule_from_dict(d) -> Schedule:
+    """Rebuild a built-in schedule from ``Schedule.to_dict()`` output."""
+    if not isinstance(d, dict) or d.get("type") not in SCHEDULES:
+        raise UsageError(f"unknown learning-rate schedule {d!r}: known types are {', '.join(SCHEDULES)}.")
+    kwargs = {k: v for k, v in d.items() if k != "type"}
+    return SCHEDULES[d["type"]](**kwargs)
+
+
+def _lr_description(lr):
+    """JSON-safe description of a float or schedule (None for foreign callables)."""
+    if isinstance(lr, Schedule):
+        return lr.to_dict()
+    if callable(lr):
+        return {"type": "callable", "repr": repr(lr)}
+    return float(lr)
+
+
+# --------------------------------------------------------------------------
+# Optimizers
+
+
+def _is_model(obj) -> bool:
+    return hasattr(obj, "parameters") and hasattr(obj, "gradients") and callable(obj.parameters)
+
+
+class Optimizer:
+    """Base class.  Subclasses define ``SLOTS`` (per-parameter state names) and ``_update``.
+
+    ``params``: a ``Sequential`` or a dict ``{name: array}``.
+    ``lr``: a float or a schedule ``step -> lr``.
+    ``clip_norm``: when set, gradients are scaled so that their global L2 norm
+    is at most this value (computed on the device, no synchronisation).
+    """
+
+    SLOTS: tuple = ()
+
+    def __init__(self, params, lr=0.01, weight_decay: float = 0.0, clip_norm: float | None = None):
+        if _is_model(params):
+            self._model, self._params = params, None
+        elif isinstance(params, dict):
+            if not params:
+                raise UsageError(f"{type(self).__name__} was given an empty parameter dict: nothing to train.")
+            self._model, self._params = None, OrderedDict(params)
+        else:
+            raise UsageError(
+                f"{type(self).__name__} takes a model or a dict of parameters, got {type(params).__name__}."
+            )
+        if callable(lr):
+            self.lr = lr
+        else:
+            self.lr = _positive(lr, "lr")
+        self.weight_decay = _positive(weight_decay, "weight_decay", allow_zero=True)
+        self.clip_norm = None if clip_norm is None else _positive(clip_norm, "clip_norm")
+        self.step_count = 0  # number of updates done
+        self.state: dict = {}  # param name -> {slot: array on the parameter's backend}
+
+    # ------------------------------------------------------------------ use
+    def parameters(self):
+        return self._model.parameters() if self._model is not None else self._params
+
+    def current_lr(self) -> float:
+        """The learning rate the next ``step()`` will use."""
+        lr = self.lr(self.step_count) if callable(self.lr) else self.lr
+        return float(lr)
+
+    def step(self, grads=None) -> float:
+        """Apply one update in place; returns the learning rate used.
+
+        ``grads``: dict {name: gradient}; default ``model.gradients()`` when the
+        optimizer was given a model.
+        """
+        params = self.parameters()
+        if grads is None:
+            if self._model is None:
+                raise UsageError(f"{type(self).__name__}.step() needs the gradients when it was given a parameter dict.")
+            grads = self._model.gradients()
+        missing = [k for k in params if k not in grads]
+        if missing:
+            raise UsageError(f"{type(self).__name__}.step(): no gradient for parameter(s) {missing[:5]}.")
+        lr = self.current_lr()
+        if not math.isfinite(lr) or lr < 0:
+            raise UsageError(f"the learning rate at step {self.step_count} is {lr!r}: it must be finite and >= 0.")
+        scale = self._clip_scale(grads, params) if self.clip_norm is not None else None
+        jobs = []
+        for name, p in params.items():
+            g = grads[name]
+            if g.shape != p.shape:
+                raise UsageError(f"gradient of '{name}' has shape {g.shape} but the parameter has {p.shape}.")
+            jobs.append((name, p, g, self._slots(name, p)))
+        t = self._threads(jobs)
+        if t == 1:
+            for name, p, g, slots in jobs:
+                self._update(name, p, g if scale is None else g * scale, lr, slots)
+        else:
+            jobs = [(name, p, numpy.ascontiguousarray(g), slots) for name, p, g, slots in jobs]
+
+            if getattr(self, "_scratch_threads", t) != t:
+                self.__dict__.get("_scratch_buffers", {}).clear()  # slices of another thread count
+            self._scratch_threads = t
+
+            def update_slice(k):
+                # Every update is element-wise: slice k of each parameter gives the same
+                # bits as the whole array, whatever the number of slices.
+                for name, p, g, slots in jobs:
+                    lo, hi = k * p.size // t, (k + 1) * p.size // t
+                    if hi > lo:
+                        gk = g.reshape(-1)[lo:hi]
+                        self._update(name, p.reshape(-1)[lo:hi], gk if scale is None else gk * scale, lr,
+                                     {s: v.reshape(-1)[lo:hi] for s, v in slots.items()}, part=k)
+
+            shard_pool().run(update_slice, t)
+        self.step_count += 1
+        return lr
+
+    # Below this many parameter values in all, the update runs on the calling thread only.
+    PARALLEL_MIN_SIZE = 1 << 16
+
+    def _threads(self, jobs) -> int:
+        """How many CPU threads share this update: the fast path's thread count for large
+        NumPy models (the passes release the GIL), else 1.
+
+        Only the built-in updates are split: a subclass's ``_update`` may look at the
+        parameter's name or at the whole array, or rebind its slots.
+        """
+        t = settings.get_num_threads()
+        if t == 1 or not settings.fast_paths_enabled() or type(self)._update not in _SLICEABLE_UPDATES:
+            return 1
+        total = 0
+        for _, p, _, slots in jobs:
+            if type(p) is not numpy.ndarray or not p.flags.c_contiguous or \
+                    any(not v.flags.c_contiguous for v in slots.values()):
+                return 1
+            total += p.size
+        return t if total >= self.PARALLEL_MIN_SIZE else 1
+
+    def _clip_scale(self, grads, params):
+        first = next(iter(params.values()))
+        xp = backend.get_array_module(first)
+        total = xp.zeros((), dtype=first.dtype)
+        for name in params:
+            g = grads[name]
+            total = total + (g * g).sum(dtype=first.dtype)
+        norm = xp.sqrt(total)
+        return xp.minimum(first.dtype.type(1.0), first.dtype.type(self.clip_norm) / (norm + first.dtype.type(1e-6)))
+
+    def _slots(self, name, p) -> dict:
+        """The state arrays of one parameter, created as zeros or moved to p's backend when needed."""
+        slots = self.state.get(name)
+        xp = backend.get_array_module(p)
+        if slots is None:
+            slots = {s: xp.zeros_like(p) for s in self.SLOTS}
+            self.state[name] = slots
+        else:
+            for s, v in slots.items():
+                if not backend.same_backend(v, p) or v.dtype != p.dtype:
+                    # The model moved (model.to(...)) or the state came from a file: one transfer.
+                    host = backend.to_numpy(v).astype(p.dtype)
+                    slots[s] = xp.asarray(host) if xp is not numpy else host
+        return slots
+
+    def _update(self, name, p, g, lr, slots, part=None):
+        """Update p (and its slots) in place.  ``part``: which slice of a parameter split
+        across threads this is (built-in optimizers only; None for the whole array)."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- state
+    def config(self) -> dict:
+        return {"lr": _lr_description(self.lr), "weight_decay": self.weight_decay, "clip_norm": self.clip_norm}
+
+    def state_dict(self):
+        """``(meta, arrays)``: JSON-safe description and step, and NumPy copies of the slots.
+
+        Array keys are ``"<slot>/<parameter name>"``.
+        """
+        meta = {"type": type(self).__name__, "config": self.config(), "step_count": self.step_count,
+                "slots": list(self.SLOTS)}
+        arrays = {}
+        for name, slots in self.state.items():
+            for s, v in slots.items():
+                arrays[f"{s}/{name}"] = backend.to_numpy(v).copy()
+        return meta, arrays
+
+    def load_state_dict(self, meta: dict, arrays: dict) -> None:
+        """Restore the step count and slots saved by ``state_dict()``.
+
+        Hyper-parameters stay as constructed; a difference from the saved ones
+        gives a warning (the resumed run would not match an uninterrupted one).
+        """
+        if not isinstance(meta, dict) or meta.get("type") != type(self).__name__:
+            kind = meta.get("type") if isinstance(meta, dict) else None
+            raise ModelFileError(
+                f"the saved optimizer state is for {kind!r}, not {type(self).__name__}: "
+                "create the same optimizer type as the run that wrote it."
+            )
+        saved_config = meta.get("config", {})
+        if saved_config != self.config():
+            warnings.warn(
+                f"{type(self).__name__} hyper-parameters differ from the saved ones ({saved_config} vs "
+                f"{self.config()}): the resumed run will not match an uninterrupted one.",
+                stacklevel=2,
+            )
+        params = self.parameters()
+        state: dict = {}
+        for key, value in arrays.items():
+            slot, _, name = key.partition("/")
+            if slot not in self.SLOTS or name not in params:
+                raise ModelFileError(
+                    f"the saved optimizer state has an entry {key!r} that does not fit this model: "
+                    "was it saved for another architecture?"
+                )
+            if tuple(value.shape) != tuple(params[name].shape):
+                raise ModelFileError(
+                    f"the saved optimizer state {key!r} has shape {tuple(value.shape)} but the parameter "
+                    f"has {tuple(params[name].shape)}."
+                )
+            state.setdefault(name, {})[slot] = numpy.array(value)
+        self.state = state
+        for name, p in params.items():
+            if name in self.state:
+                self._slots(name, p)  # move to the parameters' backend now
+        self.step_count = int(meta.get("step_count", 0))
+
+    def __repr__(self):
+        cfg = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"{type(self).__name__}({cfg})"
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent, optionally with (Nesterov) momentum and L2 weight decay.
+
+    With ``g = grad + weight_decay * p`` (L2, added to the gradient)::
+
+        v = momentum * v + g                         (v starts at 0)
+        p -= lr * (g + momentum * v)   if nesterov
+        p -= lr * v                    otherwise (plain SGD when momentum == 0)
+    """
+
+    def __init__(self, params, lr=0.01, momentum: float = 0.0, nesterov: bool = False,
+                 weight_decay: float = 0.0, clip_norm: float | None = None):
+        super().__init__(params, lr, weight_decay, clip_norm)
+        self.momentum = float(momentum)
+        if not 0.0 <= self.momentum < 1.0:
+            raise UsageError(f"momentum must be in [0, 1), got {momentum!r}.")
+        if nesterov and self.momentum == 0.0:
+            raise UsageError("nesterov=True needs a momentum > 0.")
+        self.nesterov = bool(nesterov)
+        self.SLOTS = ("velocity",) if self.momentum > 0 else ()
+
+    def _update(self, name, p, g, lr, slots, part=None):
+        if self.weight_decay:
+            g = g + self.weight_decay * p
+        if self.momentum:
+            v = slots["velocity"]
+            v *= self.momentum
+            v += g
+            update = g + self.momentum * v if self.nesterov else v
+        else:
+            update = g
+        p -= lr * update
+
+    def config(self):
+        return {**super().config(), "momentum": self.momentum, "nesterov": self.nesterov}
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba).  ``weight_decay`` here is L2 (added to the gradient); use ``AdamW``
+    for decoupled weight decay.  With t = step_count + 1::
+
+        m = b1 m + (1 - b1) g ;  v = b2 v + (1 - b2) g^2
+        p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+    """
+
+    SLOTS = ("m", "v")
+    decoupled = False
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 clip_norm: float | None = None):
+        super().__init__(params, lr, weight_decay, clip_norm)
+        try:
+            b1, b2 = (float(b) for b in betas)
+        except (TypeError, ValueError):
+            raise UsageError(f"betas must be a pair of numbers, got {betas!r}.") from None
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise UsageError(f"betas must lie in [0, 1), got {betas!r}.")
+        self.betas = (b1, b2)
+        self.eps = _positive(eps, "eps")
+
+    def _update(self, name, p, g, lr, slots, part=None):
+        b1, b2 = self.betas
+        if self.weight_decay:
+            if self.decoupled:
+                p *= 1.0 - lr * self.weight_decay
+            else:
+                g = g + self.weight_decay * p
+        xp = backend.get_array_module(p)
+        m, v = slots["m"], slots["v"]
+        tmp = self._scratch(name if part is None else (name, part), p, xp)  # reused: no allocations per step
+        m *= b1
+        xp.multiply(g, 1.0 - b1, out=tmp)
+        m += tmp
+        v *= b2
+        xp.multiply(g, g, out=tmp)
+        tmp *= 1.0 - b2
+        v += tmp
+        t = self.step_count + 1
+        xp.sqrt(v, out=tmp)
+        tmp *= 1.0 / math.sqrt(1.0 - b2 ** t)
+        tmp += self.eps
+        xp.divide(m, tmp, out=tmp)
+        tmp *= lr / (1.0 - b1 ** t)
+        p -= tmp
+
+    def _scratch(self, name, p, xp):
+        store = self.__dict__.setdefault("_scratch_buffers", {})
+        buf = store.get(name)
+        if buf is None or buf.shape != p.shape or buf.dtype != p.dtype or not backend.same_backend(buf, p):
+            buf = store[name] = xp.empty_like(p)
+        return buf
+
+    def config(self):
+        return {**super().config(), "betas": list(self.betas), "eps": self.eps}
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter): before the Adam update,
+    ``p *= 1 - lr * weight_decay`` (the decay follows the schedule, not the gradient scale)."""
+
+    decoupled = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
+                 clip_norm: float | None = None):
+        super().__init__(params, lr, betas, eps, weight_decay, clip_norm)
+
+
+OPTIMIZERS = {cls.__name__: cls for cls in (SGD, Adam, AdamW)}
+# Element-wise updates that give the same bits on slices of a parameter as on the whole.
+_SLICEABLE_UPDATES = (SGD._update, Adam._update)
+
+__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "Schedule", "Constant", "StepDecay", "Cosine", "OneCycle",
+           "schedule_from_dict", "OPTIMIZERS", "SCHEDULES"]

@@ -1,0 +1,1 @@
+"""Training: ``Trainer`` / ``fit``, its typed state, and the extras as small callbacks."""

@@ -81,6 +81,10 @@ class Layer:
     def backward(self, dy):
         raise NotImplementedError
 
+    def clear_cache(self) -> None:
+        """Drop what the last forward kept for backward (another path ran the model)."""
+        self._cache = None
+
     def _take_cache(self):
         if self._cache is None:
             raise UsageError(

@@ -117,7 +117,7 @@ class Sequential:
             if self.compute_input_grad != self.layers[0].needs_input_grad:
                 self._set_input_grad_flags()
             for layer in self.layers:  # the plain path's caches are stale from here on
-                layer._cache = None
+                layer.clear_cache()
             return fast.forward(x, train)
         if self._fast is not None:
             self._fast.invalidate()
@@ -222,7 +222,7 @@ class Sequential:
             for store in (l.params, l.buffers, l.grads):
                 for k, v in store.items():
                     store[k] = backend.to_numpy(v) if xp is numpy else xp.asarray(v)
-            l._cache = None
+            l.clear_cache()
         self._fast = None
         return self
 
@@ -234,7 +234,7 @@ class Sequential:
                 for k, v in store.items():
                     store[k] = v.astype(dtype)
             l.grads.clear()
-            l._cache = None
+            l.clear_cache()
         self.dtype = dtype
         self._fast = None
         return self

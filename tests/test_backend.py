@@ -165,7 +165,7 @@ def test_cli_unknown_backend_exit_2_one_sentence():
     r = run_cli("info", env_extra={"XPNET_BACKEND": "gpu"})
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines() == ["xpnet: error: Unknown backend 'gpu' (XPNET_BACKEND=gpu): choose one of numpy, cupy or auto."]
+    assert r.stderr.strip().splitlines() == ["xpnet: error: XPNET_BACKEND=gpu is not valid: choose one of numpy, cupy, auto."]
 
 
 @pytest.mark.skipif(backend.has_cupy_gpu, reason="a GPU is usable here")

@@ -10,10 +10,11 @@ import pytest
 
 import xpnet
 
-from xpnet import backend, memory as gpu_errors, models, ops
+from xpnet import backend, memory, models, ops
+from xpnet.cuda.driver import DriverMismatchError, driver_mismatch_message
 from xpnet.errors import BackendError, XpnetError
-from xpnet.memory import (DriverMismatchError, OutOfMemoryError, classify, driver_mismatch_message,
-                              oom_guard, out_of_memory_message, step_memory, suggest_batch_size)
+from xpnet.memory import (OutOfMemoryError, classify, oom_guard, out_of_memory_message, step_memory,
+                          suggest_batch_size)
 
 MiB = 1024 ** 2
 
@@ -69,14 +70,14 @@ def test_suggested_batch_is_the_largest_that_fits_the_budget():
     per = step_memory(model)["per_sample"]
     for free in (200 * MiB, 1024 * MiB, 5000 * MiB):
         n = suggest_batch_size(model, free)
-        budget = free * gpu_errors.SAFETY - gpu_errors.RESERVE_BYTES
+        budget = free * memory.SAFETY - memory.RESERVE_BYTES
         assert n * per <= budget < (n + 1) * per
     assert suggest_batch_size(model, 10 * MiB) == 0
 
 
 def test_guard_turns_memory_error_into_one_sentence_with_a_batch_size(monkeypatch):
     model = models.captcha_net()
-    monkeypatch.setattr(gpu_errors, "free_memory", lambda where: (300 * MiB, "the host"))
+    monkeypatch.setattr(memory, "free_memory", lambda where: (300 * MiB, "the host"))
     expected = suggest_batch_size(model, 300 * MiB)
     assert 1 <= expected < 500
     x = np.zeros((4, 3, 32, 80), np.float32)
@@ -122,7 +123,7 @@ def test_classify():
 
 def test_guard_translates_driver_errors_and_passes_others(monkeypatch):
     model = models.captcha_net()
-    monkeypatch.setattr(gpu_errors, "current_driver_mismatch_message", lambda: "install cupy-cuda12x.")
+    monkeypatch.setattr(memory, "current_driver_mismatch_message", lambda: "install cupy-cuda12x.")
     with pytest.raises(DriverMismatchError, match="install cupy-cuda12x"):
         with oom_guard(model, 4):
             raise CUDADriverError("CUDA_ERROR_UNSUPPORTED_PTX_VERSION")
@@ -142,7 +143,7 @@ def test_driver_mismatch_messages_name_the_wheel():
     assert 'nvidia-cuda-nvrtc==13.0.*' in msg and "CUDA 13.2" in msg
     assert "No NVIDIA driver" in driver_mismatch_message(0, 13000)
     assert "cupy-cuda11x" in driver_mismatch_message(11080, 12000)
-    assert "XPNET_CUDA_KERNELS=0" in driver_mismatch_message(13000, 13000, "cupy-cuda13x 14.2.0", 13000)
+    assert "XPNET_REFERENCE=1" in driver_mismatch_message(13000, 13000, "cupy-cuda13x 14.2.0", 13000)
     for m in (driver_mismatch_message(12040, 13000), driver_mismatch_message(13000, 13000, None, 13020)):
         assert "\n" not in m and m.endswith(".")
 
@@ -152,7 +153,7 @@ def test_errors_are_xpnet_errors():
 
 
 def test_max_batch_size_on_the_host():
-    assert gpu_errors.max_batch_size(models.simple_convnet(), train=True) >= 1
+    assert memory.max_batch_size(models.simple_convnet(), train=True) >= 1
 
 
 @pytest.mark.gpu

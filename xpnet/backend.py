@@ -27,6 +27,7 @@ import platform
 
 import numpy
 
+from . import config
 from .errors import BackendError, BackendUsageError, DeviceMismatchError
 
 try:  # The probe: CuPy importable?
@@ -41,14 +42,21 @@ except Exception as exc:  # ImportError, or a broken CUDA library underneath
 
 has_cupy = cupy is not None
 
-BACKENDS = ("numpy", "cupy", "auto")
+BACKENDS = config.BACKEND_NAMES
 DTYPES = {"float32": numpy.float32, "float64": numpy.float64}
 
 _INSTALL_HINT = 'pip install "xpnet[cuda12]" (or "xpnet[cuda13]" for a CUDA 13 driver)'
 
 
-def _cuda_version_text(v: int) -> str:
+def cuda_version_text(v: int) -> str:
+    """CUDA's version integer as text: 12040 -> "12.4"."""
     return f"{v // 1000}.{(v % 1000) // 10}"
+
+
+def wheel_for_driver(driver_version: int) -> str:
+    """The CuPy wheel built for a driver's CUDA major version (e.g. 12040 -> "cupy-cuda12x")."""
+    major = driver_version // 1000
+    return f"cupy-cuda{major}x" if major >= 11 else f"a CuPy release for CUDA {cuda_version_text(driver_version)}"
 
 
 def _probe_device() -> tuple[bool, str]:
@@ -73,10 +81,9 @@ def _probe_device() -> tuple[bool, str]:
     # newer MAJOR version than the driver's is unusable.
     if built_for and driver // 1000 < built_for // 1000:
         major = driver // 1000
-        wheel = f"cupy-cuda{major}x" if major >= 11 else "a CuPy wheel for your CUDA version"
         return False, (
-            f"this CuPy build needs CUDA {_cuda_version_text(built_for)} but the driver "
-            f"supports only CUDA {_cuda_version_text(driver)}: install {wheel} "
+            f"this CuPy build needs CUDA {cuda_version_text(built_for)} but the driver "
+            f"supports only CUDA {cuda_version_text(driver)}: install {wheel_for_driver(driver)} "
             f"(pip install \"xpnet[cuda{major}]\") or update the NVIDIA driver"
         )
     try:
@@ -125,24 +132,25 @@ def _resolve(name: str, origin: str) -> tuple[str, str]:
 
 
 def _init_from_env() -> None:
-    """(Re)read XPNET_BACKEND and XPNET_DTYPE.  Errors are kept and raised at first use."""
+    """(Re)read XPNET_BACKEND and XPNET_DTYPE (``xpnet.config``).  Errors are kept and raised at first use."""
     global _current, _reason, _pending_error, _dtype
     _pending_error = None
-    requested = os.environ.get("XPNET_BACKEND", "auto")
-    origin = f"XPNET_BACKEND={requested}" if "XPNET_BACKEND" in os.environ else "default"
+    requested, origin, error = config.read_backend_env()
+    dtype_name, dtype_error = config.read_dtype_env()
+    _dtype = numpy.dtype(DTYPES[dtype_name])
     try:
-        _current, _reason = _resolve(requested, origin)
+        if error is not None:
+            raise error
+        _current, _reason = _resolve(requested, origin or "default")
     except (BackendError, BackendUsageError) as exc:
         _current, _reason, _pending_error = None, "", exc
-    requested_dtype = os.environ.get("XPNET_DTYPE", "float32")
-    if requested_dtype.strip().lower() in DTYPES:
-        _dtype = numpy.dtype(DTYPES[requested_dtype.strip().lower()])
-    else:
-        _dtype = numpy.dtype(numpy.float32)
-        if _pending_error is None:
-            _pending_error = BackendUsageError(
-                f"Unknown dtype {requested_dtype!r} (XPNET_DTYPE): choose float32 or float64."
-            )
+    if _pending_error is None and dtype_error is not None:
+        _pending_error = dtype_error
+
+
+def device_reason() -> str:
+    """Why a CUDA device is or is not usable, in words (from the import-time probe)."""
+    return _device_reason
 
 
 def current() -> str:
@@ -345,8 +353,8 @@ def info() -> dict:
         },
     }
     if cupy is not None and has_cupy_gpu:
-        out["cuda_runtime"] = _cuda_version_text(cupy.cuda.runtime.runtimeGetVersion())
-        out["cuda_driver"] = _cuda_version_text(cupy.cuda.runtime.driverGetVersion())
+        out["cuda_runtime"] = cuda_version_text(cupy.cuda.runtime.runtimeGetVersion())
+        out["cuda_driver"] = cuda_version_text(cupy.cuda.runtime.driverGetVersion())
     out["device"] = device_info()
     return out
 

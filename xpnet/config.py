@@ -1,61 +1,75 @@
-"""Run-time settings of the CPU speed machinery, each with an environment variable.
+"""Every ``XPNET_*`` environment variable, parsed in one place with one policy.
 
-* ``fast_paths(enabled)`` -- use the fused, batch-parallel executor for
-  ``Sequential`` on NumPy (default on; ``XPNET_FAST=0`` turns it off).  The plain
-  layer-by-layer path stays beside it as the reference; tests hold the two equal.
-  Works as a setter and as a context manager::
+| variable                 | values                      | default       | what it sets                          |
+|--------------------------|-----------------------------|---------------|---------------------------------------|
+| ``XPNET_BACKEND``        | ``numpy``, ``cupy``, ``auto`` | ``auto``     | where new arrays go (``xpnet.use``)   |
+| ``XPNET_DTYPE``          | ``float32``, ``float64``    | ``float32``   | default float dtype                   |
+| ``XPNET_REFERENCE``      | ``1``/``0`` (on/off, ...)   | ``0``         | force the reference paths everywhere  |
+| ``XPNET_NUM_THREADS``    | an integer >= 1             | usable cores  | CPU threads of the fused path         |
+| ``XPNET_IM2COL_BUDGET_MB`` | a number > 0              | ``512``       | largest im2col matrix per convolution |
 
-      xpnet.fast_paths(False)              # from now on
-      with xpnet.fast_paths(False): ...    # for a block, restored afterwards
-
-* ``set_num_threads(n)`` -- how many CPU threads the batch-parallel executor
-  splits a batch across (default: the CPU cores this process may use;
-  ``XPNET_NUM_THREADS``).  The result depends on n only through the order in
-  which per-thread partial gradients are summed, which is fixed for a given n:
-  the same seed and settings give bitwise-identical runs.
-* ``set_im2col_budget(mb)`` -- the most memory one convolution's im2col matrix
-  may take (default 512 MiB; ``XPNET_IM2COL_BUDGET_MB``).  Larger batches are
-  split into chunks that fit, with the same results.
-
-CuPy arrays never use the CPU machinery (threads, BLAS thread control, cache
-blocking): on the GPU the plain path runs.
+The policy: a bad value never breaks ``import xpnet``; it raises a ``UsageError``
+(one sentence naming the variable; exit code 2 from the ``xpnet`` command,
+which checks them all at start with ``check_environment()``) the first time the
+setting is read.  The setters below (``set_num_threads``, ...) change a
+setting for this process and clear its error.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 
-from .errors import UsageError
+from .checks import integer, number
+from .errors import BackendUsageError, UsageError
 
 DEFAULT_IM2COL_BUDGET_MB = 512.0
+BACKEND_NAMES = ("numpy", "cupy", "auto")
+DTYPE_NAMES = ("float32", "float64")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+# Variables of earlier versions, refused with the replacement rather than silently ignored.
+_REPLACED = {
+    "XPNET_FAST": "XPNET_REFERENCE=1 (the reference paths on both backends)",
+    "XPNET_CUDA_KERNELS": "XPNET_REFERENCE=1 (the reference paths on both backends)",
+}
 
 
-def _env_flag(name: str, default: bool) -> bool:
+def _read(name: str, parse, default):
+    """(value, error): the parsed variable, or the default and the UsageError to raise on use."""
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
-        return default
-    value = raw.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    warnings.warn(f"{name}={raw!r} is not understood (use 1 or 0): using {int(default)}.", stacklevel=2)
-    return default
-
-
-def _env_number(name: str, default, cast, minimum):
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
+        return default, None
     try:
-        value = cast(raw)
+        return parse(raw.strip()), None
+    except UsageError as exc:
+        return default, type(exc)(f"{name}={raw} is not valid: {exc}")
+
+
+def _choice(options, error=UsageError):
+    def parse(raw):
+        if raw.lower() not in options:
+            raise error(f"choose one of {', '.join(options)}.")
+        return raw.lower()
+    return parse
+
+
+def _flag(raw):
+    if raw.lower() in _TRUE:
+        return True
+    if raw.lower() in _FALSE:
+        return False
+    raise UsageError("use 1 (on) or 0 (off).")
+
+
+def _threads(raw):
+    try:
+        value = int(raw)
     except ValueError:
         value = None
-    if value is None or value < minimum:
-        warnings.warn(f"{name}={raw!r} is not a number >= {minimum}: using the default.", stacklevel=2)
-        return default
-    return value
+    return integer(value, "the thread count", 1)
+
+
+def _budget(raw):
+    return number(raw, "the budget in MiB")
 
 
 def _default_threads() -> int:
@@ -65,62 +79,105 @@ def _default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-_fast = _env_flag("XPNET_FAST", True)
-_threads = int(_env_number("XPNET_NUM_THREADS", 0, int, 0)) or _default_threads()
-_budget_bytes = int(_env_number("XPNET_IM2COL_BUDGET_MB", DEFAULT_IM2COL_BUDGET_MB, float, 1e-3) * 2**20)
+def read_backend_env() -> tuple[str, str | None, Exception | None]:
+    """(requested backend name, the variable's text for messages or None, error) from XPNET_BACKEND."""
+    name, error = _read("XPNET_BACKEND", _choice(BACKEND_NAMES, BackendUsageError), "auto")
+    origin = f"XPNET_BACKEND={os.environ['XPNET_BACKEND']}" if os.environ.get("XPNET_BACKEND", "").strip() else None
+    return name, origin, error
+
+
+def read_dtype_env() -> tuple[str, Exception | None]:
+    """(dtype name, error) from XPNET_DTYPE."""
+    return _read("XPNET_DTYPE", _choice(DTYPE_NAMES, BackendUsageError), "float32")
+
+
+def _replaced_error():
+    for old, new in _REPLACED.items():
+        if os.environ.get(old, "").strip():
+            return UsageError(f"{old} is no longer read: use {new}, and unset {old}.")
+    return None
+
+
+_reference, _reference_error = _read("XPNET_REFERENCE", _flag, False)
+_reference_error = _reference_error or _replaced_error()
+_threads_value, _threads_error = _read("XPNET_NUM_THREADS", _threads, None)
+_budget_mb, _budget_error = _read("XPNET_IM2COL_BUDGET_MB", _budget, DEFAULT_IM2COL_BUDGET_MB)
+_budget_bytes = int(_budget_mb * 2**20)
+
+
+def _raise(error):
+    if error is not None:
+        raise error
+
+
+def check_environment() -> None:
+    """Raise the first bad ``XPNET_*`` value (the CLI calls this before any work)."""
+    for error in (read_backend_env()[2], read_dtype_env()[1], _reference_error, _threads_error, _budget_error):
+        _raise(error)
+
+
+# ------------------------------------------------------------- reference paths
+
+def reference_forced() -> bool:
+    """True when every op runs its reference code and models run layer by layer."""
+    _raise(_reference_error)
+    return _reference
+
+
+def force_reference(enabled: bool = True) -> bool:
+    """Force (or stop forcing) the reference paths; returns the previous setting."""
+    global _reference, _reference_error
+    previous = reference_forced()
+    _reference, _reference_error = bool(enabled), None
+    return previous
 
 
 class fast_paths:
-    """Turn the fast paths on or off; also a context manager restoring the previous state."""
+    """``xpnet.fast_paths(False)``: the reference paths from now on; also a context manager.
+
+    The opposite of ``reference_paths``: ``fast_paths(False)`` forces the reference.
+    """
 
     def __init__(self, enabled: bool = True):
-        global _fast
-        self._previous = _fast
-        _fast = bool(enabled)
+        self._previous = force_reference(not enabled)
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        global _fast
-        _fast = self._previous
+        force_reference(self._previous)
         return False
 
 
 def fast_paths_enabled() -> bool:
-    return _fast
+    return not reference_forced()
 
+
+# ----------------------------------------------------------------- CPU threads
 
 def set_num_threads(n: int | None) -> int:
-    """Threads for the batch-parallel executor (None: all usable cores); returns the value set."""
-    global _threads
-    if n is None:
-        _threads = _default_threads()
-    else:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise UsageError(f"set_num_threads needs a positive integer (or None), got {n!r}.")
-        _threads = n
-    return _threads
+    """Threads for the fused CPU path (None: all usable cores); returns the value set."""
+    global _threads_value, _threads_error
+    _threads_value = None if n is None else integer(n, "set_num_threads", 1, what="a positive integer (or None)")
+    _threads_error = None
+    return get_num_threads()
 
 
 def get_num_threads() -> int:
-    return _threads
+    _raise(_threads_error)
+    return _threads_value or _default_threads()
 
+
+# --------------------------------------------------------------- im2col budget
 
 def set_im2col_budget(mb: float | None) -> float:
     """Largest im2col matrix per convolution in MiB (None: the default, 512); returns it."""
-    global _budget_bytes
-    if mb is None:
-        mb = DEFAULT_IM2COL_BUDGET_MB
-    try:
-        value = float(mb)
-    except (TypeError, ValueError):
-        raise UsageError(f"set_im2col_budget needs a size in MiB, got {mb!r}.") from None
-    if not value > 0:
-        raise UsageError(f"set_im2col_budget needs a positive size in MiB, got {mb!r}.")
-    _budget_bytes = int(value * 2**20)
+    global _budget_bytes, _budget_error
+    value = DEFAULT_IM2COL_BUDGET_MB if mb is None else number(mb, "set_im2col_budget (MiB)")
+    _budget_bytes, _budget_error = int(value * 2**20), None
     return value
 
 
 def get_im2col_budget_bytes() -> int:
+    _raise(_budget_error)
     return _budget_bytes

@@ -1,6 +1,6 @@
-"""GPU (and host) errors a user understands.
+"""Running out of memory (device or host), and CUDA driver failures, as one sentence.
 
-Two failures get a sentence instead of a CUDA traceback:
+Two failures get a sentence instead of a traceback:
 
 * **Out of memory** in a training or inference step: ``oom_guard`` turns
   ``cupy.cuda.memory.OutOfMemoryError`` (and the CUDA/cuBLAS allocation
@@ -23,13 +23,13 @@ memory queries): it only acts once an exception is on its way out.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import os
 import traceback
 
 import numpy
 
 from . import backend
+from .cuda.driver import DriverMismatchError, current_driver_mismatch_message
 from .errors import BackendError
 
 MiB = 1024 ** 2
@@ -52,10 +52,6 @@ _CUDA_ERROR_TYPES = ("CUDARuntimeError", "CUDADriverError", "CUBLASError", "CUSO
 
 class OutOfMemoryError(BackendError, MemoryError):
     """A step ran out of device (or host) memory; the message gives a batch size that fits."""
-
-
-class DriverMismatchError(BackendError):
-    """CuPy (or its NVRTC) is built for a newer CUDA than the NVIDIA driver supports."""
 
 
 # ------------------------------------------------------------ memory estimate
@@ -221,77 +217,6 @@ def out_of_memory_message(model, batch_size: int, free_bytes: int, where: str, w
             "(nvidia-smi lists them) or run on the CPU with XPNET_BACKEND=numpy.")
 
 
-# ----------------------------------------------------------- driver mismatch
-
-def _ver(v: int) -> str:
-    return f"{v // 1000}.{(v % 1000) // 10}"
-
-
-def installed_cupy_wheel() -> str | None:
-    """The installed CuPy distribution and version, e.g. "cupy-cuda13x 14.2.0", or None."""
-    found = []
-    for dist in importlib.metadata.distributions():
-        name = (dist.metadata["Name"] or "").lower()
-        if name == "cupy" or name.startswith("cupy-"):
-            found.append(f"{name} {dist.version}")
-    return ", ".join(sorted(set(found))) or None
-
-
-def wheel_for_driver(driver_version: int) -> str:
-    """The CuPy wheel built for a driver's CUDA major version (e.g. 12040 -> "cupy-cuda12x")."""
-    major = driver_version // 1000
-    return f"cupy-cuda{major}x" if major >= 11 else f"a CuPy release for CUDA {_ver(driver_version)}"
-
-
-def driver_mismatch_message(driver_version: int, built_for: int, installed: str | None = None,
-                            compiler_version: int | None = None) -> str:
-    """One sentence naming the wheel to install when CuPy and the driver disagree.
-
-    Versions are CUDA's integers (13000 = 13.0).  ``built_for``: the CUDA runtime
-    CuPy was built for; ``compiler_version``: NVRTC's, which produces the kernels.
-    """
-    have = installed or "this CuPy"
-    if driver_version <= 0:
-        return ("No NVIDIA driver was found: install the NVIDIA driver, or run on the CPU with "
-                "XPNET_BACKEND=numpy.")
-    if built_for // 1000 > driver_version // 1000:
-        wheel = wheel_for_driver(driver_version)
-        extra = f' ("xpnet[cuda{driver_version // 1000}]")' if driver_version // 1000 >= 12 else ""
-        return (f"{have} is built for CUDA {_ver(built_for)} but the NVIDIA driver supports only CUDA "
-                f"{_ver(driver_version)}: pip uninstall the CuPy wheel and pip install {wheel}{extra}, "
-                "or update the NVIDIA driver.")
-    newest = max(built_for, compiler_version or 0)
-    if newest > driver_version:
-        return (f"{have} compiles kernels with CUDA {_ver(newest)} but the NVIDIA driver supports only CUDA "
-                f"{_ver(driver_version)}: pip install \"nvidia-cuda-nvrtc=={_ver(driver_version)}.*\" "
-                "(the NVRTC that matches the driver) or update the NVIDIA driver.")
-    return (f"CUDA could not load xpnet's kernels with {have} (CUDA {_ver(built_for)}) on a driver for CUDA "
-            f"{_ver(driver_version)}: reinstall {wheel_for_driver(driver_version)}, or set XPNET_CUDA_KERNELS=0 "
-            "to use the generic CuPy code.")
-
-
-def current_driver_mismatch_message() -> str:
-    """``driver_mismatch_message`` for the CuPy and driver of this process."""
-    cp = backend.cupy
-    if cp is None:
-        return f"CuPy is not usable: {backend._device_reason}."
-    runtime = cp.cuda.runtime
-    try:
-        driver = runtime.driverGetVersion()
-    except Exception:
-        driver = 0
-    try:
-        built = runtime.runtimeGetVersion()
-    except Exception:
-        built = 0
-    try:
-        major, minor = cp.cuda.nvrtc.getVersion()
-        compiler = major * 1000 + minor * 10
-    except Exception:
-        compiler = None
-    return driver_mismatch_message(driver, built, installed_cupy_wheel(), compiler)
-
-
 # ------------------------------------------------------------------ the guard
 
 def classify(exc: BaseException) -> str | None:
@@ -314,7 +239,7 @@ def _release(model, exc) -> None:
     """Drop what the failed step still holds so the free memory can be measured."""
     traceback.clear_frames(exc.__traceback__)  # the frames' local arrays
     for layer in model.layers:
-        layer._cache = None
+        layer.clear_cache()
 
 
 @contextlib.contextmanager

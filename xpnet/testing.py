@@ -91,7 +91,7 @@ def check_parity(model, x, targets=None, loss=None) -> list[dict]:
     ``parity_verdict`` judges them.
     """
     if not backend.has_cupy_gpu:
-        raise BackendError(f"check_parity needs CuPy and a CUDA device: {backend._device_reason}.")
+        raise BackendError(f"check_parity needs CuPy and a CUDA device: {backend.device_reason()}.")
     from .ops import sigmoid_bce_with_logits
 
     loss = loss or sigmoid_bce_with_logits

@@ -58,7 +58,7 @@ def assert_paths_agree(layers_fn, input_shape, n=7, dtype=np.float64, threads=2,
     xpnet.set_num_threads(threads)
     a = one_step(ref, x, t, fast=False, input_grad=input_grad)
     b = one_step(fast, x, t, fast=True, input_grad=input_grad)
-    assert fast._fast is not None and ref._fast is None  # each path really ran
+    assert fast.executor is not None and ref.executor is None  # each path really ran
     tol = kind if dtype == np.float64 else "model"
     assert_allclose(b[0], a[0], kind=tol, err_msg="logits")
     assert set(a[1]) == set(b[1])
@@ -82,8 +82,8 @@ def seed_like():  # captcha_net in miniature: odd maps, so pools drop a row and 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_conv_relu_pool_chain_matches_plain_path(threads):
     fast = assert_paths_agree(seed_like, (3, 17, 22), n=13, threads=threads)
-    assert [type(s).__name__ for s in fast._fast.stages][:2] == ["ConvBlock", "ConvBlock"]
-    assert all(len(s.layers) == 3 for s in fast._fast.stages[:2])  # conv+relu+pool fused
+    assert [type(s).__name__ for s in fast.executor.stages][:2] == ["ConvBlock", "ConvBlock"]
+    assert all(len(s.layers) == 3 for s in fast.executor.stages[:2])  # conv+relu+pool fused
 
 
 def test_batchnorm_blocks_whole_batch_statistics_across_shards():
@@ -92,7 +92,7 @@ def test_batchnorm_blocks_whole_batch_statistics_across_shards():
                 MaxPool2D(2), Conv2D(4, 3), BatchNorm(), ReLU(), MaxPool2D(2),  # odd map: pool not fused
                 Flatten(), Dense(8), BatchNorm(), ReLU(), Dropout(0.3), Dense(4)]
     fast = assert_paths_agree(layers, (3, 14, 16), n=11, threads=3)
-    names = [type(s).__name__ for s in fast._fast.stages]
+    names = [type(s).__name__ for s in fast.executor.stages]
 
     def some_negative_gammas(model):  # BatchNorm then no longer commutes with the pool
         for layer in model.layers:
@@ -117,7 +117,7 @@ def test_same_padding_input_gradient_by_im2col_with_rows_no_pool_reads():
     def layers():
         return [Conv2D(3, 3, pad="same"), Conv2D(5, 3, pad="same"), ReLU(), MaxPool2D(2), Flatten(), Dense(4)]
     fast = assert_paths_agree(layers, (2, 21, 21), n=6, threads=2)
-    assert [s.dx_im2col for s in fast._fast.stages[:2]] == [True, True]
+    assert [s.dx_im2col for s in fast.executor.stages[:2]] == [True, True]
 
 
 def test_overlapping_and_padded_pools_and_standalone_layers():
@@ -166,8 +166,8 @@ def test_element_wise_groups_of_chunks_give_the_same_result(monkeypatch, group_c
     else:
         monkeypatch.setattr(conv_block, "group_images", lambda chunk, nbytes, n: min(n, group_chunks * chunk))
     fast = assert_paths_agree(seed_like, (3, 17, 22), n=7, threads=2)
-    plan = next(p for p in fast._fast.shards[0].plans.values() if p.train)
-    sizes = [[c.z.shape[0] // fast._fast.stages[0].g.rows for c in gp.chunks] for gp in plan.groups]
+    plan = next(p for p in fast.executor.shards[0].plans.values() if p.train)
+    sizes = [[c.z.shape[0] // fast.executor.stages[0].g.rows for c in gp.chunks] for gp in plan.groups]
     k = plan.n if group_chunks is None else group_chunks
     assert sizes == [[1] * min(k, plan.n - a) for a in range(0, plan.n, k)]
     assert plan.n > 3
@@ -196,11 +196,11 @@ def test_k_major_blocks_with_phase_planes_and_without(monkeypatch):
                 Conv2D(5, 3, pad="same"), ReLU(), MaxPool2D((1, 2)), Conv2D(3, 2), Flatten(), Dense(4)]
     for input_grad in (False, True):
         fast = assert_paths_agree(layers, (2, 19, 23), n=7, threads=2, input_grad=input_grad)
-        used = [p.planes is not None for sh in fast._fast.shards for p in sh.plans.values() if p.train]
+        used = [p.planes is not None for sh in fast.executor.shards for p in sh.plans.values() if p.train]
         assert any(used) and not all(used)  # the last conv (pad 0, input gradient tap by tap) has none
     settings.set_im2col_budget(0.0001)  # the planes do not fit: the strided copy, same results
     fast = assert_paths_agree(layers, (2, 19, 23), n=7, threads=2, input_grad=False)
-    assert all(p.planes is None for sh in fast._fast.shards for p in sh.plans.values())
+    assert all(p.planes is None for sh in fast.executor.shards for p in sh.plans.values())
 
 
 def test_conv_layer_reports_its_im2col_bytes():
@@ -256,7 +256,7 @@ def test_error_in_one_shard_reaches_the_caller_and_the_pool_recovers(rng):
     x = rng.standard_normal((8, 3)).astype(np.float32)
     xpnet.set_num_threads(2)
     m.forward(x, train=True)
-    stage = m._fast.stages[0]
+    stage = m.executor.stages[0]
     original = stage.forward
 
     def broken(h, sh, step):
@@ -282,7 +282,7 @@ def test_buffers_are_reused_after_the_first_step(rng):
         m.backward(d)
 
     def buffers():
-        return sorted((sh.k, key, name, id(v)) for sh in m._fast.shards for key, p in sh.plans.items()
+        return sorted((sh.k, key, name, id(v)) for sh in m.executor.shards for key, p in sh.plans.items()
                       if key[2] for name, v in vars(p).items() if isinstance(v, np.ndarray))
 
     step()
@@ -317,12 +317,12 @@ def test_every_conv_block_buffer_comes_from_the_aligned_workspace(rng):
         _, d = ops.sigmoid_bce_with_logits(m.forward(x, train=True), np.zeros((n, 144), np.float32))
         m.backward(d)
         m.forward(x, train=False)
-        blocks = [st for st in m._fast.stages if hasattr(st, "wmat")]
+        blocks = [st for st in m.executor.stages if hasattr(st, "wmat")]
         assert len(blocks) == sum(isinstance(layer, Conv2D) for layer in m.layers)  # one block per conv
         for blk in blocks:
             for w in (*blk.wmat.values(), *blk.bias.values(), blk.wtaps):
                 assert w.ctypes.data % stages.ALIGN_BYTES == 0
-        for sh in m._fast.shards:
+        for sh in m.executor.shards:
             for p in sh.plans.values():
                 for name, v in vars(p).items():
                     if not isinstance(v, np.ndarray):
@@ -340,16 +340,16 @@ def test_switch_and_conditions_for_the_fast_path(rng):
     x = rng.standard_normal((4, 3, 17, 22)).astype(np.float32)
     with xpnet.fast_paths(False):
         assert not xpnet.fast_paths_enabled()
-        assert m._fast_executor(x) is None
+        assert xpnet.dispatch.chain_for(m, x) is None
     assert xpnet.fast_paths_enabled()
-    assert m._fast_executor(x) is not None
-    assert m._fast_executor(x.tolist()) is None  # only NumPy arrays (never CuPy) take it
+    assert xpnet.dispatch.chain_for(m, x) is not None
+    assert xpnet.dispatch.chain_for(m, x.tolist()) is None  # only NumPy arrays (never CuPy) take it
 
     class MyReLU(ReLU):  # an unknown layer type: the whole model stays on the plain path
         pass
 
     m2 = Sequential([Dense(3), MyReLU(), Dense(2)], input_shape=(4,))
-    assert m2._fast_executor(np.zeros((2, 4), np.float32)) is None
+    assert xpnet.dispatch.chain_for(m2, np.zeros((2, 4), np.float32)) is None
     with pytest.raises(UsageError):
         xpnet.set_num_threads(0)
 
@@ -417,7 +417,7 @@ def test_error_in_one_shards_backward_releases_the_other_from_the_gradient_barri
     m.forward(x, train=True)
     m.backward(d)
     want = {k: v.copy() for k, v in m.gradients().items()}
-    stage = m._fast.stages[0]
+    stage = m.executor.stages[0]
     original = stage.backward
 
     def broken(dy, sh, step, need_dx):
@@ -489,8 +489,8 @@ def test_blocks_reading_their_input_in_place_match_the_plain_path_step_after_ste
         assert_allclose(outs[True][1], outs[False][1], kind="op", err_msg=f"input gradient, step {step}")
         for k in outs[False][2]:
             assert_allclose(outs[True][2][k], outs[False][2][k], kind="op", err_msg=f"{k}, step {step}")
-    second = [s for s in fast._fast.stages if type(s).__name__ == "ConvBlock"][1]
-    plans = [p for sh in fast._fast.shards for k, p in sh.plans.items() if k[0] == second.index and k[2]]
+    second = [s for s in fast.executor.stages if type(s).__name__ == "ConvBlock"][1]
+    plans = [p for sh in fast.executor.shards for k, p in sh.plans.items() if k[0] == second.index and k[2]]
     if between == "conv block":  # after a dropout it depends on where the allocator puts each new output
         assert plans and all(p.src_key != conv_block_key(p.xin) for p in plans)
 

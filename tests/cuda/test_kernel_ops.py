@@ -1,13 +1,13 @@
 """Kernel-backed public ops (``xpnet.cuda.ops``) against the generic ``xpnet.ops``:
 op by op and as whole models (loss and every gradient), in the CPU emulation
 and (``gpu`` marker) on CuPy, where the whole-model parity check runs with the
-kernels installed behind ``xpnet.ops``."""
+kernels registered behind ``xpnet.ops`` through ``xpnet.dispatch``."""
 
 import numpy as np
 import pytest
 
 import xpnet
-from xpnet import backend, models, ops
+from xpnet import backend, dispatch, models, ops
 from xpnet.cuda import emulate
 from xpnet.cuda import kernels as K
 from xpnet.cuda import ops as cuda_ops
@@ -25,10 +25,6 @@ def emulated_rt():
 def emulated_ops(request, emulated_rt):
     """Kernel-backed ops on the emulation, with each conv column layout."""
     return cuda_ops.KernelOps(emulated_rt, conv_layout=request.param)
-
-
-def always(*arrays):
-    return True
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -81,28 +77,46 @@ def test_whole_model_step_with_kernels_installed_matches_generic(emulated_ops, r
         m.backward(d)
         return logits, loss, m.gradients()
 
-    with xpnet.fast_paths(False):
+    with dispatch.layer_by_layer():
         logits, loss, grads = step(model, False)
-        with cuda_ops.installed(emulated_ops, applies=always):
-            assert ops.conv2d_forward.__wrapped__ is not None
+        with cuda_ops.registered(emulated_ops):
+            assert dispatch.implementations("conv2d_forward", "numpy")[0].name == "emulated cuda kernels"
             logits_k, loss_k, grads_k = step(twin, True)
-    assert not hasattr(ops.conv2d_forward, "__wrapped__")  # restored
+    assert all(i.name != "emulated cuda kernels" for op in dispatch.ops()
+               for i in dispatch.implementations(op, "numpy"))  # removed again
     assert_allclose(logits_k, logits, kind="model")
     assert_allclose(loss_k, loss, kind="model")
     for name, g in grads.items():
         assert max_rel_diff(grads_k[name], g) < 1e-12, name
 
 
-def test_install_falls_back_for_arrays_the_kernels_do_not_take(rng):
-    """Installed with the real guard (kernels.usable), NumPy arrays keep the generic path."""
+def test_registered_kernels_fall_back_for_arrays_the_kernels_do_not_take(rng):
+    """Registered with the real guard (kernels.usable), NumPy arrays keep the generic path."""
     x = rng.standard_normal((2, 3, 6, 7)).astype(np.float32)
     w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
     y, cache = ops.conv2d_forward(x, w)
-    with cuda_ops.installed():
+    with cuda_ops.registered(cuda_ops.KernelOps(K.CupyRuntime()), usable=K.usable):
         y2, cache2 = ops.conv2d_forward(x, w)
         assert not isinstance(cache2, cuda_ops.KernelCache)
-        assert np.array_equal(ops.conv2d_backward(y, cache2)[1], ops.conv2d_backward.__wrapped__(y, cache)[1])
+        assert np.array_equal(ops.conv2d_backward(y, cache2)[1], ops.conv2d_backward.reference(y, cache)[1])
     assert np.array_equal(y, y2)
+
+
+def test_the_reference_switch_keeps_kernels_out_but_lets_their_caches_back(emulated_ops, rng):
+    """Forced reference paths: a forward never takes the kernels; a backward whose cache a
+    kernel forward made still goes to the kernels (the reference cannot read that cache)."""
+    x = rng.standard_normal((2, 3, 6, 7))
+    w = rng.standard_normal((4, 3, 3, 3))
+    with cuda_ops.registered(emulated_ops):
+        y, kcache = ops.conv2d_forward(x, w)
+        assert isinstance(kcache, cuda_ops.KernelCache)
+        with xpnet.reference_paths():
+            y_ref, cache = ops.conv2d_forward(x, w)
+            assert not isinstance(cache, cuda_ops.KernelCache)
+            dx_k, dw_k, _ = ops.conv2d_backward(y, kcache)
+        dx, dw, _ = ops.conv2d_backward.reference(y, cache)
+    assert_allclose(y, y_ref)
+    assert_allclose(dw_k, dw) and assert_allclose(dx_k, dx)
 
 
 # ------------------------------------------------------------------ GPU
@@ -117,8 +131,8 @@ def test_whole_model_parity_with_kernels_installed(rng, build, dtype):
     x = rng.standard_normal((16, 3, 32, 80)).astype(dtype)
     t = np.zeros((16, 144), dtype)
     t[np.arange(16)[:, None], np.arange(4) * 36 + rng.integers(0, 36, (16, 4))] = 1
-    with cuda_ops.installed():
-        rows = check_parity(model, x, t)
+    assert dispatch.implementations("conv2d_forward", "cupy")[0].name == "cuda kernels"
+    rows = check_parity(model, x, t)  # the kernels are registered for CuPy arrays
     ok, worst, rule = parity_verdict(rows, dtype)
     assert ok, f"{rule}: {worst}"
 
@@ -140,9 +154,9 @@ def test_kernel_and_generic_cupy_training_steps_agree(rng, layout):
         m.backward(d)
         return loss, m.gradients(), caches
 
-    with K.disabled():
+    with xpnet.reference_paths():
         loss, grads, _ = step(model)
-    with cuda_ops.installed(cuda_ops.KernelOps(K.CupyRuntime(), conv_layout=layout)):
+    with cuda_ops.registered(cuda_ops.KernelOps(K.CupyRuntime(), conv_layout=layout), "cupy", usable=K.usable):
         loss_k, grads_k, caches = step(twin)
     assert "KernelCache" in caches
     assert abs(float(loss_k) - float(loss)) <= 1e-10 * abs(float(loss))
@@ -150,7 +164,12 @@ def test_kernel_and_generic_cupy_training_steps_agree(rng, layout):
         assert max_rel_diff(grads_k[name], g) < 1e-9, name
 
 
-def test_kernels_are_installed_exactly_when_a_gpu_is_usable():
-    """xpnet installs its kernels behind xpnet.ops on import only where CuPy has a device."""
-    wrapped = hasattr(ops.conv2d_forward, "__wrapped__")
-    assert wrapped == backend.has_cupy_gpu
+def test_kernels_are_registered_for_cupy_and_said_unavailable_without_a_gpu():
+    """xpnet registers its kernels for CuPy arrays on import; ``xpnet info`` says when they cannot run."""
+    for op in ("conv2d_forward", "conv2d_backward", "max_pool2d_forward", "max_pool2d_backward",
+               "relu_backward", "sigmoid_bce_with_logits"):
+        impls = dispatch.implementations(op, "cupy")
+        assert [i.name for i in impls] == ["cuda kernels"], op
+        assert (impls[0].available() is None) == backend.has_cupy_gpu
+        assert all(i.name != "cuda kernels" for i in dispatch.implementations(op, "numpy"))
+    assert any("cuda kernels" in line and "cupy" in line for line in dispatch.describe())

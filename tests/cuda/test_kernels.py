@@ -19,11 +19,13 @@ import numpy as np
 import pytest
 
 from tests import oracles
+import xpnet
 from xpnet import backend, ops
 from xpnet.cuda import emulate
 from xpnet.cuda import kernels as K
 from xpnet.cuda.source import KERNEL_NAMES, module_source
-from xpnet.errors import BackendError, BackendUsageError, ShapeError
+from xpnet.errors import BackendError, ShapeError
+from xpnet.ops.im2col import pair
 from xpnet.testing import assert_allclose
 
 DTYPES = [np.float32, np.float64]
@@ -52,7 +54,7 @@ class Device:
         """The generic xp op on this device's arrays (kernels off), or None in the emulation."""
         if self.name != "cupy":
             return None
-        with K.disabled():
+        with xpnet.reference_paths():
             return fn(*args, **kwargs)
 
 
@@ -179,8 +181,8 @@ def test_fnp_to_nfp_epilogue(dev, rng, dtype, with_bias, relu):
 
 def window_positions(idx, size, stride, pad):
     """Window-local argmax -> (row, col) in unpadded input coordinates, as the oracle gives."""
-    (kh, kw), (sh, sw), (ph, pw) = (K._pair(size, ""), K._pair(stride if stride is not None else size, ""),
-                                    K._pair(pad, ""))
+    (kh, kw), (sh, sw), (ph, pw) = (pair(size, ""), pair(stride if stride is not None else size, ""),
+                                    pair(pad, ""))
     oh, ow = idx.shape[2], idx.shape[3]
     rows = np.arange(oh)[:, None] * sh - ph + idx // kw
     cols = np.arange(ow)[None, :] * sw - pw + idx % kw
@@ -195,7 +197,7 @@ def test_max_pool_matches_op_and_oracle(dev, rng, dtype, args):
     xd = dev.put(x)
     y, idx = K._max_pool_forward(dev.rt, xd, size, stride, pad)
     y_ref, cache = ops.max_pool2d_forward(x, size, stride, pad)
-    y_naive, arg_naive = oracles.max_pool2d(x, K._pair(size, ""), K._pair(stride or size, ""), K._pair(pad, ""))
+    y_naive, arg_naive = oracles.max_pool2d(x, pair(size, ""), pair(stride or size, ""), pair(pad, ""))
     got_y, got_idx = dev.get(y), dev.get(idx)
     assert got_y.dtype == dtype and got_idx.dtype == np.int32
     assert np.array_equal(got_y, y_ref) and np.array_equal(got_y, y_naive.astype(dtype))
@@ -488,36 +490,11 @@ def test_kernel_sources_compile_with_nvrtc():
             assert all(f".entry {name}" in ptx for name in KERNEL_NAMES)
 
 
-# ------------------------------------------------------------------ switch
+# ------------------------------------------------------------------ guard
 
-def test_switch_reads_the_environment(monkeypatch):
-    for value, expected in [("0", False), ("off", False), ("1", True), ("", True), ("yes", True)]:
-        monkeypatch.setenv("XPNET_CUDA_KERNELS", value)
-        assert K._read_env() == (expected, None)
-    monkeypatch.setenv("XPNET_CUDA_KERNELS", "maybe")
-    enabled, error = K._read_env()
-    assert not enabled and isinstance(error, BackendUsageError) and "XPNET_CUDA_KERNELS" in str(error)
-
-
-def test_usable_only_for_cupy_float_arrays_and_disabled_scopes():
-    x = np.zeros((2, 2), np.float32)
-    assert not K.usable(x)  # NumPy arrays never take the kernel path
-    assert K.enabled() == (backend.cupy is not None)
-    with K.disabled():
-        assert not K.enabled() and not K.usable(x)
-    assert K.enabled() == (backend.cupy is not None)
-    previous = K.set_enabled(False)
-    try:
-        assert not K.enabled()
-    finally:
-        K.set_enabled(previous)
-
-
-def test_a_bad_switch_value_does_not_break_numpy_ops(monkeypatch):
-    monkeypatch.setattr(K, "_env_error", BackendUsageError("XPNET_CUDA_KERNELS='maybe' is not understood."))
-    assert not K.usable(np.zeros(3, np.float32))  # NumPy arrays never ask the switch
-    with pytest.raises(BackendUsageError, match="XPNET_CUDA_KERNELS"):
-        K.enabled()
+def test_usable_only_for_cupy_float_arrays():
+    assert not K.usable(np.zeros((2, 2), np.float32))  # NumPy arrays never take the kernel path
+    assert not K.usable()
 
 
 @pytest.mark.gpu
@@ -527,15 +504,13 @@ def test_usable_on_cupy_arrays():
     assert not K.usable(cp.zeros(3, np.float32), cp.zeros(3, np.float64))
     assert not K.usable(cp.zeros(3, np.int32))
     assert not K.usable(cp.zeros(3, np.float32), np.zeros(3, np.float32))
-    with K.disabled():
-        assert not K.usable(cp.zeros(3, np.float32))
 
 
 def test_module_imports_without_cupy():
     code = ("import sys; sys.modules['cupy'] = None; sys.modules['cupyx'] = None\n"
             "from xpnet.cuda import kernels\n"
             "import numpy\n"
-            "assert not kernels.enabled() and not kernels.usable(numpy.zeros(2, numpy.float32))\n"
+            "assert not kernels.usable(numpy.zeros(2, numpy.float32))\n"
             "print('ok')")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import xpnet
+from xpnet.cpu import sliced_update
 from xpnet.nn import optim
 from xpnet.errors import ModelFileError, UsageError
 from xpnet.nn.layers import Dense
@@ -245,9 +246,9 @@ def test_cupy_step_matches_numpy(rng):
 def test_update_split_across_threads_gives_the_same_bits(make, rng):
     # Large models are updated in slices on the shard threads; every update is
     # element-wise, so the result must not depend on the number of slices.
-    saved = xpnet.settings.get_num_threads()
+    saved = xpnet.config.get_num_threads()
     shapes = {"w": (300, 257), "b": (7,), "v": (3, 5, 11)}  # 77k values: above the parallel threshold
-    assert sum(math.prod(s) for s in shapes.values()) >= optim.Optimizer.PARALLEL_MIN_SIZE
+    assert sum(math.prod(s) for s in shapes.values()) >= sliced_update.PARALLEL_MIN_SIZE
     start = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
     steps = [{k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()} for _ in range(3)]
     steps[1]["w"] = np.asfortranarray(steps[1]["w"])  # a non-contiguous gradient too
@@ -257,7 +258,7 @@ def test_update_split_across_threads_gives_the_same_bits(make, rng):
             xpnet.set_num_threads(threads)
             params = {k: v.copy() for k, v in start.items()}
             opt = make(params)
-            assert opt._threads([(k, p, None, {}) for k, p in params.items()]) == threads
+            assert sliced_update.slice_count([(k, p, None, {}) for k, p in params.items()], opt.sliceable) == threads
             for g in steps:
                 opt.step(g)
             results.append(params)
@@ -284,14 +285,15 @@ def test_a_subclass_update_sees_whole_named_parameters(rng):
             else:
                 super()._update(name, p, g, lr, slots)
 
-    saved = xpnet.settings.get_num_threads()
+    saved = xpnet.config.get_num_threads()
     try:
         xpnet.set_num_threads(2)
         params = _big_params(rng)
         start = {k: v.copy() for k, v in params.items()}
         g = {k: np.ones_like(v) for k, v in params.items()}
         opt = NoDecayOnBias(params, lr=0.5, weight_decay=0.1)
-        assert opt._threads([(k, p, None, {}) for k, p in params.items()]) == 1
+        assert not opt.sliceable
+        assert sliced_update.slice_count([(k, p, None, {}) for k, p in params.items()], opt.sliceable) == 1
         opt.step(g)
     finally:
         xpnet.set_num_threads(saved)
@@ -300,14 +302,14 @@ def test_a_subclass_update_sees_whole_named_parameters(rng):
 
 
 def test_the_callers_numpy_error_handling_reaches_every_slice(rng):
-    saved = xpnet.settings.get_num_threads()
+    saved = xpnet.config.get_num_threads()
     try:
         xpnet.set_num_threads(2)
         params = _big_params(rng)
         g = {k: np.zeros_like(v) for k, v in params.items()}
         g["w"][-1, -1] = 3e38  # in the last slice: lr * g overflows float32 there
         opt = optim.SGD(params, lr=10.0)
-        assert opt._threads([(k, p, None, {}) for k, p in params.items()]) == 2
+        assert sliced_update.slice_count([(k, p, None, {}) for k, p in params.items()], opt.sliceable) == 2
         with np.errstate(over="raise"), pytest.raises(FloatingPointError):
             opt.step(g)
     finally:
@@ -315,7 +317,7 @@ def test_the_callers_numpy_error_handling_reaches_every_slice(rng):
 
 
 def test_scratch_of_another_thread_count_is_dropped(rng):
-    saved = xpnet.settings.get_num_threads()
+    saved = xpnet.config.get_num_threads()
     params = _big_params(rng)
     g = {k: np.ones_like(v) for k, v in params.items()}
     opt = optim.Adam(params, lr=1e-3)

@@ -1,12 +1,16 @@
 """The fused NumPy path: conv blocks over cache-sized chunks, run batch-parallel on CPU threads.
 
 * ``executor``       -- ``FusedExecutor``: plans a ``Sequential`` into stages and runs them per shard;
+* ``sliced_update``  -- the optimizer update in slices on the same threads;
 * ``conv_block``     -- conv [BatchNorm] [ReLU] [non-overlapping max pool] as one stage;
 * ``stages``         -- the other stages (dense, ReLU, flatten, dropout, BatchNorm, pool);
 * ``grouped_im2col`` -- conv-block geometry: pool-grouped im2col rows, kernel taps, phase planes;
 * ``workspace``      -- reusable, cache-line aligned buffers;
 * ``threads``        -- the shard thread pool and BLAS thread control.
 
-It registers itself with ``xpnet.dispatch``; ``xpnet.ops`` is its reference and
-imports nothing from here.
+Importing this package registers its implementations with ``xpnet.dispatch``;
+``xpnet.ops`` (and ``nn.optim.apply_updates``) is its reference and imports
+nothing from here.
 """
+
+from . import executor, sliced_update  # noqa: F401  (registration)

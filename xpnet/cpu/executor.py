@@ -1,12 +1,14 @@
-"""The fast path of ``Sequential`` on the CPU: a plan of fused stages run batch-parallel.
+"""The fused path of ``Sequential`` on NumPy: a plan of fused stages run batch-parallel.
 
-``FastExecutor(model)`` turns the layer list into stages:
+Registered with ``xpnet.dispatch`` as the chain executor for NumPy batches of
+models made only of the built-in layers.  ``FusedExecutor(model)`` turns the
+layer list into stages:
 
 * ``ConvBlock`` -- a ``Conv2D`` with what directly follows it among
   [``BatchNorm``] [``ReLU``] [``MaxPool2D`` with stride == size, no padding],
   computed channel-last (N, H, W, C) over small batch chunks so the im2col
   matrix and the conv output stay in cache: one strided im2col copy, one matrix
-  product whose rows are grouped by pool window (``xpnet.ops.nhwc``), pooling
+  product whose rows are grouped by pool window (``grouped_im2col``), pooling
   as element-wise maxima of contiguous blocks, bias and ReLU after the pool
   (max commutes with a per-channel shift and with ReLU), the input gradient one
   kernel tap at a time.  With BatchNorm the whole-batch statistics are
@@ -15,7 +17,7 @@
   MaxPool2D of any kind), each on the same per-shard contract.
 
 The batch is split into T contiguous shards (``xpnet.set_num_threads``), one
-thread each with single-threaded BLAS (``xpnet.parallel``).  Per-shard partial
+thread each with single-threaded BLAS (``threads``).  Per-shard partial
 gradients are added in shard order and BatchNorm statistics are all-reduced in
 shard order, so a run is reproducible for a given T.  Dropout masks are drawn
 for the whole batch before the split, from the same generator and in the same
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import numpy
 
-from .. import config as settings
+from .. import config, dispatch
 from .conv_block import ConvBlock
 from ..errors import ShapeError, UsageError
 from ..nn.layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
@@ -84,26 +86,44 @@ def plannable(model) -> bool:
     return all(type(l) in PLANNED_TYPES for l in model.layers)
 
 
-class FastExecutor:
-    """Runs a built ``Sequential`` through fused stages on T CPU threads."""
+def applies(model, x) -> bool:
+    """The dispatch predicate: a NumPy batch and a model of built-in layers only."""
+    return isinstance(x, numpy.ndarray) and plannable(model)
+
+
+def _plan_key(model):
+    return (tuple(id(l) for l in model.layers), numpy.dtype(model.dtype).str)
+
+
+class FusedExecutor:
+    """Runs a built ``Sequential`` through fused stages on T CPU threads.
+
+    The interface ``Sequential`` uses: ``matches(model)``, ``forward(x, train)``,
+    ``has_pending``, ``backward(dout)``, ``invalidate()``.
+    """
 
     def __init__(self, model):
         self.model = model
-        self.key = self._key(model)
+        self.key = _plan_key(model)
         self.stages = plan_stages(model.layers)
         for s in self.stages:
             s.dtype = model.dtype
         self.shards: list[Shard] = []
         self.pending: Step | None = None
 
-    @staticmethod
-    def _key(model):
-        return (tuple(id(l) for l in model.layers), numpy.dtype(model.dtype).str)
+    def matches(self, model) -> bool:
+        """True while ``model`` has the layers and dtype this plan was made for."""
+        return model is self.model and self.key == _plan_key(model)
+
+    @property
+    def has_pending(self) -> bool:
+        """A training forward ran and its backward has not (backward must come here)."""
+        return self.pending is not None
 
     def threads_for(self, n: int) -> int:
         if not can_limit_blas():
             return 1
-        return max(1, min(settings.get_num_threads(), n // MIN_SHARD))
+        return max(1, min(config.get_num_threads(), n // MIN_SHARD))
 
     def _shard(self, k: int) -> Shard:
         while len(self.shards) <= k:
@@ -211,3 +231,6 @@ class FastExecutor:
 
     def invalidate(self):
         self.pending = None
+
+
+dispatch.register_chain("numpy", "fused CPU executor (conv blocks on threads)", FusedExecutor, applies)

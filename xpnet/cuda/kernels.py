@@ -18,10 +18,10 @@ step that uses these functions never synchronises.
     relu_backward(dy, y)                                 -> dy * (y > 0)
     sigmoid_bce_with_logits(logits, targets)             -> (loss 0-d, dlogits)
 
-The ops call them through one guard, ``usable(*arrays)``: True only for
-CuPy float32/float64 arrays while the kernels are enabled.  ``XPNET_CUDA_KERNELS=0``
-(or ``set_enabled(False)``, or ``with disabled():``) falls back to the generic
-``xp`` code, which stays the reference the tests hold these kernels to.
+``xpnet.cuda.ops`` registers them with ``xpnet.dispatch`` behind one guard,
+``usable(*arrays)``: True only for CuPy float32/float64 arrays of one dtype.
+``XPNET_REFERENCE=1`` (or ``with xpnet.reference_paths():``) runs the generic
+``xp`` code instead, the reference the tests hold these kernels to.
 
 Kernels are compiled lazily, once per (dtype, index width, device), by CuPy's
 ``RawModule`` (CuPy also caches the binary on disk).  This module imports
@@ -34,13 +34,11 @@ arguments), so the CPU tests exercise the very wrappers the GPU runs.
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import numpy
 
 from .. import backend
-from ..errors import BackendUsageError, ShapeError
+from ..errors import ShapeError
+from ..ops.im2col import conv_geometry, pool_geometry
 from .source import module_source
 
 BLOCK = 256                # threads per block
@@ -49,64 +47,20 @@ MAX_GRID = 1 << 16         # blocks per launch; the grid-stride loop covers the 
 _INT32_LIMIT = (1 << 31) - 1 - BLOCK * MAX_GRID
 
 _FLOAT_CHARS = ("f", "d")
-_ENV = "XPNET_CUDA_KERNELS"
 
 
-# --------------------------------------------------------------------- switch
-
-def _read_env():
-    value = os.environ.get(_ENV, "1").strip().lower()
-    if value in ("1", "on", "true", "yes", ""):
-        return True, None
-    if value in ("0", "off", "false", "no"):
-        return False, None
-    return False, BackendUsageError(
-        f"{_ENV}={os.environ[_ENV]!r} is not understood: set it to 0 to use the generic CuPy "
-        "code or 1 (the default) to use xpnet's CUDA kernels."
-    )
-
-
-_enabled, _env_error = _read_env()
-
-
-def enabled() -> bool:
-    """True when CuPy is importable and the kernels are switched on (``XPNET_CUDA_KERNELS``)."""
-    if _env_error is not None:
-        raise _env_error
-    return _enabled and backend.cupy is not None
-
-
-def set_enabled(flag: bool) -> bool:
-    """Switch the kernels on or off for this process; returns the previous setting."""
-    global _enabled, _env_error
-    previous = _enabled
-    _enabled, _env_error = bool(flag), None
-    return previous
-
-
-@contextlib.contextmanager
-def disabled():
-    """``with disabled():`` -- the generic ``xp`` path for a block (benchmarks, reference runs)."""
-    previous = set_enabled(False)
-    try:
-        yield
-    finally:
-        set_enabled(previous)
-
+# ---------------------------------------------------------------------- guard
 
 def usable(*arrays) -> bool:
-    """The ops' guard: kernels on, and every array a CuPy float32/float64 array of one dtype.
+    """The dispatch guard: every array a CuPy float32/float64 array of one dtype.
 
-    Cheap (type and dtype checks only), so an op can ask it on every call.  A bad
-    ``XPNET_CUDA_KERNELS`` value raises here, at the first CuPy array only.
+    Cheap (type and dtype checks only), so an op can ask it on every call.
     """
     cupy = backend.cupy
     if cupy is None or not arrays or not isinstance(arrays[0], cupy.ndarray):
         return False
-    if _env_error is not None:
-        raise _env_error
     char = arrays[0].dtype.char
-    if not _enabled or char not in _FLOAT_CHARS:
+    if char not in _FLOAT_CHARS:
         return False
     return all(isinstance(a, cupy.ndarray) and a.dtype.char == char for a in arrays[1:])
 
@@ -179,38 +133,6 @@ _CUPY = CupyRuntime()
 
 # ------------------------------------------------------------------- checking
 
-def _pair(v, name: str) -> tuple[int, int]:
-    if isinstance(v, (tuple, list)):
-        if len(v) != 2:
-            raise ShapeError(f"{name} must be an int or a pair (vertical, horizontal), got {v!r}.")
-        return int(v[0]), int(v[1])
-    return int(v), int(v)
-
-
-def _out_size(size: int, k: int, s: int, p: int, what: str) -> int:
-    if k < 1 or s < 1 or p < 0:
-        raise ShapeError(f"kernel {k}, stride {s} and padding {p} are invalid: kernel and stride "
-                         "must be >= 1 and padding >= 0.")
-    out = (size + 2 * p - k) // s + 1
-    if out < 1:
-        raise ShapeError(f"a {k}-wide window with padding {p} does not fit in an {what} of size {size}: "
-                         "use a smaller kernel, more padding or a larger input.")
-    return out
-
-
-def _geometry(x_shape, kernel, stride, pad):
-    """(n, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw) for an (N, C, H, W) input."""
-    if len(x_shape) != 4:
-        raise ShapeError(f"expected an (N, C, H, W) shape, got {tuple(x_shape)}.")
-    n, c, h, w = (int(s) for s in x_shape)
-    kh, kw = _pair(kernel, "kernel size")
-    sh, sw = _pair(stride, "stride")
-    ph, pw = _pair(pad, "padding")
-    oh = _out_size(h, kh, sh, ph, "input height")
-    ow = _out_size(w, kw, sw, pw, "input width")
-    return n, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw
-
-
 def _float_dtype(a, what: str):
     if a.dtype.char not in _FLOAT_CHARS:
         raise ShapeError(f"{what} must be float32 or float64 for the CUDA kernels, got {a.dtype}.")
@@ -228,7 +150,7 @@ def _window_args(c, h, w, oh, ow, kh, kw, sh, sw, ph, pw):
 def _im2col(rt, x, kernel, stride=1, pad=0, out=None):
     xp = rt.xp
     dtype = _float_dtype(x, "im2col input")
-    n, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw = _geometry(x.shape, kernel, stride, pad)
+    n, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw = conv_geometry(x.shape, kernel, stride, pad)
     shape = (n, oh, ow, c, kh, kw)
     if out is None:
         out = xp.empty(shape, dtype=dtype)
@@ -245,7 +167,7 @@ def _im2col(rt, x, kernel, stride=1, pad=0, out=None):
 def _col2im(rt, col, x_shape, kernel, stride=1, pad=0):
     xp = rt.xp
     dtype = _float_dtype(col, "col2im input")
-    n, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw = _geometry(x_shape, kernel, stride, pad)
+    n, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw = conv_geometry(x_shape, kernel, stride, pad)
     if tuple(col.shape) != (n, oh, ow, c, kh, kw):
         raise ShapeError(f"col has shape {tuple(col.shape)}, expected {(n, oh, ow, c, kh, kw)}.")
     col = xp.ascontiguousarray(col)
@@ -256,19 +178,10 @@ def _col2im(rt, col, x_shape, kernel, stride=1, pad=0):
     return dx
 
 
-def _pool_geometry(x_shape, size, stride, pad):
-    kh, kw = _pair(size, "pool size")
-    stride = (kh, kw) if stride is None else stride
-    ph, pw = _pair(pad, "pool padding")
-    if ph > kh // 2 or pw > kw // 2:
-        raise ShapeError(f"pool padding {pad} must be at most half the window {size}.")
-    return _geometry(x_shape, (kh, kw), stride, (ph, pw))
-
-
 def _max_pool_forward(rt, x, size=2, stride=None, pad=0):
     xp = rt.xp
     dtype = _float_dtype(x, "max_pool2d input")
-    n, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw = _pool_geometry(x.shape, size, stride, pad)
+    n, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw = pool_geometry(x.shape, size, stride, pad)
     x = xp.ascontiguousarray(x)
     y = xp.empty((n, c, oh, ow), dtype=dtype)
     idx = xp.empty((n, c, oh, ow), dtype=numpy.int32)
@@ -282,7 +195,7 @@ def _max_pool_forward(rt, x, size=2, stride=None, pad=0):
 def _max_pool_backward(rt, dy, idx, x_shape, size=2, stride=None, pad=0, relu_y=None):
     xp = rt.xp
     dtype = _float_dtype(dy, "max_pool2d_backward dy")
-    n, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw = _pool_geometry(x_shape, size, stride, pad)
+    n, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw = pool_geometry(x_shape, size, stride, pad)
     expected = (n, c, oh, ow)
     for name, a in (("dy", dy), ("idx", idx), ("relu_y", relu_y)):
         if a is not None and tuple(a.shape) != expected:
@@ -345,7 +258,7 @@ def _im2col_cnhw(rt, x, kernel, stride=1, pad=0):
     """colT (C, KH, KW, N, OH, OW): im2col with the channel-and-offset axes outermost."""
     xp = rt.xp
     dtype = _float_dtype(x, "im2col input")
-    n, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw = _geometry(x.shape, kernel, stride, pad)
+    n, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw = conv_geometry(x.shape, kernel, stride, pad)
     x = xp.ascontiguousarray(x)
     out = xp.empty((c, kh, kw, n, oh, ow), dtype=dtype)
     total = out.size
@@ -358,7 +271,7 @@ def _im2col_cnhw(rt, x, kernel, stride=1, pad=0):
 def _col2im_cnhw(rt, colT, x_shape, kernel, stride=1, pad=0):
     xp = rt.xp
     dtype = _float_dtype(colT, "col2im input")
-    n, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw = _geometry(x_shape, kernel, stride, pad)
+    n, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw = conv_geometry(x_shape, kernel, stride, pad)
     if tuple(colT.shape) != (c, kh, kw, n, oh, ow):
         raise ShapeError(f"colT has shape {tuple(colT.shape)}, expected {(c, kh, kw, n, oh, ow)}.")
     colT = xp.ascontiguousarray(colT)
@@ -493,7 +406,7 @@ def sigmoid_bce_with_logits(logits, targets):
 
 
 __all__ = [
-    "enabled", "set_enabled", "disabled", "usable",
+    "usable",
     "im2col", "col2im", "im2col_cnhw", "col2im_cnhw", "fnp_to_nfp", "max_pool_forward", "max_pool_backward", "bias_act", "nhwc_to_nchw",
     "relu_backward", "sigmoid_bce_with_logits", "CupyRuntime",
 ]

@@ -14,14 +14,10 @@ forward produced its cache::
     relu_backward(dy, cache)                        -> dx     (cache: relu_forward's y)
     sigmoid_bce_with_logits(logits, targets)        -> (loss 0-d, dlogits)
 
-Two ways to put them to work:
-
-* hooks in ``xpnet.ops`` (one line at the top of each op, guarded by
-  ``kernels.usable(...)`` / ``isinstance(cache, KernelCache)``); or
-* ``install()`` / ``with installed():``, which wraps the public functions of
-  the ``xpnet.ops`` package at run time (layers call ``ops.<name>`` so they
-  follow).  The benchmark and the parity script use this to measure and check
-  the kernels before the hooks exist.
+``register()`` (run when xpnet is imported) puts them in ``xpnet.dispatch``
+for the CuPy backend: a forward op takes the kernels when ``kernels.usable``
+accepts its arrays, a backward op when its cache is a ``KernelCache``.
+``with registered(kops):`` does the same for a block on another runtime.
 
 ``KernelOps(runtime)`` runs the same code on another runtime: the CPU
 emulation of ``xpnet.cuda.emulate`` uses it to test whole models on NumPy.
@@ -31,7 +27,9 @@ from __future__ import annotations
 
 import contextlib
 
+from .. import backend, dispatch
 from ..errors import ShapeError
+from ..ops.conv import check_conv_args
 from . import kernels as K
 
 
@@ -65,16 +63,7 @@ class KernelOps:
 
     # ------------------------------------------------------------ convolution
     def conv2d_forward(self, x, w, b=None, stride=1, pad=0):
-        if getattr(x, "ndim", None) != 4 or getattr(w, "ndim", None) != 4:
-            raise ShapeError(f"conv2d needs x (N, C, H, W) and w (F, C, KH, KW), got shapes "
-                             f"{getattr(x, 'shape', None)} and {getattr(w, 'shape', None)}.")
-        if x.shape[1] != w.shape[1]:
-            raise ShapeError(f"conv2d input has {x.shape[1]} channels but the kernel expects {w.shape[1]}.")
-        if x.dtype != w.dtype:
-            raise ShapeError(f"conv2d input is {x.dtype} but the kernel is {w.dtype}: cast one of them "
-                             "(xpnet never upcasts silently).")
-        if b is not None and tuple(b.shape) != (w.shape[0],):
-            raise ShapeError(f"conv2d bias must have shape ({w.shape[0]},), got {tuple(b.shape)}.")
+        check_conv_args(x, w, b)
         n = x.shape[0]
         f, c, kh, kw = w.shape
         w2 = w.reshape(f, c * kh * kw)
@@ -167,68 +156,58 @@ def sigmoid_bce_with_logits(logits, targets):
     return _CUPY_OPS.sigmoid_bce_with_logits(logits, targets)
 
 
-# ------------------------------------------------------------ install / hooks
+# ----------------------------------------------------------- registration
 
-def _guarded(name, original, kops, applies):
-    """A public-op replacement: the kernels when they apply, the original otherwise."""
-    method = getattr(kops, name)
-    if name in ("conv2d_backward", "max_pool2d_backward"):
-        def op(dy, cache, *args, **kwargs):  # the cache says which forward ran
-            fn = method if isinstance(cache, KernelCache) else original
-            return fn(dy, cache, *args, **kwargs)
-    elif name == "conv2d_forward":
-        def op(x, w, b=None, *args, **kwargs):
-            ok = applies(x, w) if b is None else applies(x, w, b)
-            return (method if ok else original)(x, w, b, *args, **kwargs)
-    elif name == "max_pool2d_forward":
-        def op(x, *args, **kwargs):
-            return (method if applies(x) else original)(x, *args, **kwargs)
-    else:  # relu_backward(dy, y), sigmoid_bce_with_logits(logits, targets)
-        def op(a, b):
-            return (method if applies(a, b) else original)(a, b)
-    op.__name__ = name
-    op.__doc__ = original.__doc__
-    op.__wrapped__ = original
-    return op
+def _conv_applies(usable):
+    def applies(x, w, b=None, *args, **kwargs):
+        return usable(x, w) if b is None else usable(x, w, b)
+    return applies
 
 
-PATCHED = ("conv2d_forward", "conv2d_backward", "max_pool2d_forward", "max_pool2d_backward",
-           "relu_backward", "sigmoid_bce_with_logits")
+def _by_cache(dy, cache, *args, **kwargs):
+    return isinstance(cache, KernelCache)  # the forward that made the cache ran the kernels
 
 
-def install(kops: KernelOps | None = None, applies=None) -> dict:
-    """Route ``xpnet.ops.<op>`` through the kernels where ``applies(*arrays)`` (default
-    ``kernels.usable``: CuPy float arrays with the kernels on).  Returns the originals
-    for ``uninstall``.  Idempotent: installing twice keeps the first originals."""
-    from .. import ops as public
+def _entries(kops: KernelOps, usable):
+    """(op, function, applies, follows_cache) for every op the kernels implement."""
+    return [
+        ("conv2d_forward", kops.conv2d_forward, _conv_applies(usable), False),
+        ("conv2d_backward", kops.conv2d_backward, _by_cache, True),
+        ("max_pool2d_forward", kops.max_pool2d_forward, lambda x, *a, **k: usable(x), False),
+        ("max_pool2d_backward", kops.max_pool2d_backward, _by_cache, True),
+        ("relu_backward", kops.relu_backward, lambda dy, y: usable(dy, y), False),
+        ("sigmoid_bce_with_logits", kops.sigmoid_bce_with_logits, lambda x, t: usable(x, t), False),
+    ]
 
+
+def _no_device() -> str | None:
+    return None if backend.has_cupy_gpu else backend.device_reason()
+
+
+def register(kops: KernelOps | None = None, backend_name: str = "cupy", name: str = "cuda kernels",
+             usable=None, available=None) -> list:
+    """Register the kernel-backed ops with ``xpnet.dispatch`` (done for CuPy on import of xpnet).
+
+    ``usable(*arrays)``: when a forward op takes the kernels (default ``kernels.usable``:
+    CuPy float arrays of one dtype); backward ops follow their forward's cache.
+    """
     kops = kops or _CUPY_OPS
-    applies = applies or K.usable
-    originals = {}
-    for name in PATCHED:
-        current = getattr(public, name)
-        original = getattr(current, "__wrapped__", current)
-        originals[name] = original
-        setattr(public, name, _guarded(name, original, kops, applies))
-    return originals
-
-
-def uninstall(originals: dict) -> None:
-    from .. import ops as public
-
-    for name, fn in originals.items():
-        setattr(public, name, fn)
+    usable = usable or K.usable
+    return [dispatch.register(op, backend_name, name, fn, applies, follows_cache=follows,
+                              available=available or (_no_device if backend_name == "cupy" else None))
+            for op, fn, applies, follows in _entries(kops, usable)]
 
 
 @contextlib.contextmanager
-def installed(kops: KernelOps | None = None, applies=None):
-    """``with installed():`` -- the kernels behind ``xpnet.ops`` for a block; afterwards
-    ``xpnet.ops`` is as it was before (installed already on a GPU machine, or not)."""
-    from .. import ops as public
-
-    previous = {name: getattr(public, name) for name in PATCHED}
-    install(kops, applies)
+def registered(kops: KernelOps, backend_name: str = "numpy", usable=None, name: str = "emulated cuda kernels"):
+    """``with registered(KernelOps(EmulatedRuntime())):`` -- kernel-backed ops on another runtime
+    for a block (the CPU emulation tests whole models on NumPy this way; on a GPU, another conv
+    layout); they are tried before any other implementation and removed afterwards."""
+    impls = register(kops, backend_name, name, usable or (lambda *arrays: True))
+    for impl in impls:
+        dispatch.prefer(impl)
     try:
-        yield
+        yield impls
     finally:
-        uninstall(previous)
+        for impl in impls:
+            dispatch.unregister(impl)

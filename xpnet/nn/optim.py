@@ -16,13 +16,13 @@ Everything stays on the parameters' backend: the slots (velocity, moments) are
 allocated with ``xp = get_array_module(param)``, learning rates and bias
 corrections are Python floats, so a step never synchronises the GPU.  The
 update keeps the parameters' dtype (Python scalars do not upcast float32).
-On NumPy, models of 65,536 values or more are updated in slices on the fast
-path's CPU threads (``xpnet.set_num_threads``); every update is element-wise,
-so the result is the same bits as on one thread.
+The update itself is the op ``optimizer_update`` (``xpnet.dispatch``): on NumPy,
+large models are updated in slices on the fused path's CPU threads; every
+built-in update is element-wise, so the result is the same bits as on one thread.
 
 State for checkpoints: ``state_dict()`` returns ``(meta, arrays)`` -- a
 JSON-safe dict and a dict of NumPy arrays -- and ``load_state_dict(meta,
-arrays)`` puts them back (``xpnet.io`` stores both in one ``.npz``).
+arrays)`` puts them back (``xpnet.nn.serialization`` stores both in one ``.npz``).
 
 Learning rates: a float, or a schedule -- any callable ``step -> lr`` where
 ``step`` is the number of updates already done (0 for the first update).
@@ -38,8 +38,7 @@ from collections import OrderedDict
 
 import numpy
 
-from .. import backend, config as settings
-from ..cpu.threads import shard_pool
+from .. import backend, dispatch
 from ..errors import ModelFileError, UsageError
 
 # --------------------------------------------------------------------------
@@ -197,6 +196,18 @@ def _lr_description(lr):
 # Optimizers
 
 
+@dispatch.op("optimizer_update", array_arg=lambda update, jobs, *a, **k: jobs[0][1] if jobs else None)
+def apply_updates(update, jobs, scale, lr, sliceable: bool = False, scratch=None):
+    """Run ``update(name, p, g, lr, slots)`` for each job (name, p, g, slots), in order.
+
+    ``scale``: a gradient factor (clipping) or None.  ``sliceable``: the update is
+    element-wise, so a registered implementation may run it on slices of each
+    parameter (``xpnet.cpu.sliced_update``); ``scratch(t)`` is told the slice count.
+    """
+    for name, p, g, slots in jobs:
+        update(name, p, g if scale is None else g * scale, lr, slots)
+
+
 def _is_model(obj) -> bool:
     return hasattr(obj, "parameters") and hasattr(obj, "gradients") and callable(obj.parameters)
 
@@ -265,51 +276,20 @@ class Optimizer:
             if g.shape != p.shape:
                 raise UsageError(f"gradient of '{name}' has shape {g.shape} but the parameter has {p.shape}.")
             jobs.append((name, p, g, self._slots(name, p)))
-        t = self._threads(jobs)
-        if t == 1:
-            for name, p, g, slots in jobs:
-                self._update(name, p, g if scale is None else g * scale, lr, slots)
-        else:
-            jobs = [(name, p, numpy.ascontiguousarray(g), slots) for name, p, g, slots in jobs]
-
-            if getattr(self, "_scratch_threads", t) != t:
-                self.__dict__.get("_scratch_buffers", {}).clear()  # slices of another thread count
-            self._scratch_threads = t
-
-            def update_slice(k):
-                # Every update is element-wise: slice k of each parameter gives the same
-                # bits as the whole array, whatever the number of slices.
-                for name, p, g, slots in jobs:
-                    lo, hi = k * p.size // t, (k + 1) * p.size // t
-                    if hi > lo:
-                        gk = g.reshape(-1)[lo:hi]
-                        self._update(name, p.reshape(-1)[lo:hi], gk if scale is None else gk * scale, lr,
-                                     {s: v.reshape(-1)[lo:hi] for s, v in slots.items()}, part=k)
-
-            shard_pool().run(update_slice, t)
+        apply_updates(self._update, jobs, scale, lr, sliceable=self.sliceable, scratch=self._scratch_for_threads)
         self.step_count += 1
         return lr
 
-    # Below this many parameter values in all, the update runs on the calling thread only.
-    PARALLEL_MIN_SIZE = 1 << 16
+    @property
+    def sliceable(self) -> bool:
+        """True for the built-in element-wise updates, which may run on slices of a parameter."""
+        return type(self)._update in _SLICEABLE_UPDATES
 
-    def _threads(self, jobs) -> int:
-        """How many CPU threads share this update: the fast path's thread count for large
-        NumPy models (the passes release the GIL), else 1.
-
-        Only the built-in updates are split: a subclass's ``_update`` may look at the
-        parameter's name or at the whole array, or rebind its slots.
-        """
-        t = settings.get_num_threads()
-        if t == 1 or not settings.fast_paths_enabled() or type(self)._update not in _SLICEABLE_UPDATES:
-            return 1
-        total = 0
-        for _, p, _, slots in jobs:
-            if type(p) is not numpy.ndarray or not p.flags.c_contiguous or \
-                    any(not v.flags.c_contiguous for v in slots.values()):
-                return 1
-            total += p.size
-        return t if total >= self.PARALLEL_MIN_SIZE else 1
+    def _scratch_for_threads(self, t: int) -> None:
+        """Called by a sliced update with its slice count: scratch made for another count goes."""
+        if getattr(self, "_scratch_threads", t) != t:
+            self.__dict__.get("_scratch_buffers", {}).clear()
+        self._scratch_threads = t
 
     def _clip_scale(self, grads, params):
         first = next(iter(params.values()))

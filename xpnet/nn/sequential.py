@@ -17,7 +17,7 @@ from collections import OrderedDict
 
 import numpy
 
-from .. import backend, config as settings
+from .. import backend, dispatch
 from ..errors import ShapeError, UsageError
 from .layers import LAYER_TYPES, Layer
 
@@ -37,7 +37,8 @@ class Sequential:
         self.input_shape: tuple | None = None
         self.dtype: numpy.dtype | None = None
         self.compute_input_grad = False  # backward returns dx for the input only when True
-        self._fast = None  # the fused CPU executor (xpnet.fuse), built on first use
+        self._executor = None  # a chain executor from xpnet.dispatch, built on first use
+        self._executor_impl = None
         self._name_layers()
         if input_shape is not None:
             self.build(input_shape)
@@ -112,34 +113,36 @@ class Sequential:
         if not self.built:
             self.build(x.shape[1:])
         self._check_batch(x)
-        fast = self._fast_executor(x)
-        if fast is not None:
+        executor = self._chain_executor(x)
+        if executor is not None:
             if self.compute_input_grad != self.layers[0].needs_input_grad:
                 self._set_input_grad_flags()
-            for layer in self.layers:  # the plain path's caches are stale from here on
+            for layer in self.layers:  # the layer-by-layer caches are stale from here on
                 layer.clear_cache()
-            return fast.forward(x, train)
-        if self._fast is not None:
-            self._fast.invalidate()
+            return executor.forward(x, train)
+        if self._executor is not None:
+            self._executor.invalidate()
         for layer in self.layers:
             x = layer.forward(x, train=train)
         return x
 
-    def _fast_executor(self, x):
-        """The fused batch-parallel executor for a NumPy batch, or None for the plain path.
+    def _chain_executor(self, x):
+        """The executor ``xpnet.dispatch`` picks for this model and batch, or None (layer by layer).
 
-        Used when fast paths are on (``xpnet.fast_paths``), x is a NumPy array and
-        every layer is a built-in type the planner knows (``xpnet.fuse``).
+        On NumPy the fused CPU executor takes models of built-in layers; reused while it
+        matches the model's layers and dtype.
         """
-        if not settings.fast_paths_enabled() or not isinstance(x, numpy.ndarray):
+        impl = dispatch.chain_for(self, x)
+        if impl is None:
             return None
-        from ..cpu import executor as fuse
+        if self._executor is None or self._executor_impl is not impl or not self._executor.matches(self):
+            self._executor, self._executor_impl = impl.fn(self), impl
+        return self._executor
 
-        if not fuse.plannable(self):
-            return None
-        if self._fast is None or self._fast.key != fuse.FastExecutor._key(self):
-            self._fast = fuse.FastExecutor(self)
-        return self._fast
+    @property
+    def executor(self):
+        """The chain executor that ran the last forward (``xpnet.dispatch``), or None: layer by layer."""
+        return self._executor
 
     __call__ = forward
 
@@ -150,8 +153,8 @@ class Sequential:
         """
         if self.compute_input_grad != self.layers[0].needs_input_grad:
             self._set_input_grad_flags()
-        if self._fast is not None and self._fast.pending is not None:
-            return self._fast.backward(dout)
+        if self._executor is not None and self._executor.has_pending:
+            return self._executor.backward(dout)
         for layer in reversed(self.layers):
             dout = layer.backward(dout)
         return dout
@@ -223,7 +226,7 @@ class Sequential:
                 for k, v in store.items():
                     store[k] = backend.to_numpy(v) if xp is numpy else xp.asarray(v)
             l.clear_cache()
-        self._fast = None
+        self._executor = None
         return self
 
     def astype(self, dtype):
@@ -236,7 +239,7 @@ class Sequential:
             l.grads.clear()
             l.clear_cache()
         self.dtype = dtype
-        self._fast = None
+        self._executor = None
         return self
 
     def clone(self, to: str | None = None) -> "Sequential":

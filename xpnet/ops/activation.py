@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .. import dispatch
 from ..backend import get_array_module
 
 
@@ -12,6 +13,7 @@ def relu_forward(x):
     return y, y
 
 
+@dispatch.op("relu_backward")
 def relu_backward(dy, cache):
     """dx = dy where x > 0, else 0."""
     y = cache

@@ -14,13 +14,14 @@ results are the same up to the order of the float additions in dw and db.
 
 from __future__ import annotations
 
-from .. import config as settings
+from .. import config, dispatch
 from ..backend import check_same_backend, get_array_module
 from ..errors import ShapeError
 from .im2col import col2im, im2col, im2col_nbytes, output_hw, pair
 
 
-def _check_conv_args(x, w, b):
+def check_conv_args(x, w, b):
+    """Refuse arguments no conv2d implementation can take (shared by every path)."""
     if getattr(x, "ndim", None) != 4:
         raise ShapeError(f"conv2d needs x of shape (N, C, H, W), got shape {getattr(x, 'shape', None)}.")
     if getattr(w, "ndim", None) != 4:
@@ -41,15 +42,16 @@ def _check_conv_args(x, w, b):
 
 def chunk_size(x_shape, kernel, stride, pad, itemsize: int, budget_bytes: int | None = None) -> int:
     """Images per chunk so that one chunk's im2col fits the budget (at least 1)."""
-    budget = settings.get_im2col_budget_bytes() if budget_bytes is None else int(budget_bytes)
+    budget = config.get_im2col_budget_bytes() if budget_bytes is None else int(budget_bytes)
     n = x_shape[0]
     per_image = im2col_nbytes((1,) + tuple(x_shape[1:]), kernel, stride, pad, itemsize)
     return max(1, min(n, budget // max(1, per_image)))
 
 
+@dispatch.op("conv2d_forward")
 def conv2d_forward(x, w, b=None, stride=1, pad=0):
     """y = conv(x, w) + b.  Returns (y (N, F, OH, OW), cache for backward)."""
-    _check_conv_args(x, w, b)
+    check_conv_args(x, w, b)
     xp = get_array_module(x)
     n, c, h, wd = x.shape
     f, _, kh, kw = w.shape
@@ -76,6 +78,7 @@ def conv2d_forward(x, w, b=None, stride=1, pad=0):
     return y, (x.shape, ("chunked", x.copy(), chunk), w, stride, pad, b is not None)
 
 
+@dispatch.op("conv2d_backward")
 def conv2d_backward(dy, cache, need_dx: bool = True):
     """Gradients (dx (N, C, H, W) or None, dw (F, C, KH, KW), db (F,) or None)."""
     x_shape, col, w, stride, pad, has_bias = cache

@@ -23,6 +23,8 @@ that is before allocating it.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from ..backend import get_array_module
 from ..errors import ShapeError
 
@@ -64,6 +66,45 @@ def output_hw(h: int, w: int, kernel, stride, pad) -> tuple[int, int]:
     ph, pw = pair(pad, "padding")
     return (conv_output_size(h, kh, sh, ph, "input height"),
             conv_output_size(w, kw, sw, pw, "input width"))
+
+
+class Geometry(NamedTuple):
+    """Every size of one sliding-window op on an (N, C, H, W) input (see the notation above)."""
+
+    n: int
+    c: int
+    h: int
+    w: int
+    oh: int
+    ow: int
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+    ph: int
+    pw: int
+
+
+def conv_geometry(x_shape, kernel, stride=1, pad=0) -> Geometry:
+    """The geometry of a convolution (or any window op) on an input of shape (N, C, H, W)."""
+    if len(x_shape) != 4:
+        raise ShapeError(f"expected an (N, C, H, W) shape, got {tuple(x_shape)}.")
+    n, c, h, w = (int(s) for s in x_shape)
+    kh, kw = pair(kernel, "kernel size")
+    sh, sw = pair(stride, "stride")
+    ph, pw = pair(pad, "padding")
+    oh, ow = output_hw(h, w, (kh, kw), (sh, sw), (ph, pw))
+    return Geometry(n, c, h, w, oh, ow, kh, kw, sh, sw, ph, pw)
+
+
+def pool_geometry(x_shape, size=2, stride=None, pad=0) -> Geometry:
+    """The geometry of a max pool: stride defaults to the window, padding at most half of it."""
+    kh, kw = pair(size, "pool size")
+    ph, pw = pair(pad, "pool padding")
+    if ph > kh // 2 or pw > kw // 2:
+        raise ShapeError(f"pool padding {pad} must be at most half the window {size}.")
+    sh, sw = pair(stride if stride is not None else (kh, kw), "pool stride")
+    return conv_geometry(x_shape, (kh, kw), (sh, sw), (ph, pw))
 
 
 def im2col_nbytes(x_shape, kernel, stride=1, pad=0, itemsize: int = 4) -> int:

@@ -8,6 +8,7 @@ dtype.  Both are finite for any finite logits (±1e4 included).
 
 from __future__ import annotations
 
+from .. import dispatch
 from ..backend import check_same_backend, get_array_module
 from ..errors import ShapeError
 
@@ -18,6 +19,7 @@ def _as_logits_dtype(t, logits, name):
     return xp.asarray(t).astype(logits.dtype, copy=False)
 
 
+@dispatch.op("sigmoid_bce_with_logits")
 def sigmoid_bce_with_logits(logits, targets):
     """Sigmoid + binary cross-entropy, summed over units, averaged over the batch.
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from ..backend import get_array_module
 from ..errors import ShapeError
-from .im2col import output_hw, pad_input, pair, window_view
+from .. import dispatch
+from .im2col import pad_input, pool_geometry, window_view
 
 
 def _take_max(windows):
@@ -26,16 +27,13 @@ def _take_max(windows):
     return windows.max(axis=-1), windows.argmax(axis=-1)
 
 
+@dispatch.op("max_pool2d_forward")
 def max_pool2d_forward(x, size=2, stride=None, pad=0):
     """Returns (y (N, C, OH, OW), cache)."""
     if getattr(x, "ndim", None) != 4:
         raise ShapeError(f"max_pool2d needs x of shape (N, C, H, W), got {getattr(x, 'shape', None)}.")
-    kh, kw = pair(size, "pool size")
-    sh, sw = pair(stride if stride is not None else (kh, kw), "pool stride")
-    ph, pw = pair(pad, "pool padding")
-    if ph > kh // 2 or pw > kw // 2:
-        raise ShapeError(f"pool padding {pad} must be at most half the window {size}.")
-    output_hw(x.shape[2], x.shape[3], (kh, kw), (sh, sw), (ph, pw))  # validates the window fits
+    g = pool_geometry(x.shape, size, stride, pad)  # validates the window and its padding
+    kh, kw, sh, sw, ph, pw = g.kh, g.kw, g.sh, g.sw, g.ph, g.pw
     if (sh, sw) == (kh, kw) and ph == 0 and pw == 0:
         return forward_reshape(x, (kh, kw))
     return forward_strided(x, (kh, kw), (sh, sw), (ph, pw))
@@ -124,6 +122,7 @@ def pool_blocks_backward(dy, gt, douts, later, mask, fmask):
     return douts
 
 
+@dispatch.op("max_pool2d_backward")
 def max_pool2d_backward(dy, cache):
     """dx (N, C, H, W): each dy goes to the position that held its window's maximum."""
     x_shape, dtype, idx, (kh, kw), (sh, sw), (ph, pw), path = cache

@@ -23,7 +23,7 @@
 # The machine needs python3 with numpy, cupy-cuda13x, pytest (torch optional).  The
 # `captcha` package is installed from wheels in the repo's git-ignored .whl/ when
 # present (carry `.whl` to the machine).  At most 8 files are written to OUT_DIR
-# (the device tool returns no more): six stage logs, bench_gpu.json and summary.txt.
+# (a small, fixed set to copy back): six stage logs, bench_gpu.json and summary.txt.
 # Exit status: 0 when every stage that ran passed, 1 otherwise.
 
 set -uo pipefail
@@ -113,8 +113,8 @@ try:
 except Exception as exc:
     print("torch cuda probe failed:", exc)
 try:
-    from xpnet import memory as gpu_errors
-    print("cupy wheel", gpu_errors.installed_cupy_wheel())
+    from xpnet.cuda import driver
+    print("cupy wheel", driver.installed_cupy_wheel())
 except Exception as exc:
     print("xpnet import failed:", exc)
 PYEOF

@@ -7,7 +7,7 @@ row times the generic ``xp`` code (kernels off) and the kernel path with
 ``cupyx.profiler.benchmark`` (GPU time, median of the repeats) and reports
 the largest relative difference between their outputs.  The last rows time
 whole training steps (forward, fused loss, backward, in-place SGD) with the
-kernels off and installed behind ``xpnet.ops``.  Finishes in well under a
+generic (``xpnet.reference_paths()``) and with the kernels behind ``xpnet.ops``.  Finishes in well under a
 minute on an H100.  Exits 3 without a GPU.
 """
 
@@ -75,7 +75,7 @@ def op_cases(cp, K, n, rng):
     pools = [("pool1", (n, 32, 30, 78)), ("pool2", (n, 64, 13, 37)), ("pool3", (n, 128, 4, 16))]
     for name, shape in pools:
         x = arr(*shape, tie_free=True)
-        with K.disabled():  # the generic cache, even where xpnet.ops already dispatches to kernels
+        with xpnet.reference_paths():  # the generic cache, even where xpnet.ops dispatches to kernels
             y, cache = ops.max_pool2d_forward(x, 2)
         _, idx = K.max_pool_forward(x, 2)
         dy = arr(*y.shape)
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     if not backend.has_cupy_gpu:
-        print(f"gpu_kernels_bench: needs CuPy and a CUDA device: {backend._device_reason}.", file=sys.stderr)
+        print(f"gpu_kernels_bench: needs CuPy and a CUDA device: {backend.device_reason()}.", file=sys.stderr)
         return 3
     from cupyx.profiler import benchmark  # only reached with CuPy present
 
@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     print(header)
     print("-" * len(header))
     for name, shape, generic, kernel in op_cases(cp, K, args.batch, rng):
-        with K.disabled():
+        with xpnet.reference_paths():
             g_out = _first(generic())
             g_ms, _ = time_gpu(benchmark, generic, args.max_duration)
         k_out = _first(kernel())
@@ -158,10 +158,11 @@ def main(argv=None) -> int:
         generic_ms = None
         for path in ("generic CuPy", "kernels, cnhw conv", "kernels, nhwc conv"):
             if path == "generic CuPy":
-                scope = K.disabled()
+                scope = xpnet.reference_paths()
             else:
                 layout = path.split(", ")[1].split()[0]
-                scope = cuda_ops.installed(cuda_ops.KernelOps(K.CupyRuntime(), conv_layout=layout))
+                scope = cuda_ops.registered(cuda_ops.KernelOps(K.CupyRuntime(), conv_layout=layout), "cupy",
+                                            usable=K.usable, name=f"cuda kernels, {layout} conv")
             with scope:
                 step()
                 ms, host_ms = time_gpu(benchmark, step, 3 * args.max_duration, n_repeat=30)

@@ -1,6 +1,6 @@
 """The prepared GPU scripts behave on a machine without a GPU: the shell script
 parses, runs every stage it can, reports the GPU stages as unavailable (not
-crashed, not "passed") and stays within the device tool's 8 returned files."""
+crashed, not "passed") and writes at most 8 files."""
 
 import os
 import shutil

@@ -273,23 +273,6 @@ def test_max_pool_rejects_bad_arguments(dev):
 # ------------------------------------------------- bias, ReLU, conv output layout
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(3, 5, 4, 7), (6, 9)])
-@pytest.mark.parametrize("relu", [True, False])
-def test_bias_act(dev, rng, dtype, shape, relu):
-    y = rng.standard_normal(shape).astype(dtype)
-    b = rng.standard_normal(shape[1]).astype(dtype)
-    expected = y + b.reshape((-1,) + (1,) * (len(shape) - 2))
-    if relu:
-        expected = ops.relu_forward(expected)[0]
-    yd, bd = dev.put(y), dev.put(b)
-    assert_allclose(dev.get(K._bias_act(dev.rt, yd, bd, relu)), expected)
-    assert np.array_equal(dev.get(yd), y)
-    res = K._bias_act(dev.rt, yd, bd, relu, out=yd)  # in place
-    assert res is yd
-    assert_allclose(dev.get(yd), expected)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_bias,relu", [(True, True), (True, False), (False, False)])
 def test_nhwc_to_nchw_is_the_conv_output_epilogue(dev, rng, dtype, with_bias, relu):
     n, f, oh, ow = 3, 5, 4, 7
@@ -448,7 +431,6 @@ def test_cupy_runtime_passes_the_scalar_types_the_kernels_declare(emulated_rt, r
         y, idx = K._max_pool_forward(rt, x, 3, 2, 1)
         assert np.array_equal(y, ops.max_pool2d_forward(x, 3, 2, 1)[0])
         K._max_pool_backward(rt, y, idx, x.shape, 3, 2, 1, relu_y=y)
-        K._bias_act(rt, x, x[0, :, 0, 0].copy(), True)
         K._nhwc_to_nchw(rt, x.reshape(-1, 7), None, (2, 7, 3, 9), relu=True)
         K._relu_backward(rt, x, x)
         loss, d = K._sigmoid_bce_with_logits(rt, x.reshape(2, -1), (x.reshape(2, -1) > 0).astype(dtype))

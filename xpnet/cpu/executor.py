@@ -47,11 +47,10 @@ MIN_SHARD = 4
 
 # Elements per NumPy ufunc buffer inside the shards (NumPy's default: 8192).  With
 # the default, an element-wise op on a strided view whose contiguous runs are
-# shorter than the buffer (a kernel tap's (rows, C) slab added into dx: runs of
-# OW*C = 1152 values) is copied through buffers to make longer inner loops, and
-# runs ~3-4x slower than the same op on contiguous arrays (11 vs 2.8 us for a
-# 2-image conv2 tap).  At 1024 the runs are used in place: 4.8 us.  Only the
-# iteration chunking changes, never the arithmetic of element-wise ops.
+# shorter than the buffer (a kernel tap's (rows, C) slab added into dx) is copied
+# through buffers to make longer inner loops, several times slower than using the
+# runs in place, which a smaller buffer does (measured in benchmarks/NOTES.md).
+# Only the iteration chunking changes, never the arithmetic of element-wise ops.
 UFUNC_BUFSIZE = 1024
 
 

@@ -12,7 +12,6 @@ step that uses these functions never synchronises.
     col2im(col, x_shape, kernel, stride=1, pad=0)        -> dx (N, C, H, W)
     max_pool_forward(x, size, stride=None, pad=0)        -> (y (N, C, OH, OW), idx int32)
     max_pool_backward(dy, idx, x_shape, size, stride=None, pad=0, relu_y=None) -> dx
-    bias_act(y, b, relu=True, out=None)                  -> y + b[channel] (ReLU'd)
     nhwc_to_nchw(y2, b, out_shape, relu=False)          -> (N, F, OH, OW)
     im2col_cnhw / col2im_cnhw / fnp_to_nfp              -> the same with col as (C, KH, KW, N, OH, OW)
     relu_backward(dy, y)                                 -> dy * (y > 0)
@@ -213,29 +212,6 @@ def _max_pool_backward(rt, dy, idx, x_shape, size=2, stride=None, pad=0, relu_y=
     return dx
 
 
-def _bias_act(rt, y, b, relu=True, out=None):
-    xp = rt.xp
-    dtype = _float_dtype(y, "bias_act input")
-    if y.ndim < 2 or tuple(b.shape) != (y.shape[1],) or b.dtype != dtype:
-        raise ShapeError(f"bias_act needs y of shape (N, F, ...) and a {dtype} bias of shape "
-                         f"({y.shape[1] if y.ndim > 1 else 'F'},), got {tuple(y.shape)} and "
-                         f"{tuple(b.shape)} {b.dtype}.")
-    if out is None:
-        out = xp.empty(y.shape, dtype=dtype)
-    elif out.shape != y.shape or out.dtype != dtype or not out.flags.c_contiguous:
-        raise ShapeError(f"bias_act out must be a C-contiguous {tuple(y.shape)} {dtype} array.")
-    if out is not y:
-        y = xp.ascontiguousarray(y)
-    elif not y.flags.c_contiguous:
-        raise ShapeError("bias_act in place needs a C-contiguous array.")
-    inner = int(numpy.prod(y.shape[2:], dtype=numpy.int64))
-    total = y.size
-    rt.launch("xpnet_bias_act", dtype, _is_wide(total), total,
-              [("p", y), ("p", xp.ascontiguousarray(b)), ("p", out), ("I", total), ("I", y.shape[1]),
-               ("I", inner), ("i", bool(relu))])
-    return out
-
-
 def _nhwc_to_nchw(rt, y2, b, out_shape, relu=False):
     xp = rt.xp
     dtype = _float_dtype(y2, "nhwc_to_nchw input")
@@ -366,11 +342,6 @@ def max_pool_backward(dy, idx, x_shape, size=2, stride=None, pad=0, relu_y=None)
     return _max_pool_backward(_CUPY, dy, idx, x_shape, size, stride, pad, relu_y)
 
 
-def bias_act(y, b, relu=True, out=None):
-    """y + b per channel (axis 1 of (N, F, ...)), then ReLU when ``relu``; ``out=y`` works in place."""
-    return _bias_act(_CUPY, y, b, relu, out)
-
-
 def nhwc_to_nchw(y2, b, out_shape, relu=False):
     """Conv output: y2 (N*OH*OW, F) -> (N, F, OH, OW), adding bias b (F,) or None, then ReLU if asked."""
     return _nhwc_to_nchw(_CUPY, y2, b, out_shape, relu)
@@ -407,6 +378,6 @@ def sigmoid_bce_with_logits(logits, targets):
 
 __all__ = [
     "usable",
-    "im2col", "col2im", "im2col_cnhw", "col2im_cnhw", "fnp_to_nfp", "max_pool_forward", "max_pool_backward", "bias_act", "nhwc_to_nchw",
+    "im2col", "col2im", "im2col_cnhw", "col2im_cnhw", "fnp_to_nfp", "max_pool_forward", "max_pool_backward", "nhwc_to_nchw",
     "relu_backward", "sigmoid_bce_with_logits", "CupyRuntime",
 ]

@@ -34,7 +34,6 @@ KERNEL_NAMES = (
     "xpnet_col2im",
     "xpnet_maxpool_fwd",
     "xpnet_maxpool_bwd",
-    "xpnet_bias_act",
     "xpnet_nhwc_to_nchw",
     "xpnet_relu_bwd",
     "xpnet_bce_logits",
@@ -180,18 +179,6 @@ extern "C" __global__ void xpnet_maxpool_bwd(
             }
         }
         dx[i] = acc;
-    }
-}
-
-// out = y + b[channel] (then max(., 0) when relu), channel = (i / inner) % F:
-// inner = OH*OW for (N, F, OH, OW), 1 for (N, F).  out may be y (in place).
-extern "C" __global__ void xpnet_bias_act(
-    const T* y, const T* __restrict__ b, T* out, I total, I F, I inner, int relu)
-{
-    XP_LOOP(i, total) {
-        T v = y[i] + b[(i / inner) % F];
-        if (relu && v < (T)0) v = (T)0;
-        out[i] = v;
     }
 }
 

@@ -162,6 +162,99 @@ def test_future_format_version_asks_for_an_upgrade(tmp_path):
         xpnet.load(path)
 
 
+def rewrite_header_text(path, spot, text):
+    """Put raw JSON ``text`` (``Infinity``, ``1e400``...) at ``spot`` (a key path) in the header of ``path``."""
+    def change(doc):
+        target = doc
+        for key in spot[:-1]:
+            target = target[key]
+        target[spot[-1]] = "@@"
+    rewrite_header(path, change)
+    with np.load(path) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    raw = arrays[xio.HEADER_KEY].tobytes().decode().replace('"@@"', text)
+    arrays[xio.HEADER_KEY] = np.frombuffer(raw.encode(), dtype=np.uint8)
+    np.savez(path, **arrays)
+
+
+@pytest.mark.parametrize("spot,text,message", [
+    # The draws that crashed with OverflowError in Sequential.from_spec, before the header was checked.
+    (("architecture", "spec_version"), "Infinity", r"architecture.spec_version is Infinity, not a non-negative"),
+    (("architecture", "input_shape", 0), "-Infinity", r"architecture.input_shape\[0\] is -Infinity, not an integer"),
+    (("architecture", "input_shape", 1), "1e400", r"architecture.input_shape\[1\] is Infinity"),
+    (("architecture", "layers", 0, "config", "out_channels"), "NaN", r"layers\[0\].config.out_channels is NaN"),
+    (("architecture", "layers", 0, "config", "kernel_size", 1), "1" * 40, r"config.kernel_size\[1\] is 1111"),
+    (("architecture", "layers", 11, "config", "rate"), "1" * 400, r"config.rate is 1111.*not a finite number"),
+    (("architecture", "layers", 1, "config", "eps"), "Infinity", r"config.eps is Infinity, not a finite number"),
+    (("architecture", "layers", 0, "config", "stride"), "[1, 2, 3]", r"config.stride is \[1, 2, 3\]"),
+    (("architecture", "layers", 0, "config", "bias"), "1", r"config.bias is 1, not true or false"),
+    (("architecture", "layers", 0, "config", "init"), "-Infinity", r"config.init is -Infinity"),
+    (("architecture", "layers", 0, "name"), "[1]", r"layers\[0\].name is \[1\], not a string"),
+    (("architecture", "layers", 0, "config"), "[]", r"layers\[0\].config is \[\], not a JSON object"),
+    (("architecture", "layers"), "[]", r"architecture.layers is \[\], not a list of layers"),
+    (("architecture", "name"), "7", r"architecture.name is 7, not a string"),
+    (("architecture", "spec_version"), "99", r"spec version 99, newer than this xpnet.*upgrade xpnet"),
+    (("format_version",), "1.0", r"format_version is 1.0, not a positive integer"),
+    (("kind",), '"weights"', r"kind is 'weights', not 'model' or 'checkpoint'"),
+    (("dtype",), '"float16"', r"has dtype 'float16': xpnet reads float32 or float64"),
+    (("metadata",), "[1]", r"metadata is \[1\], not a JSON object"),
+    (("arrays", "state/conv1.W", "shape", 0), "Infinity", r"arrays.state/conv1.W.shape\[0\] is Infinity"),
+    (("arrays", "state/conv1.W", "dtype"), "4", r"arrays.state/conv1.W.dtype is 4, not a string"),
+    (("arrays",), "[]", r"malformed header \(no valid 'arrays' table\)"),
+    (("architecture", "input_shape", 2), "1" * 5000, r"damaged header \(not valid JSON\)"),  # over 4300 digits
+    (("architecture", "input_shape"), "[" * 5000 + "]" * 5000, r"damaged header \(not valid JSON\)"),  # too deep
+])
+def test_every_header_field_is_checked_before_anything_is_built(tmp_path, spot, text, message):
+    path = xpnet.save(every_layer_model(), tmp_path / "m.npz")
+    rewrite_header_text(path, spot, text)
+    for attempt in (lambda: xpnet.load(path), lambda: xio.load_weights(every_layer_model(), path),
+                    lambda: xio.read_header(path)):
+        with pytest.raises(ModelFileError, match=f"model file {path} .*{message}") as info:
+            attempt()
+        assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("spot,text,message", [
+    (("optimizer", "step_count"), "Infinity", r"optimizer.step_count is Infinity, not a non-negative integer"),
+    (("optimizer", "config", "lr", "max_lr"), "NaN", r"optimizer.config.lr.max_lr is NaN, not a finite number"),
+    (("optimizer", "type"), "null", r"optimizer.type is None, not a string"),
+    (("optimizer", "slots"), "[1]", r"optimizer.slots is \[1\], not a list of names"),
+    (("train_state", "step"), "1e400", r"train_state.step is Infinity, not an integer"),
+    (("train_state", "step"), '"3"', r"train_state.step is '3', not an integer"),
+    (("train_state",), "[]", r"train_state is \[\], not a JSON object"),
+])
+def test_the_checkpoint_sections_are_checked_too(tmp_path, spot, text, message):
+    model = xpnet.models.simple_convnet()
+    opt = optim.AdamW(model, lr=optim.OneCycle(0.05, total_steps=10))
+    path = checkpoint(tmp_path, 3, model, opt)
+    rewrite_header_text(path, spot, text)
+    with pytest.raises(ModelFileError, match=f"model file {path} .*{message}"):
+        xpnet.load_checkpoint(path, optimizer=optim.AdamW(xpnet.models.simple_convnet()))
+    with pytest.warns(UserWarning, match="skipping damaged checkpoint"):
+        assert xio.latest_checkpoint(tmp_path) is None
+
+
+def test_nan_in_the_callers_metadata_and_training_state_stays_readable(tmp_path):
+    """Only metadata and train_state may hold NaN/Infinity: they are stored as given (a training history
+    records a NaN validation loss on purpose), while the sections xpnet builds from hold finite numbers."""
+    model = xpnet.models.simple_convnet()
+    history = {"epochs": [{"epoch": 1, "val_loss": float("nan")}], "steps": [[1, 0.5]]}
+    path = xio.save_checkpoint(tmp_path / "c.npz", model, optim.SGD(model, lr=0.1),
+                               train_state={"step": 1, "history": history}, metadata={"best": float("inf")})
+    ck = xpnet.load_checkpoint(path)
+    assert ck.step == 1 and ck.metadata == {"best": float("inf")}
+    assert np.isnan(ck.train_state["history"]["epochs"][0]["val_loss"])
+    negative = xio.save_checkpoint(tmp_path / "n.npz", model, train_state={"step": -1})
+    assert xpnet.load_checkpoint(negative).step == -1  # the Trainer refuses it, naming its training state
+
+
+def test_storage_helpers_are_still_reached_through_serialization():
+    from xpnet import storage
+
+    for name in ("atomic_write", "check_writable", "remove_stale_temp_files"):
+        assert getattr(xio, name) is getattr(storage, name)
+
+
 def test_nan_weights_are_refused_on_load_and_on_save(tmp_path):
     path = good_file(tmp_path)
     with np.load(path) as npz:

@@ -7,11 +7,11 @@ The same as ``xpnet predict`` (``--help`` lists the options): the model is loade
 current backend (``XPNET_BACKEND=numpy|cupy``); each line is ``path<TAB>text<TAB>confidence``, and
 when file names carry labels (``2A2X.png``) the line says whether the reading is right and the
 accuracy is printed at the end.  The confidence is the product over the characters of the sigmoid
-probability of each chosen character (see ``xpnet.recognizer``).
+probability of each chosen character (see ``xpnet.captcha.recognizer``).
 
 In a program::
 
-    from xpnet.captcha.recognizer import Recognizer
+    from xpnet.captcha import Recognizer
     reader = Recognizer.load("model.npz")
     pred = reader.predict_files(["a.png"])
     print(pred.texts[0], pred.confidences[0])

@@ -1,5 +1,5 @@
-"""The CAPTCHA training pipelines (xpnet.captcha_train) and the Trainer's limits (time budget, max_steps,
-out-of-memory guard) they rely on."""
+"""The CAPTCHA training job (xpnet.captcha.job, .plans, .network) and the Trainer's limits (time budget,
+max_steps, out-of-memory guard) it relies on."""
 
 import hashlib
 import json
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import xpnet
-from xpnet.captcha import job as ct
+from xpnet.captcha import job, network, plans
+from xpnet.captcha.config import CONFIGS, Settings, derive_seed, get_config
 from xpnet import memory as gpu_errors
 from xpnet.data import generate_captchas, write_captcha_pngs
 from xpnet.errors import UsageError
@@ -26,10 +27,7 @@ TINY = dict(config="default", data_dir=None, seed=0, model="simple_convnet", mod
 
 
 def tiny_settings(**changes):
-    s = ct.get_config("default")
-    s.update(TINY)
-    s.update(changes)
-    return s
+    return Settings.from_dict({**get_config("default"), **TINY, **changes})
 
 
 def quiet(msg):
@@ -37,7 +35,7 @@ def quiet(msg):
 
 
 def test_a_short_synthetic_run_learns_and_writes_a_reader(tmp_path):
-    results = ct.run(tiny_settings(), tmp_path, workers=0, progress=False, log=quiet)
+    results = job.run(tiny_settings(), tmp_path, workers=0, progress=False, log=quiet)
     test = results["test"]
     assert test["n"] == 150
     assert test["string_accuracy"] >= 0.25               # chance is 1/16 (seeds 0 and 1 gave 0.67 and 0.42)
@@ -51,7 +49,7 @@ def test_a_short_synthetic_run_learns_and_writes_a_reader(tmp_path):
     assert meta["charset"] == {"chars": "ABCD", "length": 2} and meta["preprocess"]["height"] == 24
     assert meta["model"] == "simple_convnet" and meta["config"] == "default"
     assert meta["results"]["test_string_accuracy"] == pytest.approx(test["string_accuracy"])
-    test_set = generate_captchas(150, ct.derive_seed(0, "test"), "ABCD", 2, preprocess=reader.preprocess, workers=0,
+    test_set = generate_captchas(150, derive_seed(0, "test"), "ABCD", 2, preprocess=reader.preprocess, workers=0,
                                  progress=False)
     again = reader.evaluate(test_set.images, test_set.labels)
     assert again.string_accuracy == pytest.approx(test["string_accuracy"])
@@ -60,13 +58,13 @@ def test_a_short_synthetic_run_learns_and_writes_a_reader(tmp_path):
 def test_budget_and_held_out_evaluation_wiring(tmp_path, monkeypatch):
     """The default configuration's shape with a tiny budget: training stops on the budget, then the test
     images -- from a seed of their own, never seen in training -- are evaluated, and everything is saved."""
-    default = ct.CONFIGS["default"]
+    default = CONFIGS["default"]
     assert default["time_budget"] <= 15 * 60 - 30 and default["test_images"] == 2000   # 30 s for start-up and exit
     assert default["epochs"] is None and default["steps"] is None      # the budget decides
-    assert ct.CONFIGS["long"]["time_budget"] <= 60 * 60 - 60
+    assert CONFIGS["long"]["time_budget"] <= 60 * 60 - 60
 
     made, evaluated = [], []
-    real_generate, real_evaluate = ct.generate_captchas, Recognizer.evaluate
+    real_generate, real_evaluate = plans.generate_captchas, Recognizer.evaluate
 
     def spy_generate(count, seed, *args, **kwargs):
         data = real_generate(count, seed, *args, **kwargs)
@@ -77,28 +75,28 @@ def test_budget_and_held_out_evaluation_wiring(tmp_path, monkeypatch):
         evaluated.append((np.array(images), list(labels)))
         return real_evaluate(self, images, labels, *args, **kwargs)
 
-    monkeypatch.setattr(ct, "generate_captchas", spy_generate)
+    monkeypatch.setattr(plans, "generate_captchas", spy_generate)
     monkeypatch.setattr(Recognizer, "evaluate", spy_evaluate)
     budgets = []
-    real_trainer = ct.Trainer
+    real_trainer = job.Trainer
 
     def spy_trainer(*args, **kwargs):
         budgets.append(kwargs["time_budget"])
         return real_trainer(*args, **kwargs)
 
-    monkeypatch.setattr(ct, "Trainer", spy_trainer)
+    monkeypatch.setattr(job, "Trainer", spy_trainer)
     # The job's clock stands still while the data are made (however loaded this machine is), so the
     # trainer must get the whole budget less the final reserve; the trainer itself keeps the real clock.
-    monkeypatch.setattr(ct, "time", types.SimpleNamespace(monotonic=lambda: 1000.0))
+    monkeypatch.setattr(job, "time", types.SimpleNamespace(monotonic=lambda: 1000.0))
     settings = tiny_settings(epochs=None, time_budget=4.0, final_reserve=1, train_images=150, val_images=40,
                              test_images=60)
-    results = ct.run(settings, tmp_path, workers=0, progress=False, log=quiet)
+    results = job.run(settings, tmp_path, workers=0, progress=False, log=quiet)
     assert budgets == [3.0]
 
     seeds = {count: seed for count, seed, _ in made}
     train_seed, val_seed, test_seed = seeds[150], seeds[40], seeds[60]
     assert train_seed == 0 and len({train_seed, val_seed, test_seed}) == 3
-    assert test_seed == ct.derive_seed(0, "test") and val_seed == ct.derive_seed(0, "validation")
+    assert test_seed == derive_seed(0, "test") and val_seed == derive_seed(0, "validation")
     assert len(evaluated) == 1
     images, labels = evaluated[0]
     test_data = [d for count, _, d in made if count == 60][0]
@@ -131,7 +129,7 @@ def test_folder_pipeline_splits_reports_and_holds_out_the_test_part(tmp_path):
     settings = tiny_settings(data_dir=str(folder), charset=None, length=2, width=None, epochs=2,
                              time_budget=None)
     logged = []
-    results = ct.run(settings, tmp_path / "run", workers=0, progress=False, log=logged.append)
+    results = job.run(settings, tmp_path / "run", workers=0, progress=False, log=logged.append)
     run_doc = json.loads((tmp_path / "run" / "run.json").read_text())
     d = run_doc["data"]
     assert d["images"] == 200 and d["skipped"] == 2
@@ -144,7 +142,7 @@ def test_folder_pipeline_splits_reports_and_holds_out_the_test_part(tmp_path):
     assert results["test"]["n"] == 40
     # the test part is exactly the seeded split's, and its images are not in the training part
     from xpnet.data import split_indices
-    rest, test_idx = split_indices(200, 0.2, ct.derive_seed(0, "split"))
+    rest, test_idx = split_indices(200, 0.2, derive_seed(0, "split"))
     names = sorted(p.name for p in folder.glob("*.png") if p.name not in ("AB_999.png", "ABCDE_1.png"))
     test_names = {names[i] for i in test_idx}
     mistakes = {Path(p).name for p, *_ in results["test_mistakes"]}
@@ -153,7 +151,7 @@ def test_folder_pipeline_splits_reports_and_holds_out_the_test_part(tmp_path):
 
 def test_stream_mode_trains_on_fresh_batches(tmp_path):
     logged = []
-    results = ct.run(tiny_settings(data="stream", stream_epoch_steps=3, epochs=2, val_images=30, test_images=30),
+    results = job.run(tiny_settings(data="stream", stream_epoch_steps=3, epochs=2, val_images=30, test_images=30),
                      tmp_path, workers=0, progress=False, log=logged.append)
     history = json.loads((tmp_path / "history.json").read_text())["epochs"]
     assert [r["step"] for r in history] == [3, 6] and results["test"]["n"] == 30
@@ -165,9 +163,9 @@ def test_pregenerate_by_budget_makes_the_first_images_of_the_seed():
     from xpnet.data import Charset, Preprocess
     cs, pp = Charset("ABCD", 2), Preprocess(height=24, width=48, channels=1)
     said = []
-    full = ct.pregenerate({"max": 40, "budget_fraction": 0.5}, 7, cs, pp, 0, False, 100.0, said.append, chunk=16)
+    full = plans.pregenerate({"max": 40, "budget_fraction": 0.5}, 7, cs, pp, 0, False, 100.0, said.append, chunk=16)
     assert len(full) == 40 and "the limit" in said[-1]
-    some = ct.pregenerate({"max": 10 ** 6, "budget_fraction": 1e-9}, 7, cs, pp, 0, False, 100.0, said.append,
+    some = plans.pregenerate({"max": 10 ** 6, "budget_fraction": 1e-9}, 7, cs, pp, 0, False, 100.0, said.append,
                           chunk=16)
     assert 1 <= len(some) < 10 ** 6 and "of the budget" in said[-1]     # at least one chunk, then the time is up
     want = generate_captchas(len(some), 7, cs, preprocess=pp, workers=0, progress=False)
@@ -178,29 +176,16 @@ def test_pregenerate_by_budget_makes_the_first_images_of_the_seed():
 def test_prior_bias_starts_the_outputs_at_the_class_prior():
     from xpnet.data import Charset, Preprocess
     cs, pp = Charset("ABCD", 2), Preprocess(height=24, width=48, channels=1)
-    model = ct.build_model("captcha_net", cs, pp)
-    ct.set_prior_bias(model, cs)
+    model = network.build_model("captcha_net", cs, pp)
+    network.set_prior_bias(model, cs)
     b = model.layers[-1].params["b"]
     assert b.shape == (8,) and b.dtype == np.float32
     np.testing.assert_allclose(1 / (1 + np.exp(-b.astype(np.float64))), 0.25, rtol=1e-6)
 
 
 def test_folder_epochs_and_patience_scale_with_the_data():
-    assert ct.folder_epochs(720) == 200 and ct.folder_epochs(7168) == 42 and ct.folder_epochs(72_000) == 10
-    assert ct.folder_patience(200) == 50 and ct.folder_patience(42) == 15 and ct.folder_patience(10) == 15
-
-
-def test_data_runs_take_the_folder_settings_and_options_still_win(tmp_path):
-    parser = ct.build_train_parser()
-    synthetic = ct.resolve_settings(parser.parse_args([]))
-    assert (synthetic["optimizer"], synthetic["lr"], synthetic["max_scale"]) == ("adam", 3e-3, 0.0)
-    assert synthetic["time_budget"] == ct.CONFIGS["default"]["time_budget"] and synthetic["channels"] == 1
-    folder = ct.resolve_settings(parser.parse_args(["--data", str(tmp_path)]))
-    assert (folder["lr"], folder["max_scale"], folder["time_budget"]) == (1e-3, 0.05, None)
-    assert folder["folder_small"]["batchnorm"] and folder["width"] is None and folder["charset"] is None
-    mine = ct.resolve_settings(parser.parse_args(["--data", str(tmp_path), "--lr", "5e-4", "--time-budget", "60",
-                                                  "--model", "captcha_net"]))
-    assert (mine["lr"], mine["time_budget"], mine["folder_small"]["batchnorm"]) == (5e-4, 60.0, False)
+    assert plans.folder_epochs(720) == 200 and plans.folder_epochs(7168) == 42 and plans.folder_epochs(72_000) == 10
+    assert plans.folder_patience(200) == 50 and plans.folder_patience(42) == 15 and plans.folder_patience(10) == 15
 
 
 @pytest.mark.parametrize("below, want_bn", [(5000, True), (10, False)])
@@ -211,7 +196,7 @@ def test_small_folders_get_batchnorm_and_stronger_augmentation(tmp_path, below, 
                              model="captcha_net", max_shift=2, max_scale=0.05,
                              folder_small={"below": below, "batchnorm": True, "max_shift": 3, "max_scale": 0.1})
     logged = []
-    ct.run(settings, tmp_path / "run", workers=0, progress=False, log=logged.append)
+    job.run(settings, tmp_path / "run", workers=0, progress=False, log=logged.append)
     run_doc = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run_doc["settings"]["model_kwargs"] == ({"batchnorm": True} if want_bn else {})
     aug = (run_doc["settings"]["max_shift"], run_doc["settings"]["max_scale"])
@@ -220,57 +205,6 @@ def test_small_folders_get_batchnorm_and_stronger_augmentation(tmp_path, below, 
     kinds = [type(layer).__name__ for layer in model.layers]
     assert kinds.count("BatchNorm") == (3 if want_bn else 0) and kinds.count("Conv2D") == 3
     assert any("with BatchNorm" in m for m in logged) == want_bn
-
-
-def test_derived_seeds_differ_and_repeat():
-    for seed in (0, 1, 12345, 2 ** 32 - 1):
-        v, t = ct.derive_seed(seed, "validation"), ct.derive_seed(seed, "test")
-        assert len({seed, v, t}) == 3 and v == ct.derive_seed(seed, "validation")
-
-
-def test_progress_one_cycle_follows_the_fraction_done():
-    done = {"f": 0.0}
-    sched = ct.ProgressOneCycle(1e-2, pct_start=0.25, div_factor=10, final_div_factor=100,
-                                progress=lambda: done["f"])
-    values = []
-    for f in np.linspace(0, 1, 41):
-        done["f"] = f
-        values.append(sched(0))
-    assert values[0] == pytest.approx(1e-3) and values[10] == pytest.approx(1e-2)
-    assert values[-1] == pytest.approx(1e-5)
-    assert np.all(np.diff(values[:11]) > 0) and np.all(np.diff(values[10:]) < 0)
-    assert sched.to_dict() == {"type": "ProgressOneCycle", "max_lr": 1e-2, "pct_start": 0.25,
-                               "div_factor": 10.0, "final_div_factor": 100.0, "warmup_steps": 0}
-
-
-@pytest.mark.parametrize("total_steps", [100, 1000, 10_000])
-def test_progress_one_cycle_warms_up_for_at_least_warmup_steps(total_steps):
-    """Runs of any length: the peak comes after max(3% of the run, 300 steps) -- but never after half
-    the run -- the rate is continuous, and it still ends annealed."""
-    state = {"f": 0.0}
-    sched = ct.ProgressOneCycle(3e-3, pct_start=0.03, div_factor=25, final_div_factor=1e4,
-                                progress=lambda: state["f"], warmup_steps=300)
-    rates = []
-    for step in range(total_steps + 1):
-        state["f"] = step / total_steps
-        rates.append(sched(step))
-    rates = np.array(rates)
-    peak_at = int(np.argmax(rates))
-    want = min(max(0.03 * total_steps, 300), 0.5 * total_steps)
-    assert abs(peak_at - want) <= 1 + 0.01 * total_steps, (peak_at, want)
-    assert rates.max() == pytest.approx(3e-3, rel=1e-3) and rates[0] == pytest.approx(3e-3 / 25)
-    assert np.all(np.diff(rates[:peak_at]) >= 0) and np.all(np.diff(rates[peak_at:]) <= 0)
-    assert np.max(np.abs(np.diff(rates))) < 3e-3 * 10 / min(total_steps, 300)   # no jump anywhere
-    assert rates[-1] == pytest.approx(3e-3 / 25 / 1e4)
-
-
-def test_configurations_are_plain_documented_data():
-    for name, cfg in ct.CONFIGS.items():
-        assert isinstance(cfg["description"], str) and len(cfg["description"]) > 40, name
-        json.dumps(cfg)                                      # plain data: no functions, no objects
-        assert cfg["model"] in xpnet.models.MODELS and set(cfg) == set(ct.CONFIGS["default"]), name
-    with pytest.raises(UsageError, match="unknown configuration 'nope': choose one of default, long"):
-        ct.get_config("nope")
 
 
 # -------------------------------------------------------------- the Trainer's limits

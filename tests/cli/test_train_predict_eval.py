@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 
 import xpnet
-from xpnet.captcha import job as ct
+from xpnet.captcha import config
 from xpnet import cli
+from xpnet.cli import train as train_command
 from xpnet.data import Charset, Preprocess, write_captcha_pngs
-from xpnet.captcha.recognizer import Recognizer, metadata_for
+from xpnet.captcha import Recognizer, metadata_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CHARS = "ABCD"
@@ -63,11 +64,11 @@ def test_train_script_and_subcommand_have_the_same_options_each_with_its_default
             "--charset", "--length", "--height", "--width", "--channels", "--seed", "--resume", "--workers",
             "--no-progress", "--debug"} <= opts
     # every option's help states its default
-    for action in ct.build_train_parser()._actions:
+    for action in train_command.build_train_parser()._actions:
         if action.dest != "help":
             assert "(default" in action.help, action.option_strings
     text = " ".join(b.stdout.split())
-    for name in ct.CONFIGS:
+    for name in config.CONFIGS:
         assert name in text
     for name in xpnet.models.MODELS:
         assert name in text
@@ -189,11 +190,11 @@ def test_train_runtime_errors_exit_1_and_debug_shows_the_traceback(tmp_path):
 
 
 def test_cli_train_runs_resumes_and_never_overwrites(tmp_path, monkeypatch, capsys):
-    tiny = ct.get_config("default")
+    tiny = config.get_config("default")
     tiny.update(model="simple_convnet", charset="ABC", length=2, height=24, width=48, channels=1, train_images=96,
                 val_images=32, test_images=40, time_budget=None, epochs=2, batch_size=32, final_reserve=0,
                 description="a tiny configuration for this test")
-    monkeypatch.setitem(ct.CONFIGS, "tiny", tiny)
+    monkeypatch.setitem(config.CONFIGS, "tiny", tiny)
     out = tmp_path / "run"
     args = ["train", "--config", "tiny", "--out", str(out), "--workers", "0", "--no-progress"]
     assert cli.main(args) == 0

@@ -1,1 +1,10 @@
-"""The CAPTCHA application on top of the library: configurations, data plans, the training job, ``Recognizer``."""
+"""The CAPTCHA application on top of the library.
+
+``config`` (named configurations, ``Settings``), ``plans`` (where the images come
+from), ``job`` (the training job), ``recognizer`` (``Recognizer``: read images
+with a trained model), plus ``schedule``, ``network`` and ``run_folder``.
+"""
+
+from .recognizer import Evaluation, Prediction, Recognizer, metadata_for
+
+__all__ = ["Recognizer", "Prediction", "Evaluation", "metadata_for"]

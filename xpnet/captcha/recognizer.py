@@ -1,31 +1,17 @@
 """A trained CAPTCHA reader: load a model file, read images, report texts, confidences and accuracy.
 
-    from xpnet.recognizer import Recognizer
+    from xpnet.captcha import Recognizer
     reader = Recognizer.load("runs/captcha-.../model.npz")     # rebuilt on the current backend
     pred = reader.predict_files(["a.png", "b.png"])          # Prediction
     pred.texts, pred.confidences                              # ["2A2X", "K9PQ"], array([0.97, 0.41])
     result = reader.evaluate_folder("labelled/")              # Evaluation (labels from file names)
     print(result.report())
 
-What a model file must carry (``xpnet train`` writes it; see ``metadata_for``):
-``metadata["charset"]`` (``Charset.to_dict()``: characters and label length)
-and ``metadata["preprocess"]`` (``Preprocess.to_dict()``: input size, colour,
-resize policy, normalisation).  Prediction applies exactly that preprocessing,
-so a reader trained on 3x32x96 grey-padded images reads any image file the same
-way training did.
-
-Confidence (``Prediction.confidences``): the model's outputs are independent
-sigmoid units, one block of ``K`` classes per character.  The character read at
-position ``i`` is the block's arg-max; its *character confidence* is that
-unit's sigmoid probability -- the model's own estimate that this character is
-there.  The *text confidence* is the product of the character confidences: the
-probability that every character is right if the positions were independent.
-A text confidence of 0.9 or more is usually right; under 0.5 it is a guess (the
-calibration is the model's, not a guarantee).  It is in [0, 1] and never NaN.
-
-Errors: a missing or damaged model file, a model file without the metadata
-above, an image that cannot be read (with ``on_error="raise"``), a folder
-without usable images: each is one ``XpnetError`` sentence naming the file.
+A model file is a reader when its metadata carries ``charset`` and
+``preprocess`` (``metadata_for``; ``xpnet train`` writes them): prediction
+applies exactly the preprocessing training used, to images of any size and mode.
+Errors (a missing or damaged model file, missing metadata, an unreadable image)
+are one ``XpnetError`` sentence naming the file.
 """
 
 from __future__ import annotations
@@ -36,7 +22,7 @@ from collections import Counter
 
 import numpy
 
-from .. import backend
+from .. import backend, checks
 from ..nn import serialization as xio
 from ..data.folder import IMAGE_EXTENSIONS, label_from_name, load_folder
 from ..data.images import Preprocess, read_image
@@ -55,6 +41,13 @@ def sigmoid(x):
 @dataclasses.dataclass
 class Prediction:
     """What the reader saw in N images.
+
+    The outputs are independent sigmoid units, one block of K classes per
+    character: the character read is the block's arg-max, its *character
+    confidence* that unit's sigmoid probability, and the *text confidence* the
+    product over the characters (the probability that every character is right
+    if the positions were independent; 0.9 or more is usually right, under 0.5 a
+    guess).  It is in [0, 1] and never NaN.
 
     texts             N strings of ``charset.length`` characters
     confidences       (N,) float64 in [0, 1]: product of the character confidences
@@ -149,8 +142,7 @@ class Recognizer:
             raise UsageError(f"charset must be an xpnet.data.Charset, got {type(charset).__name__}.")
         if not isinstance(preprocess, Preprocess):
             raise UsageError(f"preprocess must be an xpnet.data.Preprocess, got {type(preprocess).__name__}.")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, numpy.integer)) or batch_size < 1:
-            raise UsageError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        batch_size = checks.positive_int(batch_size, "batch_size")
         if not model.built:
             model.build(preprocess.shape)
         out = model.output_shape
@@ -162,7 +154,7 @@ class Recognizer:
                                  f"{charset.length} needs {charset.n_outputs}.")
         self.model, self.charset, self.preprocess = model, charset, preprocess
         self.metadata = dict(metadata or {})
-        self.batch_size = int(batch_size)
+        self.batch_size = batch_size
         self.path = None
 
     @classmethod
@@ -179,7 +171,7 @@ class Recognizer:
             what = f"no {exc}" if isinstance(exc, KeyError) else str(exc)
             raise ModelFileError(
                 f"model file {path} is not a CAPTCHA reader ({what} in its metadata): train it with "
-                f"`xpnet train`, or save it with metadata=xpnet.recognizer.metadata_for(charset, preprocess)."
+                f"`xpnet train`, or save it with metadata=xpnet.captcha.metadata_for(charset, preprocess)."
             ) from None
         reader = cls(model, cs, pp, meta, batch_size)
         reader.path = os.fspath(path)
@@ -324,117 +316,4 @@ def image_files(path) -> list[str]:
     return [path]
 
 
-# --------------------------------------------------------------------------
-# ``xpnet eval`` and ``xpnet predict``
-
-
-def add_eval_command(sub) -> None:
-    """Register ``xpnet eval MODEL DIR``."""
-    p = sub.add_parser(
-        "eval", help="accuracy of a trained reader on a folder of labelled images",
-        description="Read every image of a folder whose file names carry the labels (2A2X.png, 2A2X_17.png: the "
-                    "name up to '_' or '.') and report whole-string accuracy (every character right), "
-                    "per-character accuracy, per-position accuracy and the most confused characters. Files that "
-                    "cannot be read, or whose label does not fit the model, are skipped and listed.")
-    p.add_argument("model", metavar="MODEL", help="model file written by xpnet train (model.npz)")
-    p.add_argument("folder", metavar="DIR", help="folder of labelled images")
-    p.add_argument("--top", type=int, default=10, metavar="K",
-                   help="how many of the most confused character pairs to show (default: 10)")
-    p.add_argument("--workers", type=int, default=None, metavar="W",
-                   help="processes decoding images (default: 1 below 3,000 files, else every CPU core)")
-    p.add_argument("--batch-size", type=int, default=256, metavar="B",
-                   help="images per forward pass; lower it if memory runs out (default: 256)")
-    p.add_argument("--json", action="store_true", help="print the full result as JSON (default: readable lines)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: on a terminal)")
-    p.set_defaults(func=_cmd_eval)
-
-
-def _check_positive(value, option):
-    if value is not None and (isinstance(value, bool) or value < 1):
-        raise UsageError(f"{option} must be a positive integer, got {value}.")
-
-
-def _cmd_eval(args) -> int:
-    import json
-
-    _check_positive(args.top, "--top")
-    _check_positive(args.batch_size, "--batch-size")
-    if args.workers is not None and args.workers < 0:
-        raise UsageError(f"--workers must be 0 or more, got {args.workers}.")
-    reader = Recognizer.load(args.model, batch_size=args.batch_size)
-    result = reader.evaluate_folder(args.folder, workers=args.workers or None,
-                                    progress=False if args.no_progress else None, top=args.top)
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=1))
-    else:
-        print(f"model {args.model}: {reader.describe()}")
-        print(result.report(top=args.top))
-    return 0
-
-
-def add_predict_command(sub) -> None:
-    """Register ``xpnet predict MODEL IMAGE...``."""
-    p = sub.add_parser(
-        "predict", help="read CAPTCHA images with a trained reader: text and confidence per image",
-        description="Print one line per image: the path, the text read and its confidence (the product over the "
-                    "characters of the sigmoid probability of each chosen character: near 1 = sure, under 0.5 = "
-                    "a guess). A folder stands for its image files. When file names carry labels that fit the "
-                    "model (2A2X.png, 2A2X_17.png), each line says whether the reading is right and the accuracy "
-                    "is printed at the end. The model is loaded once, on the current backend (XPNET_BACKEND).")
-    p.add_argument("model", metavar="MODEL", help="model file written by xpnet train (model.npz)")
-    p.add_argument("images", metavar="IMAGE", nargs="+", help="image files or folders of images")
-    p.add_argument("--skip-bad", action="store_true",
-                   help="report unreadable images on stderr and go on (default: stop at the first one, exit 1)")
-    p.add_argument("--batch-size", type=int, default=256, metavar="B",
-                   help="images per forward pass (default: 256)")
-    p.add_argument("--json", action="store_true",
-                   help="print one JSON object per image (path, text, confidence, label, right) (default: "
-                        "tab-separated lines)")
-    p.set_defaults(func=_cmd_predict)
-
-
-def _cmd_predict(args) -> int:
-    import json
-    import sys
-
-    _check_positive(args.batch_size, "--batch-size")
-    reader = Recognizer.load(args.model, batch_size=args.batch_size)
-    paths = []
-    for item in args.images:
-        if not os.path.exists(item):
-            raise DataError(f"{item}: no such file or folder.")
-        paths += image_files(item)
-    n_labelled = n_right = 0
-    chars_right = chars_total = 0
-    bad = []
-    chunk = max(args.batch_size, 256)
-    for i in range(0, len(paths), chunk):
-        images, used, skipped = reader.read_files(paths[i:i + chunk], "report" if args.skip_bad else "raise")
-        for p, reason in skipped:
-            print(f"xpnet: skipped {p}: {reason}", file=sys.stderr)
-        bad += skipped
-        pred = reader.predict(images, used)
-        for path, text, conf in zip(used, pred.texts, pred.confidences.tolist()):
-            label = label_from_name(path) if reader.has_label(path) else None
-            if label is not None:
-                n_labelled += 1
-                n_right += text == label
-                chars_right += sum(a == b for a, b in zip(text, label))
-                chars_total += len(label)
-            if args.json:
-                print(json.dumps({"path": path, "text": text, "confidence": round(conf, 6), "label": label,
-                                  "right": None if label is None else text == label}))
-            else:
-                mark = "" if label is None else ("\tright" if text == label else f"\tWRONG (label {label})")
-                print(f"{path}\t{text}\t{conf:.4f}{mark}")
-    if n_labelled and not args.json:
-        print(f"accuracy on {n_labelled} labelled image(s): whole-string {100 * n_right / n_labelled:.2f}% "
-              f"({n_right} right), per-character {100 * chars_right / chars_total:.2f}%")
-    if bad:
-        print(f"xpnet: {len(bad)} image(s) could not be read and were skipped", file=sys.stderr)
-        return 1
-    return 0
-
-
-__all__ = ["Recognizer", "Prediction", "Evaluation", "metadata_for", "image_files", "sigmoid",
-           "add_eval_command", "add_predict_command"]
+__all__ = ["Recognizer", "Prediction", "Evaluation", "metadata_for", "image_files", "sigmoid"]

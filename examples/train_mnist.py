@@ -15,7 +15,6 @@ reported, not the best epoch's).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -25,14 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import numpy as np  # noqa: E402
 
 import xpnet  # noqa: E402
-from xpnet import metrics
+from xpnet import metrics  # noqa: E402
+from xpnet.cli.mnist import build_mnist_parser  # noqa: E402
 from xpnet.nn import optim  # noqa: E402
 from xpnet.data.mnist import load_mnist  # noqa: E402
 from xpnet.errors import XpnetError  # noqa: E402
 
 
-# Kept here rather than in xpnet.data.augment, which another branch provides (its ``augment(x, rng,
-# max_shift, fill=0)`` does the same): a strided view of the padded batch, one gather, no loop over images.
+# Kept here rather than xpnet.data.augment (which draws its offsets in another order), so that the recorded
+# MNIST results stay reproducible: a strided view of the padded batch, one gather, no loop over images.
 def random_shift(x, max_shift: int = 2, rng=None, fill=0):
     """Shift each image of x (N, C, H, W) by integers dy, dx drawn uniformly from [-max_shift, max_shift].
 
@@ -66,20 +66,7 @@ def random_shift(x, max_shift: int = 2, rng=None, fill=0):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data", required=True, help="folder with the MNIST IDX files (gzipped or not)")
-    p.add_argument("--out", default="runs/mnist", help="folder for checkpoints, history and plot")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
-    p.add_argument("--weight-decay", type=float, default=1e-4, help="AdamW decoupled weight decay")
-    p.add_argument("--shift", type=int, default=2, help="random shift augmentation in pixels (0: none)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-limit", type=int, default=None, help="use only the first N training images")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch)")
-    return p.parse_args(argv)
+    return build_mnist_parser(__doc__.split("\n\n")[0]).parse_args(argv)
 
 
 def main(argv=None) -> int:

@@ -12,7 +12,7 @@ import pytest
 import xpnet
 from xpnet import backend
 from xpnet.nn import optim, serialization as xio
-from xpnet.errors import ModelFileError, StorageError
+from xpnet.errors import ModelFileError, StorageError, UsageError
 from xpnet.nn.layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
 from xpnet.nn.sequential import Sequential
 
@@ -361,6 +361,14 @@ def test_latest_checkpoint_skips_damaged_and_half_written_files(tmp_path):
     with pytest.warns(UserWarning, match="skipping damaged checkpoint"):
         assert xio.latest_checkpoint(tmp_path) == tmp_path / xio.checkpoint_name(2)
     assert xio.latest_checkpoint(tmp_path / "none") is None
+
+
+def test_checkpoint_names_sort_like_steps_and_refuse_what_is_not_a_step():
+    assert xio.checkpoint_name(np.int64(12)) == "ckpt-000000012.npz"
+    assert xio.CHECKPOINT_RE.match(xio.checkpoint_name(0))
+    for bad in (-1, 2.5, "3", True):
+        with pytest.raises(UsageError, match="step must be an integer >= 0"):
+            xio.checkpoint_name(bad)
 
 
 def test_files_follow_the_umask(tmp_path):

@@ -228,8 +228,8 @@ def _check_architecture(spec, path=("architecture",)):
         entry = _obj(entry, here, optional=False)
         kind = entry.get("type")
         if not isinstance(kind, str) or kind not in LAYER_TYPES:
-            raise _Damaged(f"names an unknown layer type {_show(kind)} at position {i}: known types are "
-                           f"{', '.join(sorted(LAYER_TYPES))}")
+            raise _Damaged(f"cannot be rebuilt: model architecture names an unknown layer type {_show(kind)} at "
+                           f"position {i}: known types are {', '.join(sorted(LAYER_TYPES))}")
         _str(entry.get("name"), here + ("name",), optional=True)
         for key, value in _obj(entry.get("config"), here + ("config",)).items():
             _layer_arg(key, value, here + ("config", key))

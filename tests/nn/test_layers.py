@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import xpnet
-from xpnet import backend
+from xpnet import backend, ops
 from xpnet.nn.layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
 from xpnet.testing import numerical_gradient
 
@@ -73,6 +73,22 @@ def test_dropout_layer_train_and_eval(rng):
     assert 0.2 < dropped < 0.6
     np.testing.assert_allclose(y[y != 0], x[y != 0] / 0.6)
     assert layer.forward(x, train=False) is x
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dropout_layer_mask_is_one_draw_from_xpnets_generator(rng, dtype):
+    # The fused path draws the same numbers for the whole batch (DropoutStage): a seed
+    # gives the same masks on both paths only while the layer draws exactly this.
+    x = rng.standard_normal((6, 3, 4)).astype(dtype)
+    layer = Dropout(0.3)
+    xpnet.seed(21)
+    y = layer.forward(x, train=True)
+    dx = layer.backward(np.ones_like(x))
+    xpnet.seed(21)
+    mask = ops.dropout_mask(backend.rng().random(x.shape, dtype=dtype), 0.3)
+    assert y.dtype == dx.dtype == dtype
+    np.testing.assert_array_equal(y, x * mask)
+    np.testing.assert_array_equal(dx, mask)
 
 
 @pytest.mark.parametrize("shape", [(4, 3, 3, 2), (5, 4)])

@@ -161,7 +161,7 @@ class Conv2D(Layer):
 
     def im2col_nbytes(self, batch_size: int) -> int:
         """Bytes of the im2col matrix the plain path builds for a batch (chunked above
-        ``xpnet.set_im2col_budget``; the fast path works on ~1 MiB chunks)."""
+        ``xpnet.set_im2col_budget``; the fused CPU path works on cache-sized chunks)."""
         if self.input_shape is None:
             raise UsageError(f"Conv2D '{self.name}' is not built yet: its input shape is unknown.")
         itemsize = numpy.dtype(self.params["W"].dtype).itemsize
@@ -322,15 +322,14 @@ class Dropout(Layer):
             u = backend.rng().random(x.shape, dtype=x.dtype)
         else:  # device draws, seeded by xpnet.seed
             u = xp.random.random(x.shape, dtype=x.dtype)
-        mask = (u >= self.rate) * x.dtype.type(1.0 / (1.0 - self.rate))
-        self._cache = mask
-        return x * mask
+        y, self._cache = ops.dropout_forward(x, ops.dropout_mask(u, self.rate))
+        return y
 
     def backward(self, dy):
-        mask = self._take_cache()
+        cache = self._take_cache()
         if not self.needs_input_grad:
             return None
-        return dy if isinstance(mask, str) else dy * mask
+        return dy if isinstance(cache, str) else ops.dropout_backward(dy, cache)
 
     def config(self):
         return {"rate": self.rate}

@@ -5,6 +5,7 @@ NumPy and CuPy.  dtype in = dtype out; inputs are never modified."""
 from .activation import relu_backward, relu_forward, sigmoid
 from .conv import conv2d_backward, conv2d_forward
 from .dense import dense_backward, dense_forward
+from .dropout import dropout_backward, dropout_forward, dropout_mask
 from .im2col import col2im, conv_output_size, im2col, im2col_nbytes
 from .loss import log_softmax, sigmoid_bce_with_logits, softmax_cross_entropy
 from .norm import batchnorm_backward, batchnorm_forward
@@ -18,4 +19,5 @@ __all__ = [
     "relu_forward", "relu_backward", "sigmoid",
     "sigmoid_bce_with_logits", "softmax_cross_entropy", "log_softmax",
     "batchnorm_forward", "batchnorm_backward",
+    "dropout_mask", "dropout_forward", "dropout_backward",
 ]

@@ -15,8 +15,10 @@ import os
 import numpy
 
 from .. import checks
+from ..data.captcha import make_charset
 from ..data.labels import DIGITS_UPPER
 from ..errors import UsageError
+from ..nn import models
 
 # --------------------------------------------------------------------------
 # Named configurations: plain data.  Change values here to plug in a recipe.
@@ -239,8 +241,6 @@ def resolve_settings(options: TrainOptions) -> Settings:
     if s["data_dir"] is not None:
         s.update(s["folder"])
     if options.model is not None:
-        from ..nn import models
-
         if options.model not in models.MODELS:
             raise UsageError(f"unknown model {options.model!r}: choose one of {', '.join(models.MODELS)}.")
         if options.model != s["model"]:
@@ -264,8 +264,6 @@ def resolve_settings(options: TrainOptions) -> Settings:
     elif options.charset is not None:
         s["charset"] = options.charset
     if options.charset is not None:
-        from ..data.captcha import make_charset
-
         make_charset(options.charset, s["length"] or 4)  # checks the characters
     if options.epochs is not None or options.steps is not None:
         s["time_budget"] = None  # an explicit length replaces the budget ...
@@ -276,8 +274,6 @@ def resolve_settings(options: TrainOptions) -> Settings:
 
 
 def _check_configuration(s: dict, name: str) -> None:
-    from ..nn import models
-
     if s["model"] not in models.MODELS:
         raise UsageError(f"configuration {name!r} names an unknown model {s['model']!r}: choose one of "
                          f"{', '.join(models.MODELS)}.")

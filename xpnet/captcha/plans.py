@@ -16,13 +16,13 @@ from pathlib import Path
 
 import numpy
 
+from .. import checks
 from ..data.captcha import CaptchaStream, check_seed, generate_captchas, make_charset
 from ..data.folder import LabelledImages, load_folder, split_indices, suggest_preprocess
 from ..data.images import Preprocess
 from ..data.labels import Charset
 from ..errors import DataError, UsageError
 from ..nn import serialization as xio
-from .. import checks
 from .config import CONFIGS, Settings, derive_seed
 
 NO_EPOCH_LIMIT = 10 ** 6   # "epochs" of a run that the budget or the step limit ends

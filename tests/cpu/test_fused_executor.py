@@ -1,4 +1,4 @@
-"""The fused, batch-parallel CPU path (xpnet.fuse) against the plain layer-by-layer path.
+"""The fused, batch-parallel CPU path (xpnet.cpu) against the plain layer-by-layer path.
 
 Every model here runs one training step (forward, fused loss, backward) and an
 evaluation forward on both paths from the same weights and inputs; outputs,
@@ -11,7 +11,7 @@ import pytest
 
 import xpnet
 from xpnet import config as settings, ops
-from xpnet.cpu import executor as fuse, stages
+from xpnet.cpu import executor as fuse, stages, workspace
 from xpnet.errors import ShapeError, UsageError
 from xpnet.nn.layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
 from xpnet.nn.sequential import Sequential
@@ -21,13 +21,13 @@ from xpnet.testing import assert_allclose
 @pytest.fixture(autouse=True)
 def _restore_settings():
     saved = (settings.fast_paths_enabled(), settings.get_num_threads(), settings.get_im2col_budget_bytes(),
-             stages.CHUNK_BYTES)
+             workspace.CHUNK_BYTES)
     settings.fast_paths(True)  # these tests are about the fast path, whatever XPNET_FAST says
     yield
     settings.fast_paths(saved[0])
     settings.set_num_threads(saved[1])
     settings._budget_bytes = saved[2]
-    stages.CHUNK_BYTES = saved[3]
+    workspace.CHUNK_BYTES = saved[3]
 
 
 def one_step(model, x, t, fast, seed=7, input_grad=True):
@@ -117,7 +117,7 @@ def test_same_padding_input_gradient_by_im2col_with_rows_no_pool_reads():
     def layers():
         return [Conv2D(3, 3, pad="same"), Conv2D(5, 3, pad="same"), ReLU(), MaxPool2D(2), Flatten(), Dense(4)]
     fast = assert_paths_agree(layers, (2, 21, 21), n=6, threads=2)
-    assert [s.dx_im2col for s in fast.executor.stages[:2]] == [True, True]
+    assert [s.dx_by_im2col for s in fast.executor.stages[:2]] == [True, True]
 
 
 def test_overlapping_and_padded_pools_and_standalone_layers():
@@ -141,9 +141,9 @@ def test_seed_networks_match_plain_path():
 
 
 def test_small_chunks_give_the_same_result():
-    stages.CHUNK_BYTES = 1  # one image per chunk everywhere
+    workspace.CHUNK_BYTES = 1  # one image per chunk everywhere
     assert_paths_agree(seed_like, (3, 17, 22), n=7, threads=2)
-    stages.CHUNK_BYTES = 1 << 30  # the whole shard in one chunk
+    workspace.CHUNK_BYTES = 1 << 30  # the whole shard in one chunk
     assert_paths_agree(seed_like, (3, 17, 22), n=7, threads=2)
     settings.set_im2col_budget(0.001)  # below one image's im2col: one image per chunk, both paths
     assert_paths_agree(seed_like, (3, 17, 22), n=7, threads=2)
@@ -159,15 +159,16 @@ def bn_blocks():  # every BatchNorm path of the conv block: 'same' + pool, no po
 def test_element_wise_groups_of_chunks_give_the_same_result(monkeypatch, group_chunks):
     # One image per chunk; the pool, bias, ReLU and BatchNorm work over groups of 1 or 3
     # chunks (7 images: a partial last group) or the whole shard.
-    from xpnet.cpu import conv_block
-    stages.CHUNK_BYTES = 1
+    from xpnet.cpu import conv_plan
+    workspace.CHUNK_BYTES = 1
     if group_chunks is None:
-        monkeypatch.setattr(stages, "GROUP_BYTES", 1 << 40)
+        monkeypatch.setattr(workspace, "GROUP_BYTES", 1 << 40)
     else:
-        monkeypatch.setattr(conv_block, "group_images", lambda chunk, nbytes, n: min(n, group_chunks * chunk))
+        monkeypatch.setattr(conv_plan, "group_images", lambda chunk, nbytes, n: min(n, group_chunks * chunk))
     fast = assert_paths_agree(seed_like, (3, 17, 22), n=7, threads=2)
     plan = next(p for p in fast.executor.shards[0].plans.values() if p.train)
-    sizes = [[c.z.shape[0] // fast.executor.stages[0].g.rows for c in gp.chunks] for gp in plan.groups]
+    rows = fast.executor.stages[0].geom.rows
+    sizes = [[chunk.z.shape[0] // rows for chunk in group.chunks] for group in plan.groups]
     k = plan.n if group_chunks is None else group_chunks
     assert sizes == [[1] * min(k, plan.n - a) for a in range(0, plan.n, k)]
     assert plan.n > 3
@@ -178,11 +179,11 @@ def test_group_images_are_whole_chunks_within_the_batch():
     bytes_per_image = 1000
     for chunk in (1, 3, 7):
         for n in (1, 5, 20, 200):
-            k = stages.group_images(min(chunk, n), bytes_per_image, n)
+            k = workspace.group_images(min(chunk, n), bytes_per_image, n)
             assert 1 <= k <= n
             assert k == n or k % min(chunk, n) == 0
-    assert stages.group_images(2, 10 * stages.GROUP_BYTES, 100) == 2  # one chunk over the size: no grouping
-    assert stages.group_images(2, stages.GROUP_BYTES // 8, 100) == 8
+    assert workspace.group_images(2, 10 * workspace.GROUP_BYTES, 100) == 2  # one chunk over the size: no grouping
+    assert workspace.group_images(2, workspace.GROUP_BYTES // 8, 100) == 8
 
 
 def test_k_major_blocks_with_phase_planes_and_without(monkeypatch):
@@ -196,11 +197,11 @@ def test_k_major_blocks_with_phase_planes_and_without(monkeypatch):
                 Conv2D(5, 3, pad="same"), ReLU(), MaxPool2D((1, 2)), Conv2D(3, 2), Flatten(), Dense(4)]
     for input_grad in (False, True):
         fast = assert_paths_agree(layers, (2, 19, 23), n=7, threads=2, input_grad=input_grad)
-        used = [p.planes is not None for sh in fast.executor.shards for p in sh.plans.values() if p.train]
+        used = [p.phase_planes is not None for sh in fast.executor.shards for p in sh.plans.values() if p.train]
         assert any(used) and not all(used)  # the last conv (pad 0, input gradient tap by tap) has none
     settings.set_im2col_budget(0.0001)  # the planes do not fit: the strided copy, same results
     fast = assert_paths_agree(layers, (2, 19, 23), n=7, threads=2, input_grad=False)
-    assert all(p.planes is None for sh in fast.executor.shards for p in sh.plans.values())
+    assert all(p.phase_planes is None for sh in fast.executor.shards for p in sh.plans.values())
 
 
 def test_conv_layer_reports_its_im2col_bytes():
@@ -296,9 +297,9 @@ def test_buffers_are_reused_after_the_first_step(rng):
 @pytest.mark.parametrize("shape, dtype", [((3, 5, 7), np.float32), (17, np.float64), ((0, 4), np.float32),
                                            ((2, 3), bool), ((), np.float32)])
 def test_workspace_buffers_start_on_a_cache_line(shape, dtype):
-    bufs = [stages.workspace(shape, dtype, zero=True) for _ in range(8)]
+    bufs = [workspace.aligned_buffer(shape, dtype, zero=True) for _ in range(8)]
     for b in bufs:
-        assert b.ctypes.data % stages.ALIGN_BYTES == 0 or b.size == 0  # (no bytes: no address to speak of)
+        assert b.ctypes.data % workspace.ALIGN_BYTES == 0 or b.size == 0  # (no bytes: no address to speak of)
         assert b.shape == np.empty(shape).shape and b.dtype == np.dtype(dtype)
         assert b.flags.c_contiguous and b.flags.writeable and not b.any()
     if bufs[0].size:  # separate memory: writing one leaves the others as they were
@@ -309,19 +310,19 @@ def test_workspace_buffers_start_on_a_cache_line(shape, dtype):
 def test_every_conv_block_buffer_comes_from_the_aligned_workspace(rng):
     models = [(xpnet.models.captcha_net_bn(input_shape=(3, 16, 40), width=8), 6),
               (xpnet.models.captcha_net(input_shape=(3, 32, 40)), 5)]
-    whole = {"y", "gt", "d", "pos", "dwmat", "dwtmp", "_col", "planes", "xbuf", "dxbuf", "zall", "du_all",
-             "_dcol", "_dzpad"}
+    whole = {"y", "winner_records", "dpooled", "relu_positive", "dweight_matrix", "dweight_chunk", "col",
+             "phase_planes", "input_buffer", "dx_buffer", "z_shard", "du_shard", "tap_slabs", "dz_col", "dz_padded"}
     checked = set()
     for m, n in models:
         x = rng.standard_normal((n,) + m.input_shape).astype(np.float32)
         _, d = ops.sigmoid_bce_with_logits(m.forward(x, train=True), np.zeros((n, 144), np.float32))
         m.backward(d)
         m.forward(x, train=False)
-        blocks = [st for st in m.executor.stages if hasattr(st, "wmat")]
+        blocks = [st for st in m.executor.stages if hasattr(st, "weight_matrix")]
         assert len(blocks) == sum(isinstance(layer, Conv2D) for layer in m.layers)  # one block per conv
         for blk in blocks:
-            for w in (*blk.wmat.values(), *blk.bias.values(), blk.wtaps):
-                assert w.ctypes.data % stages.ALIGN_BYTES == 0
+            for w in (*blk.weight_matrix.values(), *blk.bias.values(), blk.weight_taps):
+                assert w.ctypes.data % workspace.ALIGN_BYTES == 0
         for sh in m.executor.shards:
             for p in sh.plans.values():
                 for name, v in vars(p).items():
@@ -330,9 +331,10 @@ def test_every_conv_block_buffer_comes_from_the_aligned_workspace(rng):
                     # every buffer and view is carved from a workspace's raw bytes...
                     assert v.base is not None and v.base.dtype == np.uint8, name
                     if name in whole:  # ...and each whole buffer starts on a cache line
-                        assert v.ctypes.data % stages.ALIGN_BYTES == 0, name
+                        assert v.ctypes.data % workspace.ALIGN_BYTES == 0, name
                         checked.add(name)
-    assert {"y", "gt", "d", "dwmat", "_col", "planes", "xbuf", "dxbuf", "zall", "_dcol", "_dzpad"} <= checked
+    assert {"y", "winner_records", "dpooled", "dweight_matrix", "col", "phase_planes", "input_buffer", "dx_buffer",
+            "z_shard", "tap_slabs", "dz_col", "dz_padded"} <= checked
 
 
 def test_switch_and_conditions_for_the_fast_path(rng):
@@ -398,7 +400,7 @@ def test_ufunc_buffer_size_is_set_in_every_shard_and_restored_for_the_caller(rng
 def test_column_sums_match_a_float64_sum_and_grow_their_ones(rng, dtype):
     for rows in (1, 37, 5000, 9001):  # past the first ones vector (4096)
         a = rng.standard_normal((rows, 33)).astype(dtype)
-        got = stages.column_sums(a)
+        got = workspace.column_sums(a)
         assert got.dtype == dtype and got.shape == (33,)
         want = a.astype(np.float64).sum(axis=0)
         if dtype == np.float32:  # float32 accumulation: error grows with the row count
@@ -406,7 +408,7 @@ def test_column_sums_match_a_float64_sum_and_grow_their_ones(rng, dtype):
         else:
             assert_allclose(got, want, kind="op")
     strided = rng.standard_normal((50, 20)).astype(dtype)[::2, ::3]
-    np.testing.assert_allclose(stages.column_sums(strided), strided.astype(np.float64).sum(axis=0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(workspace.column_sums(strided), strided.astype(np.float64).sum(axis=0), rtol=1e-5, atol=1e-5)
 
 
 def test_error_in_one_shards_backward_releases_the_other_from_the_gradient_barrier(rng):
@@ -492,12 +494,12 @@ def test_blocks_reading_their_input_in_place_match_the_plain_path_step_after_ste
     second = [s for s in fast.executor.stages if type(s).__name__ == "ConvBlock"][1]
     plans = [p for sh in fast.executor.shards for k, p in sh.plans.items() if k[0] == second.index and k[2]]
     if between == "conv block":  # after a dropout it depends on where the allocator puts each new output
-        assert plans and all(p.src_key != conv_block_key(p.xin) for p in plans)
+        assert plans and all(p.source_key != conv_block_key(p.padded_input) for p in plans)
 
 
 def conv_block_key(a):
-    from xpnet.cpu.conv_block import _buffer_key
-    return _buffer_key(a)
+    from xpnet.cpu.conv_plan import buffer_key
+    return buffer_key(a)
 
 
 def test_gradient_dtypes_do_not_depend_on_the_thread_count(rng):

@@ -1,5 +1,5 @@
-"""Channel-last conv/pool pieces of the fused path against the reference ops and naive loops,
-the reference conv's im2col budget chunking, and the batch-parallel executor."""
+"""Conv-block geometry of the fused path (grouped_im2col) against the reference ops and naive
+loops, the reference conv's im2col budget chunking, and the shard thread pool."""
 
 import threading
 
@@ -8,7 +8,7 @@ import pytest
 
 import xpnet
 from xpnet import config as settings, ops
-from xpnet.cpu import grouped_im2col as nhwc
+from xpnet.cpu import grouped_im2col
 from xpnet.ops import pool as pool_ops
 from xpnet.cpu.threads import ShardPool, shard_bounds
 
@@ -27,45 +27,63 @@ def reference_rows(x_nchw, g):
     return col[:, :g.qh * g.pkh, :g.qw * g.pkw]
 
 
+def im2col_matrix(xpad, g, plain=False):
+    """The (N*rows, KH*KW*C) im2col matrix the conv block copies from ``grouped_window_view``."""
+    view = grouped_im2col.grouped_window_view(xpad, g, plain)
+    out = np.empty((xpad.shape[0] * g.rows, g.kdim), xpad.dtype)
+    np.copyto(out.reshape(view.shape), view)
+    return out
+
+
 @pytest.mark.parametrize("geom", GEOMS)
 def test_grouped_and_plain_im2col_are_reorderings_of_the_reference(rng, geom):
-    g = nhwc.ConvGeometry(*geom)
+    g = grouped_im2col.ConvGeometry(*geom)
     n = 3
     x = rng.standard_normal((n, g.c, g.h, g.w))
     xpad = np.pad(x, ((0, 0), (0, 0), (g.ph, g.ph), (g.pw, g.pw))).transpose(0, 2, 3, 1).copy()
     ref = reference_rows(x, g)                                       # (N, OH', OW', C, KH, KW)
     ref = ref.transpose(0, 1, 2, 4, 5, 3)                            # columns in (KH, KW, C) order
     ref = ref.reshape(n, g.qh, g.pkh, g.qw, g.pkw, g.kdim)
-    plain = nhwc.im2col_grouped(xpad, g, np.empty((n * g.rows, g.kdim)), plain=True)
+    plain = im2col_matrix(xpad, g, plain=True)
     np.testing.assert_array_equal(plain, ref.reshape(n * g.rows, g.kdim))
-    grouped = nhwc.im2col_grouped(xpad, g, np.empty((n * g.rows, g.kdim)))
+    grouped = im2col_matrix(xpad, g)
     np.testing.assert_array_equal(grouped, ref.transpose(0, 2, 4, 1, 3, 5).reshape(n * g.rows, g.kdim))
-    # K-major from an NCHW buffer seen through an NHWC view: the same matrix, transposed.
+    # K-major from an NCHW buffer seen through an NHWC view (ConvBlock.im2col_views): the same
+    # matrix, transposed.
     xpad_nchw = np.pad(x, ((0, 0), (0, 0), (g.ph, g.ph), (g.pw, g.pw)))
-    kmajor = nhwc.im2col_grouped_kmajor(xpad_nchw.transpose(0, 2, 3, 1), g, np.empty((g.kdim, n * g.rows)))
+    view = grouped_im2col.grouped_window_view(xpad_nchw.transpose(0, 2, 3, 1), g)
+    kmajor = np.empty((g.kdim, n * g.rows))
+    np.copyto(kmajor.reshape(view.shape[5:] + view.shape[:5]), view.transpose(5, 6, 7, 0, 1, 2, 3, 4))
     np.testing.assert_array_equal(kmajor.T, grouped)
 
 
 @pytest.mark.parametrize("geom", GEOMS)
-@pytest.mark.parametrize("plain", [False, True])
-def test_tap_col2im_is_the_adjoint_of_im2col(rng, geom, plain):
-    g = nhwc.ConvGeometry(*geom)
+def test_tap_col2im_is_the_adjoint_of_im2col(rng, geom):
+    # col2im as the conv block does it: each tap's (rows, C) slab of the plain-order
+    # matrix added into that tap's view of dx.
+    g = grouped_im2col.ConvGeometry(*geom)
     n = 2
     x = rng.standard_normal((n, g.hp, g.wp, g.c))
-    col = nhwc.im2col_grouped(x, g, np.empty((n * g.rows, g.kdim)), plain=plain)
+    col = im2col_matrix(x, g, plain=True)
     c = rng.standard_normal(col.shape)
-    taps = c.reshape(n * g.rows, g.kh * g.kw, g.c).transpose(1, 0, 2).copy()  # (taps, rows, C)
-    back = nhwc.col2im_grouped_taps(taps, g, np.zeros_like(x), plain=plain)
+    back = np.zeros_like(x)
+    views = grouped_im2col.tap_views(back, g)
+    assert len(views) == g.kh * g.kw
+    slabs = c.reshape(views[0].shape[:3] + (g.kh * g.kw, g.c))
+    for t, view in enumerate(views):
+        view += slabs[:, :, :, t]
     np.testing.assert_allclose(np.sum(col * c), np.sum(x * back), rtol=1e-12)
 
 
-def test_weight_matrix_layouts_roundtrip(rng):
+def test_weight_gradient_comes_back_from_the_matrix_layout(rng):
     w = rng.standard_normal((4, 3, 2, 5))
-    wm = nhwc.weight_matrix(w)
+    wm = w.transpose(2, 3, 1, 0).reshape(-1, 4)  # (KH*KW*C, F), as ConvBlock.prepare lays out W
     assert wm.shape == (2 * 5 * 3, 4)
-    np.testing.assert_array_equal(nhwc.weight_grad_from_matrix(wm, w.shape), w)
-    taps = nhwc.weight_taps(w)
-    np.testing.assert_array_equal(taps[1 * 5 + 3], w[:, :, 1, 3])
+    back = grouped_im2col.weight_grad_from_matrix(wm, w.shape)
+    np.testing.assert_array_equal(back, w)
+    assert back.flags.c_contiguous and not np.shares_memory(back, wm)
+    one = rng.standard_normal((1, 6))  # C = KH = KW = 1: the transposed view is contiguous already
+    assert not np.shares_memory(grouped_im2col.weight_grad_from_matrix(one, (6, 1, 1, 1)), one)
 
 
 @pytest.mark.parametrize("geom", [
@@ -78,15 +96,15 @@ def test_weight_matrix_layouts_roundtrip(rng):
 ])
 def test_phase_planes_give_the_k_major_grouped_im2col(rng, geom):
     c, h, w, kh, kw, sh, sw, ph, pw, pkh, pkw = geom
-    g = nhwc.ConvGeometry(c, h, w, 4, kh, kw, sh, sw, ph, pw, pkh, pkw)
+    g = grouped_im2col.ConvGeometry(c, h, w, 4, kh, kw, sh, sw, ph, pw, pkh, pkw)
     xpad = rng.standard_normal((3, g.hp, g.wp, c))
-    planes = np.ascontiguousarray(nhwc.phase_planes_view(xpad, g))
-    assert planes.shape == nhwc.phase_shape(3, g)
-    expected = nhwc.grouped_window_view(xpad, g).transpose(5, 6, 7, 0, 1, 2, 3, 4)
-    np.testing.assert_array_equal(nhwc.phase_window_view(planes, g), expected)
+    planes = np.ascontiguousarray(grouped_im2col.phase_planes_view(xpad, g))
+    assert planes.shape == grouped_im2col.phase_shape(3, g)
+    expected = grouped_im2col.grouped_window_view(xpad, g).transpose(5, 6, 7, 0, 1, 2, 3, 4)
+    np.testing.assert_array_equal(grouped_im2col.phase_window_view(planes, g), expected)
     # from an NCHW buffer seen as NHWC (what the K-major block stores) as well
     nchw = np.ascontiguousarray(xpad.transpose(0, 3, 1, 2))
-    np.testing.assert_array_equal(nhwc.phase_planes_view(nchw.transpose(0, 2, 3, 1), g), planes)
+    np.testing.assert_array_equal(grouped_im2col.phase_planes_view(nchw.transpose(0, 2, 3, 1), g), planes)
 
 
 @pytest.mark.parametrize("k", [2, 4, 9])

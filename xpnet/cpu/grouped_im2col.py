@@ -1,4 +1,5 @@
-"""Channel-last (N, H, W, C) convolution and pooling pieces used by the fused path.
+"""Conv-block geometry of the fused path: which input values each row of a channel-last
+(N, H, W, C) im2col reads, as strided views.
 
 Notation as in ``xpnet.ops.im2col``, plus, for a convolution whose output goes
 straight into a non-overlapping max pool (stride == window, no padding):
@@ -6,23 +7,25 @@ straight into a non-overlapping max pool (stride == window, no padding):
     PKH, PKW  pool window            QH = OH // PKH, QW = OW // PKW  pooled grid
     K = PKH*PKW  positions per pool window
 
-**Pool-grouped rows.**  ``im2col_grouped`` orders the im2col rows of each
+**Pool-grouped rows.**  ``grouped_window_view`` orders the im2col rows of each
 image as (PKH, PKW, QH, QW): the K positions of every pool window then lie in K
 contiguous blocks of QH*QW rows, so the matrix product writes the conv output
 (rows, F) directly as K blocks of the pooled map (QH, QW, F) and max pooling
-becomes K-1 element-wise maxima of contiguous arrays.  Rows that the pool never
-reads (the last row/column of an odd-sized map) are not computed at all.
-Without a pool (PKH = PKW = 1) the order is the plain (OH, OW) one and the
-product's output is the NHWC map itself.
+becomes K-1 element-wise maxima of contiguous arrays (``grouped_blocks``).
+Rows that the pool never reads (the last row/column of an odd-sized map) are
+not computed at all.  Without a pool (PKH = PKW = 1) the order is the plain
+(OH, OW) one and the product's output is the NHWC map itself.
 
 **Plain rows.**  With ``plain=True`` the same rows come in the ordinary
 (QH, PKH, QW, PKW) = (OH, OW) order (cropped to the pooled area).  Then a
 kernel tap's rows reach one contiguous run of OW*C values per output row, so
-col2im's additions move long runs; the backward pass uses this order.
+col2im's additions (``tap_views``) move long runs; the backward pass uses this order.
 
-Everything is one ``as_strided`` view plus one copy (im2col) or KH*KW
-slice additions (col2im): no Python loop over the batch.  Written against
-``xp = get_array_module(x)``, so it runs on NumPy and CuPy.
+**Phase planes** (``phase_planes_view``): the input rearranged so that a
+K-major im2col (KH*KW*C, rows), used for few input channels, is copied in long runs.
+
+im2col is one copy from a view, col2im KH*KW slice additions: no Python loop
+over the batch.
 """
 
 from __future__ import annotations
@@ -100,46 +103,19 @@ def grouped_window_view(xpad, g: ConvGeometry, plain: bool = False):
     return view.transpose(_PLAIN + (5, 6, 7)) if plain else view
 
 
-def im2col_grouped(xpad, g: ConvGeometry, out, plain: bool = False):
-    """Fill ``out`` (N*rows, KH*KW*C), C-contiguous, with the windows of xpad (N, Hp, Wp, C)."""
-    xp = get_array_module(xpad)
-    view = grouped_window_view(xpad, g, plain)
-    xp.copyto(out.reshape(view.shape), view)
-    return out
-
-
-def tap_views(dxpad, g: ConvGeometry, plain: bool = False):
-    """Writable views of dxpad (N, Hp, Wp, C), one per kernel tap, each shaped like that tap's rows.
+def tap_views(dxpad, g: ConvGeometry):
+    """Writable views of dxpad (N, Hp, Wp, C), one per kernel tap, each shaped like that tap's plain rows
+    (N, OH', OW', C), cropped to the pooled area.
 
     Within one tap distinct rows reach distinct pixels, so adding a tap's
-    (rows, C) slab into its view is an ordinary element-wise addition.
+    (rows, C) slab into its view is an ordinary element-wise addition.  Basic
+    slices: NumPy then sees at once that the in-place addition cannot overlap
+    itself (on an ``as_strided`` view it runs an overlap solver and copies,
+    holding the GIL).
     """
-    xp = get_array_module(dxpad)
-    n = dxpad.shape[0]
     oh, ow = g.qh * g.pkh, g.qw * g.pkw  # the output pixels that have rows
-    views = []
-    for i in range(g.kh):
-        for j in range(g.kw):
-            if plain:
-                # A basic slice: NumPy then sees at once that the in-place addition cannot
-                # overlap itself (on an as_strided view it runs an overlap solver and
-                # copies, holding the GIL).
-                views.append(dxpad[:, i:i + g.sh * (oh - 1) + 1:g.sh, j:j + g.sw * (ow - 1) + 1:g.sw, :])
-                continue
-            strides = _grouped_strides(dxpad, g) + (dxpad.strides[3],)
-            views.append(xp.lib.stride_tricks.as_strided(
-                dxpad[:, i:, j:, :], shape=(n, g.pkh, g.pkw, g.qh, g.qw, g.c), strides=strides))
-    return views
-
-
-def col2im_grouped_taps(dcol_taps, g: ConvGeometry, dxpad, plain: bool = False):
-    """Add dcol_taps (KH*KW, N*rows, C) -- one slab per kernel tap -- into dxpad (N, Hp, Wp, C).
-
-    KH*KW strided in-place additions in a fixed order: deterministic.
-    """
-    for t, view in enumerate(tap_views(dxpad, g, plain)):
-        view += dcol_taps[t].reshape(view.shape)
-    return dxpad
+    return [dxpad[:, i:i + g.sh * (oh - 1) + 1:g.sh, j:j + g.sw * (ow - 1) + 1:g.sw, :]
+            for i in range(g.kh) for j in range(g.kw)]
 
 
 def grouped_blocks(a, g: ConvGeometry, n: int, plain: bool = False):
@@ -154,24 +130,13 @@ def grouped_blocks(a, g: ConvGeometry, n: int, plain: bool = False):
     return [a5[:, k] for k in range(g.k)]
 
 
-def weight_matrix(w):
-    """(F, C, KH, KW) -> (KH*KW*C, F), rows in im2col_grouped's column order."""
-    f = w.shape[0]
-    return get_array_module(w).ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(-1, f))
-
-
 def weight_grad_from_matrix(dwmat, w_shape):
-    """Inverse of ``weight_matrix`` for a gradient: (KH*KW*C, F) -> (F, C, KH, KW)."""
+    """A weight gradient from the product's layout: (KH*KW*C, F), rows in im2col column order,
+    -> (F, C, KH, KW)."""
     f, c, kh, kw = w_shape
     # Always a copy: for C = KH = KW = 1 the transposed view is already contiguous, and
     # ascontiguousarray would hand out the caller's reused buffer as the gradient.
     return dwmat.reshape(kh, kw, c, f).transpose(3, 2, 0, 1).copy(order="C")
-
-
-def weight_taps(w):
-    """(F, C, KH, KW) -> (KH*KW, F, C): one (F, C) matrix per kernel tap, for the input gradient."""
-    f, c, kh, kw = w.shape
-    return get_array_module(w).ascontiguousarray(w.transpose(2, 3, 0, 1).reshape(kh * kw, f, c))
 
 
 def phase_shape(n: int, g: ConvGeometry):
@@ -189,7 +154,7 @@ def phase_planes_view(xpad, g: ConvGeometry):
     SW = sw*PKW.  Copied once into a C-contiguous buffer, each (tap, channel,
     image, pool position) row of the K-major grouped im2col is one contiguous
     run of QH*QW values (``phase_window_view``) instead of QH strided runs of
-    QW: for few input channels (a first conv) the im2col copy was bound by the
+    QW: for few input channels (a first conv) the im2col copy is bound by the
     number of its runs.
     """
     xp = get_array_module(xpad)
@@ -201,24 +166,10 @@ def phase_planes_view(xpad, g: ConvGeometry):
 
 def phase_window_view(planes, g: ConvGeometry):
     """View (KH, KW, C, N, PKH, PKW, QH, QW) of C-contiguous phase planes (N, C, U, V, QH, QW):
-    the K-major grouped im2col of ``im2col_grouped_kmajor`` (plain=False), read as
+    the K-major grouped im2col (``grouped_window_view`` transposed), read as
     planes[n, c, sh*a + kh, sw*b + kw]."""
     xp = get_array_module(planes)
     s_n, s_c, s_u, s_v, s_i, s_j = planes.strides
     return xp.lib.stride_tricks.as_strided(
         planes, shape=(g.kh, g.kw, g.c, planes.shape[0], g.pkh, g.pkw, g.qh, g.qw),
         strides=(s_u, s_v, s_c, s_n, g.sh * s_u, g.sw * s_v, s_i, s_j))
-
-
-def im2col_grouped_kmajor(xpad, g: ConvGeometry, out, plain: bool = False):
-    """Like ``im2col_grouped`` but transposed: ``out`` (KH*KW*C, N*rows), C-contiguous.
-
-    For few input channels, where an NHWC window row is only KW*C values long,
-    copying along the output width (from an NCHW buffer seen through an NHWC
-    view) moves longer runs; the product then reads ``out.T``.
-    """
-    xp = get_array_module(xpad)
-    view = grouped_window_view(xpad, g, plain)
-    xp.copyto(out.reshape(view.shape[5:] + view.shape[:5]), view.transpose(5, 6, 7, 0, 1, 2, 3, 4))
-    return out
-

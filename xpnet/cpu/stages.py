@@ -1,61 +1,31 @@
-"""Stages of the fused CPU path (``xpnet.fuse``): the per-shard contract and the simple stages.
+"""Stages of the fused CPU path: the per-shard contract and the stages other than conv blocks.
 
-A stage covers one layer, or several fused ones (``xpnet.conv_block``).  Per
-step the executor calls ``prepare(step)`` once in the main thread, then in each
-shard's thread ``forward(x, shard, step)`` and later ``backward(dy, shard, step,
+A stage covers one layer, or several fused ones (``conv_block``).  Per step the
+executor calls ``prepare(step)`` once in the main thread, then in each shard's
+thread ``forward(x, shard, step)`` and later ``backward(dy, shard, step,
 need_dx)``; a stage keeps what backward needs in ``shard.cache`` and writes
 per-shard partial gradients to ``shard.grads[(layer, name)]`` (fresh arrays:
 the executor adds them up in shard order).  Whole-batch quantities (BatchNorm
 statistics) go through ``step.reducer.allreduce``.
 
 Layouts: 4-D activations travel as NCHW or NHWC views (``convert`` is free);
-each stage says which it ``accepts``.
+each stage says which it ``accepts``.  BatchNorm and dropout compute with the
+formulas of ``xpnet.ops.norm`` and ``xpnet.ops.dropout``.
 """
 
 from __future__ import annotations
 
 import numpy
 
-from .. import backend, config as settings
-from ..errors import ShapeError
+from .. import backend
 from ..nn.layers import BatchNorm
-from ..ops import pool as pool_ops
+from ..ops import norm, pool as pool_ops
 from ..ops.dense import dense_backward, dense_forward
+from ..ops.dropout import dropout_backward, dropout_forward, dropout_mask
 from .threads import shard_bounds
-
-# Conv work is done on chunks of images whose im2col block is about this big:
-# small enough to stay near a core's L2 cache with the conv output next to it.
-CHUNK_BYTES = 1024 * 1024
-# The element-wise work on a conv block's output (pool, bias, ReLU, their
-# gradients) runs over groups of chunks whose conv output is about this big:
-# fewer, larger NumPy calls, each of which costs the two shard threads a turn
-# at the GIL, still in cache.
-GROUP_BYTES = 1024 * 1024
+from .workspace import column_sums
 
 NCHW, NHWC, FLAT = "nchw", "nhwc", "flat"
-
-# Workspace buffers start on a cache line.  NumPy only promises 16 bytes (a large
-# array starts 16 bytes into a page), so every 64-byte AVX-512 load or store of an
-# element-wise pass over such a buffer straddles two cache lines.  Aligned conv-block
-# buffers: captcha_net's step 1-3% faster, captcha_net_bn's ~5% (benchmarks/NOTES.md #33).
-ALIGN_BYTES = 64
-
-
-def workspace(shape, dtype, zero: bool = False):
-    """A NumPy buffer of ``shape`` and ``dtype`` whose first byte is ALIGN_BYTES-aligned.
-
-    Views that start at a multiple of 64 bytes into it (rows of 16 float32
-    channels or more) are aligned too.  ``zero`` fills it with zeros.
-    """
-    shape = (int(shape),) if numpy.ndim(shape) == 0 else tuple(int(s) for s in shape)
-    dtype = numpy.dtype(dtype)
-    nbytes = int(numpy.prod(shape, dtype=numpy.int64)) * dtype.itemsize
-    raw = numpy.empty(nbytes + ALIGN_BYTES, numpy.uint8)
-    start = -raw.ctypes.data % ALIGN_BYTES
-    out = raw[start:start + nbytes].view(dtype).reshape(shape)
-    if zero:
-        out.fill(0)
-    return out
 
 
 def convert(x, src: str, dst: str):
@@ -92,19 +62,10 @@ class Shard:
         self.grads: dict = {}
 
 
-def chunk_images(bytes_per_image: int, n: int) -> int:
-    """Images per chunk: about CHUNK_BYTES of im2col, never above the im2col budget."""
-    budget = min(CHUNK_BYTES, settings.get_im2col_budget_bytes())
-    return max(1, min(n, budget // max(1, bytes_per_image)))
-
-
-def group_images(chunk: int, bytes_per_image: int, n: int) -> int:
-    """Images per element-wise group: a multiple of ``chunk``, about GROUP_BYTES of conv output."""
-    return min(n, chunk * max(1, GROUP_BYTES // max(1, chunk * bytes_per_image)))
-
-
 # --------------------------------------------------------------------------- stages
 class Stage:
+    """One or more layers run on one shard's slice of the batch (see the module docstring)."""
+
     accepts = (NCHW, NHWC, FLAT)
 
     def __init__(self, index: int, layers):
@@ -127,19 +88,6 @@ class Stage:
         return (self.index, name)
 
 
-_ONES: dict = {}
-
-
-def column_sums(a2d):
-    """Sum of the rows of a2d (R, C), as one BLAS product with a ones vector: ~5x faster
-    than ``a2d.sum(axis=0)`` for C = 32..128 (NumPy then adds row after row)."""
-    r, dt = a2d.shape[0], a2d.dtype
-    ones = _ONES.get(dt)
-    if ones is None or ones.shape[0] < r:
-        ones = _ONES[dt] = numpy.ones(max(r, 4096), dt)  # read-only, shared by all shards
-    return numpy.matmul(ones[:r], a2d)
-
-
 def batch_moments(z2d, dtype, scratch=None):
     """(rows, sum, M2) of the columns of z2d (R, C) in float64: two passes over cached data.
 
@@ -152,7 +100,7 @@ def batch_moments(z2d, dtype, scratch=None):
 
 
 class BatchStats:
-    """Chan-style combination of per-chunk moments into whole-batch mean and variance."""
+    """Chan-style combination of per-chunk moments into whole-batch mean and variance (float64)."""
 
     def __init__(self):
         self.parts = []
@@ -173,18 +121,9 @@ class BatchStats:
 
 
 def bn_update_running(bn: BatchNorm, mean, var, m_total: int):
-    """Running averages as in ops.batchnorm_forward (unbiased variance)."""
-    rm, rv = bn.buffers["running_mean"], bn.buffers["running_var"]
-    mom = bn.momentum
-    rm *= 1 - mom
-    rm += (mom * mean).astype(rm.dtype)
-    rv *= 1 - mom
-    rv += (mom * m_total / (m_total - 1) * var).astype(rv.dtype)
-
-
-def bn_check_batch(bn: BatchNorm, m_total: int):
-    if m_total < 2:
-        raise ShapeError("batch norm in training mode needs more than one value per channel (batch of 1?).")
+    """The layer's running averages from whole-batch float64 statistics of m_total values."""
+    norm.update_running_stats(bn.buffers["running_mean"], bn.buffers["running_var"], mean, var, m_total,
+                              bn.momentum)
 
 
 class DenseStage(Stage):
@@ -235,28 +174,28 @@ class FlattenStage(Stage):
 
 
 class DropoutStage(Stage):
+    """Dropout with one mask for the whole batch, drawn before the shards start."""
+
     def prepare(self, step):
         layer = self.layers[0]
         if step.train and layer.rate > 0:
-            dt = numpy.dtype(self.dtype)
             # The same draw, from the same generator, as the plain path (layers.Dropout).
-            u = backend.rng().random((step.n,) + tuple(layer.input_shape), dtype=dt)
-            step.data[self.key("mask")] = (u >= layer.rate) * dt.type(1.0 / (1.0 - layer.rate))
+            u = backend.rng().random((step.n,) + tuple(layer.input_shape), dtype=numpy.dtype(self.dtype))
+            step.data[self.key("mask")] = dropout_mask(u, layer.rate)
 
     def forward(self, x, sh, step):
         mask = step.data.get(self.key("mask"))
         if mask is None:
             return x
         a, e = step.bounds[sh.k]
-        m = convert(mask[a:e], NCHW, step.layouts[self.index])
-        sh.cache[self.index] = m
-        return x * m
+        y, sh.cache[self.index] = dropout_forward(x, convert(mask[a:e], NCHW, step.layouts[self.index]))
+        return y
 
     def backward(self, dy, sh, step, need_dx):
-        m = sh.cache.pop(self.index, None)
+        cache = sh.cache.pop(self.index, None)
         if not need_dx:
             return None
-        return dy if m is None else dy * m
+        return dy if cache is None else dropout_backward(dy, cache)
 
 
 class BatchNormStage(Stage):
@@ -271,7 +210,7 @@ class BatchNormStage(Stage):
         x2 = numpy.ascontiguousarray(x).reshape(-1, c)
         if step.train:
             m_total = step.n * int(numpy.prod(x.shape[1:-1], dtype=numpy.int64))
-            bn_check_batch(bn, m_total)
+            norm.check_training_batch(m_total)
             stats = BatchStats()
             if x2.shape[0]:
                 stats.add(batch_moments(x2, dt))
@@ -279,12 +218,10 @@ class BatchNormStage(Stage):
             if sh.k == 0:
                 bn_update_running(bn, mean, var, m_total)
             mean = mean.astype(dt)
-            inv_std = (1 / numpy.sqrt(var + bn.eps)).astype(dt)
         else:
-            mean = bn.buffers["running_mean"]
-            inv_std = 1 / numpy.sqrt(bn.buffers["running_var"] + dt.type(bn.eps))
-        xhat = (x2 - mean) * inv_std
-        y = xhat * bn.params["gamma"] + bn.params["beta"]
+            mean, var = bn.buffers["running_mean"], bn.buffers["running_var"]
+        inv_std = norm.inverse_std(var, bn.eps, dt)
+        xhat, y = norm.normalise(x2 - mean, inv_std, bn.params["gamma"], bn.params["beta"])
         if step.train:
             sh.cache[self.index] = (xhat, inv_std, m_total)
         return y.reshape(x.shape)
@@ -303,8 +240,7 @@ class BatchNormStage(Stage):
             sh.grads[(bn, "beta")] = dbeta.astype(dt)
         if not need_dx:
             return None
-        g = bn.params["gamma"] * inv_std
-        dx = g * (dy2 - (dbeta.astype(dt) + xhat * dgamma.astype(dt)) / dt.type(m_total))
+        dx = norm.input_grad(dy2, xhat, bn.params["gamma"] * inv_std, dgamma.astype(dt), dbeta.astype(dt), m_total)
         return dx.reshape(dy.shape)
 
 

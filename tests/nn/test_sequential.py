@@ -163,3 +163,31 @@ def test_dropout_model_train_vs_eval(rng):
     x = rng.standard_normal((5, 10)).astype(np.float32)
     assert np.array_equal(m.forward(x), m.forward(x))
     assert not np.array_equal(m.forward(x, train=True), m.forward(x, train=True))
+
+
+@pytest.mark.parametrize("spec", [
+    {"spec_version": float("inf"), "layers": []},
+    {"spec_version": 1, "layers": [{"type": "Dense", "config": {"out_features": 3}}], "input_shape": [float("inf")]},
+    {"spec_version": 1, "layers": [{"type": "Dense", "config": {"out_features": float("inf")}}], "input_shape": [3]},
+    {"spec_version": 1, "layers": [{"type": "Dense", "config": {"out_features": 3}}], "input_shape": 7},
+    {"spec_version": 1, "layers": "Dense"},
+    None,
+])
+def test_from_spec_refuses_malformed_numbers_with_a_shape_error(spec):
+    # int(Infinity) used to escape as OverflowError: any spec given in code gets one ShapeError.
+    with pytest.raises(ShapeError):
+        Sequential.from_spec(spec)
+
+
+def test_a_refused_state_leaves_the_model_unchanged():
+    m = Sequential([Dense(4), ReLU(), Dense(2)], input_shape=(3,))
+    before = {k: v.copy() for k, v in m.state_dict().items()}
+    state = {k: np.ones_like(v) for k, v in before.items()}
+    state["dense2.W"] = np.ones((5, 5), np.float32)  # the last one misshaped: nothing may be copied
+    assert "dense2.W" in m.state_mismatch(state)
+    with pytest.raises(ShapeError, match="dense2.W"):
+        m.load_state_dict(state)
+    for k, v in m.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+    del state["dense2.W"]
+    assert "missing" in m.state_mismatch(state)

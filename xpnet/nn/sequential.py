@@ -194,20 +194,30 @@ class Sequential:
         out.update(self.buffers())
         return out
 
-    def load_state_dict(self, state: dict) -> None:
-        """Copy arrays into the model's parameters and buffers; names, shapes and dtypes must match."""
+    def state_mismatch(self, state: dict) -> str | None:
+        """Why ``state`` cannot be loaded into this model (missing, unexpected or misshaped arrays), or None."""
         own = self.state_dict()
         missing = [k for k in own if k not in state]
         extra = [k for k in state if k not in own]
         if missing or extra:
-            raise ShapeError(
-                f"state does not fit model '{self.name}': missing {missing[:5]}, unexpected {extra[:5]}."
-            )
+            return f"missing weights {missing[:5]}, unexpected {extra[:5]}"
         for key, target in own.items():
-            value = state[key]
-            if tuple(value.shape) != tuple(target.shape):
-                raise ShapeError(f"'{key}' has shape {tuple(value.shape)} but the model needs {tuple(target.shape)}.")
+            shape = tuple(getattr(state[key], "shape", ()))
+            if shape != tuple(target.shape):
+                return f"weight {key!r} has shape {shape} but the model needs {tuple(target.shape)}"
+        return None
+
+    def load_state_dict(self, state: dict) -> None:
+        """Copy arrays into the model's parameters and buffers; names and shapes must match.
+
+        Everything is checked before anything is copied, so a refused state leaves the model as it was.
+        """
+        why = self.state_mismatch(state)
+        if why is not None:
+            raise ShapeError(f"state does not fit model '{self.name}': {why}.")
+        for key, target in self.state_dict().items():
             xp = backend.get_array_module(target)
+            value = state[key]
             src = xp.asarray(value) if xp is not numpy else backend.to_numpy(value)
             target[...] = src.astype(target.dtype, copy=False)
 
@@ -291,12 +301,15 @@ class Sequential:
     @classmethod
     def from_spec(cls, spec: dict, dtype=None) -> "Sequential":
         """Rebuild a model from ``spec()`` output.  Layer types come from the fixed registry only."""
-        try:
-            version = int(spec.get("spec_version", 0))
-            entries = list(spec["layers"])
-            input_shape = spec.get("input_shape")
-        except (AttributeError, KeyError, TypeError, ValueError):
-            raise ShapeError("model architecture is malformed: it needs 'spec_version' and a 'layers' list.") from None
+        if not isinstance(spec, dict) or not isinstance(spec.get("layers"), list):
+            raise ShapeError("model architecture is malformed: it needs 'spec_version' and a 'layers' list.")
+        version, entries, input_shape = spec.get("spec_version", 0), spec["layers"], spec.get("input_shape")
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ShapeError(f"model architecture has a malformed spec_version {version!r}: it must be an integer.")
+        if input_shape is not None and (not isinstance(input_shape, (list, tuple)) or not all(
+                isinstance(s, int) and not isinstance(s, bool) for s in input_shape)):
+            raise ShapeError(f"model architecture has a malformed input_shape {input_shape!r}: it must be a "
+                             "list of positive integers.")
         if version > SPEC_VERSION:
             raise ShapeError(
                 f"model architecture has spec version {version}, newer than this xpnet understands "
@@ -316,7 +329,7 @@ class Sequential:
                 raise ShapeError(f"layer {i} ({type_name}) has a malformed config.")
             try:
                 layers.append(layer_cls(**config, name=entry.get("name")))
-            except TypeError as exc:
+            except (TypeError, OverflowError) as exc:
                 raise ShapeError(f"layer {i} ({type_name}) has an invalid config: {exc}.") from None
         model = cls(layers, name=str(spec.get("name", "model")))
         if input_shape is not None:

@@ -232,19 +232,9 @@ def _build_from_doc(path, doc, to=None):
 
 def _load_state(path, model, arrays) -> None:
     state = {k[len(STATE_PREFIX):]: v for k, v in arrays.items() if k.startswith(STATE_PREFIX)}
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    extra = [k for k in state if k not in own]
-    if missing or extra:
-        raise ModelFileError(
-            f"model file {path} does not fit the model: missing weights {missing[:3]}, unexpected {extra[:3]}."
-        )
-    for k, target in own.items():
-        if tuple(state[k].shape) != tuple(target.shape):
-            raise ModelFileError(
-                f"model file {path}: weight {k!r} has shape {tuple(state[k].shape)} but the model needs "
-                f"{tuple(target.shape)}."
-            )
+    why = model.state_mismatch(state)
+    if why is not None:
+        raise ModelFileError(f"model file {path} does not fit the model: {why}.")
     model.load_state_dict(state)
 
 

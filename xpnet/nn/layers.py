@@ -25,8 +25,6 @@ from .. import backend, ops
 from ..errors import ShapeError, UsageError
 from ..ops.im2col import output_hw, pair
 
-INITS = ("he", "glorot", "normal")
-
 
 def _init_weight(shape, fan_in, fan_out, init, dtype):
     """Draw a weight on the host from xpnet's generator, then move it to the current backend.

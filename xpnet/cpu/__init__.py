@@ -3,6 +3,7 @@
 * ``executor``       -- ``FusedExecutor``: plans a ``Sequential`` into stages and runs them per shard;
 * ``sliced_update``  -- the optimizer update in slices on the same threads;
 * ``conv_block``     -- conv [BatchNorm] [ReLU] [non-overlapping max pool] as one stage;
+* ``conv_plan``      -- a conv block's per-shard buffers and prebuilt views;
 * ``stages``         -- the other stages (dense, ReLU, flatten, dropout, BatchNorm, pool);
 * ``grouped_im2col`` -- conv-block geometry: pool-grouped im2col rows, kernel taps, phase planes;
 * ``workspace``      -- reusable, cache-line aligned buffers;

@@ -2,8 +2,8 @@
 
 Everything else a run does -- checkpoints and resume, early stopping, progress, history files
 and plots, the NaN guard, time and step limits -- is a callback (``training.callbacks``) called
-at fixed points of the loop; the run's counters are one ``TrainState``.  Usage, the files written
-and the behaviour on NaN, Ctrl-C and resume: README, "Training".
+at fixed points of the loop; the run's counters are one ``TrainState``.  Each unit's docstring
+says what it writes and does (files, NaN, Ctrl-C, resume, limits).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from .state import TrainState
 class Trainer:
     """Trains ``model`` with ``optimizer`` on ``loss`` (default ``sigmoid_bce_with_logits``).
 
-    Keyword arguments (the README's "Training" section tells more):
+    Keyword arguments:
     * ``out_dir``: folder for checkpoints, history and plot (None: nothing written, no resume);
     * ``batch_size`` (array sources and evaluation), ``eval_batch_size`` (default ``2 * batch_size``);
     * ``metrics``: ``{name: f(logits, y) -> float}`` on the validation set (recorded as ``val_<name>``);
@@ -39,7 +39,7 @@ class Trainer:
       synchronisations); ``log``: a ``print``-like function (None: silent); ``metadata``: a
       JSON-safe dict stored in every checkpoint and model file; ``device_data_bytes``: host arrays
       up to this size are moved to the device once;
-    * the default callbacks': ``monitor`` / ``mode`` / ``patience`` / ``min_delta`` / ``tie_break`` /
+    * settings of the default callbacks: ``monitor`` / ``mode`` / ``patience`` / ``min_delta`` / ``tie_break`` /
       ``restore_best`` (``EarlyStopping``), ``checkpoint_every`` / ``checkpoint_seconds`` /
       ``keep_checkpoints`` (``Checkpointer``), ``progress`` (``ProgressBar``), ``plot``
       (``HistoryFiles``), ``time_budget`` / ``max_steps`` (``Limits``);

@@ -20,8 +20,11 @@ class Checkpointer(Callback):
     every epoch, every ``every`` steps and every ``seconds`` seconds, and on Ctrl-C; each write is
     atomic, so a crash leaves the previous one whole.  ``best.npz`` is written when an epoch
     improves on the monitored value, ``model.npz`` (with the metadata) when the run ends.
-    ``resume`` continues from the newest checkpoint; without it a folder that already holds a
-    run is refused rather than overwritten.  With ``out_dir=None`` nothing is written.
+    ``resume`` continues from the newest checkpoint: weights, optimizer slots, both generators,
+    the position inside the epoch, history and early-stopping counters, so the result equals an
+    uninterrupted run (same backend; on CuPy, Dropout draws from CuPy's generator, which is not
+    saved).  Without ``resume`` a folder that already holds a run is refused rather than
+    overwritten.  With ``out_dir=None`` nothing is written.
     """
 
     def __init__(self, out_dir=None, every: int | None = None, seconds: float | None = 600.0, keep: int = 2):

@@ -254,7 +254,7 @@ def test_tie_break_keeps_improving_while_the_accuracy_is_stuck(tie_break):
     else:
         assert len(h) > 3 and min(losses) < losses[0]    # lower losses count as progress
         best = int(np.argmin(losses[:len(h)])) + 1
-        assert trainer.best_epoch == best == trainer._st["best_epoch"]
+        assert trainer.best_epoch == best == trainer.state.best_epoch
 
 
 def test_bad_limits_are_usage_errors():

@@ -299,3 +299,23 @@ def test_user_callbacks_see_every_point_of_the_loop_and_can_stop_it(tmp_path):
 def test_the_trainer_stays_small():
     lines, _ = inspect.getsourcelines(Trainer)
     assert len(lines) <= 300
+
+
+def test_the_keyword_arguments_build_the_default_callbacks(tmp_path):
+    model, opt = W.build(1)
+    t = Trainer(model, opt, out_dir=tmp_path, monitor="val_loss", mode="min", patience=3, min_delta=0.1,
+                tie_break="val_x", restore_best=False, checkpoint_every=5, checkpoint_seconds=None,
+                keep_checkpoints=4, progress=False, plot=30, time_budget=90, max_steps=1000)
+    es, ck, lim = t.early_stopping, t.checkpoints, t.limits
+    assert (es.monitor, es.mode, es.patience, es.min_delta, es.tie_break, es.restore_best) == \
+        ("val_loss", "min", 3, 0.1, "val_x", False)
+    assert (ck.every, ck.seconds, ck.keep, ck.folder) == (5, None, 4, tmp_path / "checkpoints")
+    assert (lim.time_budget, lim.max_steps) == (90.0, 1000)
+    assert [type(c).__name__ for c in t.callbacks] == ["NanGuard", "Limits", "EarlyStopping", "Checkpointer",
+                                                       "HistoryFiles", "ProgressLog"]
+    assert t.callbacks[4].plot_seconds == 30.0
+    mine = Callback()
+    with_bar = Trainer(model, opt, callbacks=[mine])
+    assert [type(c).__name__ for c in with_bar.callbacks][1] == "ProgressBar" and with_bar.callbacks[-1] is mine
+    assert (with_bar.checkpoint_dir, with_bar.best_path, with_bar.last_checkpoint) == (None, None, None)
+    assert (with_bar.elapsed(), with_bar.fraction_done(), with_bar.best_epoch, len(with_bar.history)) == (0, 0, None, 0)

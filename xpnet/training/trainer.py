@@ -80,6 +80,8 @@ class Trainer:
             if not isinstance(cb, Callback):
                 raise UsageError(f"callbacks must be xpnet.training.callbacks.Callback objects, got {cb!r}.")
         bar = [ProgressBar(self.limits.time_budget, self.limits.max_steps)] if progress else []
+        # In this order: the guard sees the losses first, Limits decides before a periodic checkpoint,
+        # EarlyStopping judges an epoch before best.npz, the history files and the epoch line.
         self.callbacks = [NanGuard(), *bar, self.limits,
                           self.early_stopping, self.checkpoints, HistoryFiles(self.out_dir, plot),
                           ProgressLog(self.limits.time_budget), *callbacks]

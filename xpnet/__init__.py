@@ -22,6 +22,7 @@ from .backend import (  # noqa: E402
 from .nn.layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU  # noqa: E402
 from .nn.sequential import Sequential  # noqa: E402
 from .nn.serialization import load, load_checkpoint, save, save_checkpoint  # noqa: E402
+from .nn.onnx_export import export_onnx  # noqa: E402
 from .nn.optim import SGD, Adam, AdamW  # noqa: E402
 from .training.trainer import Trainer, fit  # noqa: E402
 from .config import (  # noqa: E402
@@ -39,6 +40,6 @@ __all__ = [
     "reference_paths", "fast_paths", "fast_paths_enabled", "set_num_threads", "get_num_threads",
     "set_im2col_budget", "get_im2col_budget_bytes",
     "Sequential", "Conv2D", "MaxPool2D", "Dense", "ReLU", "Flatten", "Dropout", "BatchNorm",
-    "metrics", "optim", "save", "load", "save_checkpoint", "load_checkpoint",
+    "metrics", "optim", "save", "load", "save_checkpoint", "load_checkpoint", "export_onnx",
     "SGD", "Adam", "AdamW", "Trainer", "fit",
 ]

@@ -1,0 +1,192 @@
+"""A ``Sequential`` as an ONNX graph of standard operators, so it runs in onnxruntime (any language).
+
+    xpnet.export_onnx(model, "model.onnx")                   # plain model: (N, D) outputs
+    xpnet.export_onnx(model, "reader.onnx", length=4,         # (N, 4, D/4) outputs
+                      metadata={"charset": {...}})             # each value stored as JSON text
+
+The graph (opset ``OPSET``, weights as float32 initializers):
+
+    input          (N, C, H, W) float32, N dynamic: the preprocessed batch
+    probabilities  (N, length, K) float32: Sigmoid of the logits (the "bce" head: one
+                   independent sigmoid unit per class and position)
+    logits         (N, length, K) float32: the model's outputs before the sigmoid
+
+Without ``length`` both outputs keep the model's own output shape (N, *output_shape).
+Layers map one to one: Conv2D -> Conv (zero ``pads``), MaxPool2D -> MaxPool (ONNX ignores
+padded cells, as xpnet's -inf padding does; ``ceil_mode=0`` floors the output size as
+xpnet does), Dense -> Gemm, ReLU -> Relu, Flatten -> Flatten, BatchNorm ->
+BatchNormalization with the running statistics, Dropout -> nothing (identity at inference).
+``metadata`` goes into the model's ``metadata_props``: one entry per key, its value as JSON.
+``onnx`` is an optional extra: without it exporting is one UsageError sentence.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy
+
+from .. import __version__, backend
+from ..errors import ShapeError, UsageError
+from ..storage import atomic_write
+from .layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
+from .sequential import Sequential
+
+OPSET = 17
+IR_VERSION = 8  # the IR version of opset 17: readable by every onnxruntime since 1.11
+HEADS = ("bce",)  # room for "ctc" (per-column probabilities), which needs a recurrent layer first
+INSTALL_HINT = 'pip install "xpnet[onnx]"'
+
+
+def require_onnx():
+    """The ``onnx`` module, or one UsageError sentence saying how to install it."""
+    try:
+        import onnx
+    except ImportError:
+        raise UsageError(f"exporting to ONNX needs the onnx package, which is not installed: {INSTALL_HINT}.") from None
+    return onnx
+
+
+def _weight(layer, key):
+    return numpy.ascontiguousarray(backend.to_numpy(layer.params[key]), dtype=numpy.float32)
+
+
+def _buffer(layer, key):
+    return numpy.ascontiguousarray(backend.to_numpy(layer.buffers[key]), dtype=numpy.float32)
+
+
+class _Graph:
+    """Nodes and float32 initializers collected layer by layer; each layer's output is named after it."""
+
+    def __init__(self, onnx):
+        self.onnx, self.nodes, self.inits = onnx, [], []
+
+    def init(self, name, array):
+        self.inits.append(self.onnx.numpy_helper.from_array(numpy.asarray(array), name))
+        return name
+
+    def node(self, op, inputs, name, output=None, **attrs):
+        """Add a node; its output tensor is ``<name>.y`` unless given (never a weight's or the graph's name)."""
+        output = output or f"{name}.y"
+        self.nodes.append(self.onnx.helper.make_node(op, inputs, [output], name=name, **attrs))
+        return output
+
+
+def _conv(g, layer, x):
+    inputs = [x, g.init(f"{layer.name}.W", _weight(layer, "W"))]
+    if "b" in layer.params:
+        inputs.append(g.init(f"{layer.name}.b", _weight(layer, "b")))
+    (ph, pw), (kh, kw) = layer.pad, layer.kernel_size
+    return g.node("Conv", inputs, layer.name, kernel_shape=[kh, kw], strides=list(layer.stride),
+                  pads=[ph, pw, ph, pw], dilations=[1, 1], group=1)
+
+
+def _pool(g, layer, x):
+    ph, pw = layer.pad
+    return g.node("MaxPool", [x], layer.name, kernel_shape=list(layer.size), strides=list(layer.stride),
+                  pads=[ph, pw, ph, pw], ceil_mode=0)
+
+
+def _dense(g, layer, x):
+    inputs = [x, g.init(f"{layer.name}.W", _weight(layer, "W"))]  # W is (D_in, D_out): no transB
+    if "b" in layer.params:
+        inputs.append(g.init(f"{layer.name}.b", _weight(layer, "b")))
+    return g.node("Gemm", inputs, layer.name, alpha=1.0, beta=1.0, transA=0, transB=0)
+
+
+def _batchnorm(g, layer, x):
+    inputs = [x] + [g.init(f"{layer.name}.{k}", f(layer, k)) for f, k in
+                    ((_weight, "gamma"), (_weight, "beta"), (_buffer, "running_mean"), (_buffer, "running_var"))]
+    return g.node("BatchNormalization", inputs, layer.name, epsilon=layer.eps,
+                  momentum=1.0 - layer.momentum)  # ONNX weighs the old running value; unused at inference
+
+
+EXPORTERS = {
+    Conv2D: _conv,
+    MaxPool2D: _pool,
+    Dense: _dense,
+    ReLU: lambda g, layer, x: g.node("Relu", [x], layer.name),
+    Flatten: lambda g, layer, x: g.node("Flatten", [x], layer.name, axis=1),
+    BatchNorm: _batchnorm,
+    Dropout: lambda g, layer, x: x,  # identity at inference
+}
+
+
+def _check_model(model, length, head):
+    if not isinstance(model, Sequential):
+        hint = (": for a CAPTCHA reader use xpnet.captcha.export.export_reader(reader, path), which adds its "
+                "charset and preprocessing" if hasattr(model, "charset") else "")
+        raise UsageError(f"export_onnx takes an xpnet Sequential, got {type(model).__name__}{hint}.")
+    if not model.built:
+        raise UsageError("only a built model can be exported: give input_shape or run a batch through it first.")
+    if len(model.input_shape) != 3:
+        raise ShapeError(f"the ONNX export takes models of (C, H, W) inputs, model '{model.name}' takes "
+                         f"{model.input_shape}.")
+    for layer in model.layers:
+        if type(layer) not in EXPORTERS:
+            raise UsageError(f"layer '{layer.name}' ({type(layer).__name__}) has no ONNX form: only "
+                             f"{', '.join(cls.__name__ for cls in EXPORTERS)} layers can be exported.")
+    if head not in HEADS:
+        raise UsageError(f"head {head!r} cannot be exported yet: choose one of {', '.join(HEADS)}.")
+    out = tuple(model.output_shape)
+    if length is not None:
+        length = int(length)
+        if len(out) != 1 or length < 1 or out[0] % length:
+            raise ShapeError(f"model '{model.name}' has outputs {out}, which do not split into {length} "
+                             "positions of equal size.")
+        return (length, out[0] // length)
+    return out
+
+
+def to_onnx(model, length: int | None = None, metadata: dict | None = None, head: str = "bce",
+            opset: int = OPSET):
+    """The ``onnx.ModelProto`` of ``model`` (see the module docstring); checked with ``onnx.checker``."""
+    onnx = require_onnx()
+    from onnx import TensorProto, helper
+
+    if int(opset) < OPSET:
+        raise UsageError(f"opset {opset} is too old for this export: use {OPSET} or newer.")
+    out_shape = _check_model(model, length, head)
+    g = _Graph(onnx)
+    x = "input"
+    for layer in model.layers:
+        x = EXPORTERS[type(layer)](g, layer, x)
+    if length is not None:
+        x = g.node("Reshape", [x, g.init("output_shape", numpy.array([0, *out_shape], dtype=numpy.int64))],
+                   "head/reshape", "logits")
+    else:
+        x = g.node("Identity", [x], "head/identity", "logits")
+    g.node("Sigmoid", [x], "head/sigmoid", "probabilities")
+    graph = helper.make_graph(
+        g.nodes, model.name,
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *model.input_shape])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", *out_shape]),
+         helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", *out_shape])],
+        g.inits, doc_string=f"xpnet model '{model.name}': input (N, C, H, W) float32; outputs (N, "
+                            f"{', '.join(map(str, out_shape))}) sigmoid probabilities and logits.")
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", int(opset))],
+                              ir_version=IR_VERSION, producer_name="xpnet", producer_version=__version__)
+    meta = {"xpnet_version": __version__, "head": head, **(metadata or {})}
+    for key, value in meta.items():
+        try:
+            text = json.dumps(value, sort_keys=True, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"metadata {key!r} cannot be stored as JSON ({exc}): give plain numbers, strings, "
+                             "lists and dicts.") from None
+        proto.metadata_props.add(key=str(key), value=text)
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def export_onnx(model, path, length: int | None = None, metadata: dict | None = None, head: str = "bce",
+                opset: int = OPSET) -> Path:
+    """Write ``model`` as an ONNX file at ``path``, atomically (see ``to_onnx``); returns the path.
+
+    A model that cannot be written is one StorageError sentence; nothing is left half-written.
+    """
+    data = to_onnx(model, length, metadata, head, opset).SerializeToString()
+    return atomic_write(Path(path), lambda f: f.write(data), "ONNX model")
+
+
+__all__ = ["export_onnx", "to_onnx", "require_onnx", "EXPORTERS", "OPSET", "INSTALL_HINT"]

@@ -29,6 +29,7 @@ from ..data.images import Preprocess, read_image
 from ..data.labels import Charset
 from ..errors import DataError, ModelFileError, UsageError
 from ..memory import oom_guard
+from .onnx_reader import is_onnx_path, load_reader
 
 
 def sigmoid(x):
@@ -161,8 +162,16 @@ class Recognizer:
     def load(cls, path, to: str | None = None, batch_size: int = 256) -> "Recognizer":
         """Read a model file written by ``xpnet train`` (or ``xpnet.save`` with ``metadata_for``).
 
-        The network is rebuilt on backend ``to`` (default: the current one).
+        The network is rebuilt on backend ``to`` (default: the current one).  An ``.onnx`` file
+        (``xpnet export``) runs in onnxruntime instead, with the same preprocessing and decoding.
         """
+        if is_onnx_path(path):
+            if to not in (None, "numpy"):
+                raise UsageError(f"an ONNX reader runs on the CPU (onnxruntime), not on {to}: load the .npz "
+                                 f"model to read on {to}.")
+            reader = cls(*load_reader(path), batch_size=batch_size)
+            reader.path = os.fspath(path)
+            return reader
         model, meta = xio.load(path, to=to)
         try:
             cs = Charset.from_dict(meta["charset"])
@@ -181,7 +190,8 @@ class Recognizer:
     def logits(self, images):
         """(N, C, H, W) uint8 images (NumPy or on the model's backend) -> (N, length*K) logits (NumPy)."""
         images = self._check_images(images)
-        xp = backend.get_array_module(next(iter(self.model.parameters().values())))
+        params = self.model.parameters()  # none in an ONNX network, which takes NumPy batches
+        xp = backend.get_array_module(next(iter(params.values()))) if params else numpy
         parts = []
         for i in range(0, images.shape[0], self.batch_size):
             chunk = images[i:i + self.batch_size]

@@ -68,7 +68,7 @@ def test_onnx_reader_reads_like_the_npz_reader(exported, runtime, monkeypatch):
         without_onnxruntime(monkeypatch)  # what a machine without onnxruntime gets
     want = Recognizer.load(npz).predict_files(FILES)
     reader = Recognizer.load(onnx_path, batch_size=5)  # several batches
-    assert reader.model.runtime == runtime
+    assert reader.model.runtime == runtime and reader.describe().endswith(f"backend {runtime}")
     got = reader.predict_files(FILES)
     assert len(set(want.texts)) > 3 and np.ptp(want.confidences) > 1e-3, "the readings must not be trivial"
     assert got.texts == want.texts

@@ -311,7 +311,7 @@ class Recognizer:
         pp = self.preprocess
         return (f"{self.model.name}: {self.charset.length} characters of {self.charset.chars!r}, input "
                 f"{pp.channels}x{pp.height}x{pp.width} ({pp.resize}, {pp.normalize}), backend "
-                f"{self.model.backend or backend.current()}")
+                f"{getattr(self.model, 'runtime', None) or self.model.backend or backend.current()}")
 
 
 def image_files(path) -> list[str]:

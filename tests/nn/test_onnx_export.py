@@ -111,6 +111,16 @@ def test_the_graph_is_valid_standard_and_float32(tmp_path):
     assert meta["charset"] == '{"chars": "ABCD", "length": 2}'
 
 
+@pytest.mark.parametrize("opset", [OPSET, 21])
+def test_a_newer_opset_gets_the_ir_version_it_needs(opset):
+    model = xpnet.Sequential([Conv2D(2, 3), MaxPool2D(2), Flatten(), Dense(4)], input_shape=(1, 6, 6))
+    proto = to_onnx(model, opset=opset)
+    assert proto.ir_version == (8 if opset == OPSET else onnx.helper.find_min_ir_version_for(
+        [onnx.helper.make_opsetid("", opset)]))
+    x = np.random.default_rng(0).standard_normal((2, 1, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(ort_run(proto, x)[1], model.forward(x), rtol=1e-5, atol=1e-5)
+
+
 def test_a_plain_model_keeps_its_output_shape_and_float64_weights_become_float32():
     xpnet.set_dtype("float64")
     model = xpnet.models.simple_convnet(input_shape=(1, 12, 12), n_classes=6, filters=3, hidden=8)
@@ -143,8 +153,10 @@ def test_what_cannot_be_exported_is_refused_in_one_sentence():
         to_onnx(plain, head="ctc")
     with pytest.raises(UsageError, match="metadata 'bad' cannot be stored as JSON"):
         to_onnx(plain, metadata={"bad": {1, 2}})
-    with pytest.raises(UsageError, match="opset 11 is too old"):
+    with pytest.raises(UsageError, match="opset 11 cannot be used: choose one from 17 to"):
         to_onnx(plain, opset=11)
+    with pytest.raises(UsageError, match="opset 999 cannot be used"):
+        to_onnx(plain, opset=999)
 
 
 def test_writes_are_atomic_and_failures_are_one_storage_sentence(tmp_path, monkeypatch):

@@ -34,7 +34,7 @@ from .layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
 from .sequential import Sequential
 
 OPSET = 17
-IR_VERSION = 8  # the IR version of opset 17: readable by every onnxruntime since 1.11
+IR_VERSION = 8  # the IR version of opset 17 (readable by every onnxruntime since 1.11); newer opsets need more
 HEADS = ("bce",)  # room for "ctc" (per-column probabilities), which needs a recurrent layer first
 INSTALL_HINT = 'pip install "xpnet[onnx]"'
 
@@ -145,8 +145,11 @@ def to_onnx(model, length: int | None = None, metadata: dict | None = None, head
     onnx = require_onnx()
     from onnx import TensorProto, helper
 
-    if int(opset) < OPSET:
-        raise UsageError(f"opset {opset} is too old for this export: use {OPSET} or newer.")
+    newest = onnx.defs.onnx_opset_version()
+    if not OPSET <= int(opset) <= newest:
+        raise UsageError(f"opset {opset} cannot be used: choose one from {OPSET} to {newest} (the newest this onnx "
+                         "package knows).")
+    opset_id = helper.make_opsetid("", int(opset))
     out_shape = _check_model(model, length, head)
     g = _Graph(onnx)
     x = "input"
@@ -165,8 +168,9 @@ def to_onnx(model, length: int | None = None, metadata: dict | None = None, head
          helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", *out_shape])],
         g.inits, doc_string=f"xpnet model '{model.name}': input (N, C, H, W) float32; outputs (N, "
                             f"{', '.join(map(str, out_shape))}) sigmoid probabilities and logits.")
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", int(opset))],
-                              ir_version=IR_VERSION, producer_name="xpnet", producer_version=__version__)
+    ir_version = max(IR_VERSION, helper.find_min_ir_version_for([opset_id]))
+    proto = helper.make_model(graph, opset_imports=[opset_id], ir_version=ir_version, producer_name="xpnet",
+                              producer_version=__version__)
     meta = {"xpnet_version": __version__, "head": head, **(metadata or {})}
     for key, value in meta.items():
         try:

@@ -153,6 +153,10 @@ def test_what_cannot_be_exported_is_refused_in_one_sentence():
         to_onnx(plain, head="ctc")
     with pytest.raises(UsageError, match="metadata 'bad' cannot be stored as JSON"):
         to_onnx(plain, metadata={"bad": {1, 2}})
+    plain.layers[-1].params["b"][2] = np.nan
+    with pytest.raises(UsageError, match=r"refusing to export model 'model': its 'dense1.b' holds NaN"):
+        to_onnx(plain)
+    plain.layers[-1].params["b"][2] = 0
     with pytest.raises(UsageError, match="opset 11 cannot be used: choose one from 17 to"):
         to_onnx(plain, opset=11)
     with pytest.raises(UsageError, match="opset 999 cannot be used"):

@@ -127,6 +127,10 @@ def _check_model(model, length, head):
         if type(layer) not in EXPORTERS:
             raise UsageError(f"layer '{layer.name}' ({type(layer).__name__}) has no ONNX form: only "
                              f"{', '.join(cls.__name__ for cls in EXPORTERS)} layers can be exported.")
+    for key, value in model.state_dict().items():
+        if not numpy.isfinite(backend.to_numpy(value)).all():
+            raise UsageError(f"refusing to export model '{model.name}': its {key!r} holds NaN or infinite values "
+                             "(the training diverged): export an earlier checkpoint.")
     if head not in HEADS:
         raise UsageError(f"head {head!r} cannot be exported yet: choose one of {', '.join(HEADS)}.")
     out = tuple(model.output_shape)
@@ -171,7 +175,7 @@ def to_onnx(model, length: int | None = None, metadata: dict | None = None, head
     ir_version = max(IR_VERSION, helper.find_min_ir_version_for([opset_id]))
     proto = helper.make_model(graph, opset_imports=[opset_id], ir_version=ir_version, producer_name="xpnet",
                               producer_version=__version__)
-    meta = {"xpnet_version": __version__, "head": head, **(metadata or {})}
+    meta = {**(metadata or {}), "xpnet_version": __version__, "head": head}  # what the graph is wins
     for key, value in meta.items():
         try:
             text = json.dumps(value, sort_keys=True, allow_nan=False)

@@ -150,6 +150,19 @@ def test_damaged_onnx_files_are_one_model_file_sentence(tmp_path, exported, runt
         Recognizer.load(tmp_path / "folder.onnx")
 
 
+@pytest.mark.parametrize("runtime", ["onnxruntime", "reference"])
+def test_a_graph_that_fails_at_run_time_is_one_model_file_sentence(tmp_path, exported, runtime, monkeypatch):
+    if runtime == "reference":
+        without_onnxruntime(monkeypatch)
+    proto = onnx.load(exported[2])
+    (shape,) = [t for t in proto.graph.initializer if t.name == "output_shape"]
+    shape.CopyFrom(onnx.numpy_helper.from_array(np.array([0, 3, 5], dtype=np.int64), "output_shape"))
+    onnx.save(proto, tmp_path / "reshaped.onnx")
+    # onnxruntime infers the new shape and refuses the file on loading; the evaluator fails on the first batch
+    with pytest.raises(ModelFileError, match=r"reshaped.onnx .*export it again with `xpnet export`\.$"):
+        Recognizer.load(tmp_path / "reshaped.onnx").predict_files(FILES[:2])
+
+
 def _run_without(modules, code, tmp_path):
     prelude = "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in modules)
     out = subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True, cwd=ROOT,

@@ -93,6 +93,9 @@ class OnnxNetwork:
         except MemoryError:
             raise OutOfMemoryError(f"out of memory reading a batch of {x.shape[0]} images with {self.path}: "
                                    "use a smaller batch size.") from None
+        except Exception as exc:  # noqa: BLE001 -- a graph that loads but cannot run: the file is at fault
+            raise ModelFileError(f"the ONNX model {self.path} failed on a batch of {x.shape[0]} ({type(exc).__name__}: "
+                                 f"{one_line(str(exc).strip()[:200])}): export it again with `xpnet export`.") from None
         return numpy.asarray(out, dtype=numpy.float32).reshape(x.shape[0], -1)
 
     __call__ = forward
@@ -138,7 +141,7 @@ def _session(path, ort):
     options = ort.SessionOptions()
     options.intra_op_num_threads = config.get_num_threads()
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3  # errors only: a reader says nothing on stderr
+    options.log_severity_level = 4  # fatal only: failures become one xpnet sentence, not a log on stderr
     try:
         sess = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 -- onnxruntime raises its own types for bad files
@@ -180,7 +183,7 @@ def _reference(path, onnx):
     return run, {p.key: p.value for p in proto.metadata_props}, dims(inputs[0]), dims(outputs["logits"])
 
 
-def _parse_metadata(path, raw: dict) -> dict:
+def _parse_metadata(raw: dict) -> dict:
     meta = {}
     for key, text in raw.items():
         try:
@@ -215,7 +218,7 @@ def load_network(path, runtime: str = "auto"):
     if len(in_dims) != 4 or not fixed(in_dims[1:]) or len(out_dims) < 2 or not fixed(out_dims[1:]):
         raise ModelFileError(f"{path} is an ONNX model but not one exported by xpnet (input {in_dims}, logits "
                              f"{out_dims}): export the reader with `xpnet export`.")
-    meta = _parse_metadata(path, raw)
+    meta = _parse_metadata(raw)
     network = OnnxNetwork(run, in_dims[1:], (int(numpy.prod(out_dims[1:])),), str(meta.get("model") or path.stem),
                           kind, os.fspath(path))
     return network, meta
@@ -235,6 +238,11 @@ def load_reader(path, runtime: str = "auto"):
         raise ModelFileError(
             f"ONNX model {path} is not a CAPTCHA reader ({what} in its metadata): export a reader's .npz with "
             f"`xpnet export MODEL.npz {Path(path).name}`.") from None
+    if network.output_shape != (charset.n_outputs,) or network.input_shape != preprocess.shape:
+        raise ModelFileError(
+            f"ONNX model {path} takes {network.input_shape} and gives {network.output_shape[0]} logits, but its "
+            f"metadata describes {preprocess.shape} inputs and {charset.n_outputs} outputs: export it again with "
+            "`xpnet export`.")
     return network, charset, preprocess, meta
 
 

@@ -16,11 +16,11 @@ import traceback
 from .. import config
 from ..errors import XpnetError
 from . import eval as eval_command
-from . import export, generate, info, predict, train
+from . import export, generate, info, predict, serve, train
 
 # Each entry adds one subcommand to the parser (in this order in --help).
 COMMANDS = [info.add_command, generate.add_command, train.add_command, eval_command.add_command,
-            predict.add_command, export.add_command]
+            predict.add_command, export.add_command, serve.add_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

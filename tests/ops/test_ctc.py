@@ -190,6 +190,17 @@ def test_ctc_labels_as_lists_are_accepted(rng):
     assert float(a[0]) == float(b[0]) and np.array_equal(a[1], b[1])
 
 
+def test_ctc_all_labels_empty_costs_the_blanks(rng):
+    logits = rng.standard_normal((2, 3, 4))
+    loss, d = ops.ctc_loss(logits, np.zeros((2, 0), np.int64), [0, 0], [3, 2])
+    lp = _log_softmax64(logits)
+    np.testing.assert_allclose(float(loss), -(lp[0, :, 0].sum() + lp[1, :2, 0].sum()) / 2, rtol=1e-12)
+    want = np.exp(lp) / 2
+    want[:, :, 0] -= 0.5
+    want[1, 2] = 0
+    np.testing.assert_allclose(d, want, atol=1e-15)
+
+
 def test_ctc_refuses_a_label_that_cannot_fit_naming_the_sample(rng):
     logits = rng.standard_normal((3, 4, 5))
     labels = np.array([[1, 2, 3, 4], [1, 1, 2, 2], [1, 2, 0, 0]])
@@ -352,3 +363,4 @@ def test_ctc_refuses_labels_on_another_backend(rng):
     logits = backend.cupy.asarray(rng.standard_normal((1, 4, 3)))
     with pytest.raises(DeviceMismatchError):
         ops.ctc_loss(logits, np.array([[1, 2]]), backend.cupy.asarray([2]))
+

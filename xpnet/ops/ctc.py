@@ -16,8 +16,6 @@ log-sum-exp never meets ``-inf - (-inf)`` and no step can produce a NaN.
 
 from __future__ import annotations
 
-import math
-
 import numpy
 
 from .. import backend
@@ -79,9 +77,10 @@ def check_ctc_args(logits, labels, label_lengths, input_lengths=None, blank=0):
     _check_logits(logits, "ctc_loss")
     n, t, k = logits.shape
     blank = _check_blank(blank, k, "ctc_loss")
-    if getattr(labels, "ndim", numpy.ndim(labels)) != 2:
-        raise ShapeError(f"ctc_loss needs labels of shape (N, S) (padded), got shape {numpy.shape(labels)}.")
-    s = numpy.shape(labels)[1]
+    shape = tuple(labels.shape) if hasattr(labels, "shape") else numpy.shape(labels)
+    if len(shape) != 2:
+        raise ShapeError(f"ctc_loss needs labels of shape (N, S) (padded), got shape {shape}.")
+    s = shape[1]
     lab = _host_ints(labels, logits, "labels", (n, s))
     lab_len = _host_ints(label_lengths, logits, "label_lengths", (n,))
     bad = numpy.flatnonzero((lab_len < 0) | (lab_len > s))
@@ -94,8 +93,8 @@ def check_ctc_args(logits, labels, label_lengths, input_lengths=None, blank=0):
         rows, cols = numpy.nonzero(test & inside)
         if rows.size:
             i, j = int(rows[0]), int(cols[0])
-            raise ShapeError(f"ctc_loss: labels[{i}, {j}] is {int(lab[i, j])}, {what}: a label holds characters "
-                             f"1..{k - 1} other than the blank, padding comes after label_lengths[{i}].")
+            raise ShapeError(f"ctc_loss: labels[{i}, {j}] is {int(lab[i, j])}, {what}: labels hold class indices "
+                             f"in [0, {k}) other than the blank, and padding goes after label_lengths[{i}].")
     lab = numpy.where(inside, lab, blank)
     repeats = ((lab[:, 1:] == lab[:, :-1]) & inside[:, 1:]).sum(axis=1) if s > 1 else numpy.zeros(n, numpy.int64)
     need = lab_len + repeats
@@ -177,11 +176,10 @@ def ctc_loss(logits, labels, label_lengths, input_lengths=None, blank=0):
         alpha[t] = _logsumexp3(prev, one, two) + lp[t]
 
     # beta[t, s]: log-probability of finishing from state s at time t, emissions after t only.
-    start_b_d = xp.asarray(start_b)
+    init_b = xp.where(xp.asarray(start_b), dt.type(0), neg).astype(dt, copy=False)
     skip_next = xp.asarray(numpy.concatenate((skip[:, 2:], numpy.zeros((n, 2), dtype=bool)), axis=1)[:, :u])
     is_last = xp.asarray(numpy.arange(t_max)[:, None] == last[None, :])  # (T, N)
     after_d = xp.asarray(after.T)  # (T, N)
-    zero = dt.type(0)
     beta = xp.empty((t_max, n, u), dtype=dt)
     nxt = xp.full((n, u), neg, dtype=dt)  # beta[t + 1] + lp[t + 1]
     for t in range(t_max - 1, -1, -1):
@@ -191,7 +189,7 @@ def ctc_loss(logits, labels, label_lengths, input_lengths=None, blank=0):
         else:
             two = xp.full((n, u), neg, dtype=dt)
         rec = _logsumexp3(nxt, one, two)
-        b = xp.where(is_last[t][:, None], xp.where(start_b_d, zero, neg), rec)
+        b = xp.where(is_last[t][:, None], init_b, rec)
         b = xp.where(after_d[t][:, None], neg, b)
         beta[t] = b
         nxt = b + lp[t]

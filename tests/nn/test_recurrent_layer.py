@@ -136,6 +136,21 @@ def test_in_a_sequential_forward_backward_and_parameter_names(rng):
     assert "rnn.Wh_bw" in model.parameters()
 
 
+def test_model_file_round_trip_once_registered(tmp_path, rng, monkeypatch):
+    """config() and the parameters rebuild the layer exactly (the registry entry is the lead's to add)."""
+    import xpnet
+    from xpnet.nn import layers
+
+    monkeypatch.setitem(layers.LAYER_TYPES, "GRU", GRU)
+    model = Sequential([GRU(3, name="rnn"), GRU(2, bidirectional=False, init="he", name="rnn2")],
+                       input_shape=(5, 4), name="rnns")
+    path = xpnet.save(model, tmp_path / "m.npz")
+    loaded, _ = xpnet.load(path)
+    assert loaded.spec() == model.spec()
+    x = rng.standard_normal((2, 5, 4)).astype(np.float32)
+    np.testing.assert_array_equal(loaded.predict(x), model.predict(x))
+
+
 def _toy(rng, n, t=12, k=4):
     """One-hot symbol pulses 2 steps wide on a 'nothing' channel, with noise; label = the symbols."""
     x = np.zeros((n, t, k), np.float32)

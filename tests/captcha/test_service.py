@@ -5,6 +5,7 @@ import asyncio
 import io
 import struct
 import threading
+import time
 import warnings
 import zlib
 
@@ -232,18 +233,25 @@ def test_micro_batcher_batches_bounds_and_survives_failures():
         out = await asyncio.gather(*[b.submit(i, expected=True) for i in range(10)])
         with pytest.raises(ValueError, match="boom"):
             await b.submit("boom")
-        after = await b.submit(7)          # nothing expected: read at once, no wait
+        t0 = time.perf_counter()
+        after = await b.submit(7)          # nothing expected: read at once, not after max_wait
+        alone = time.perf_counter() - t0
+        b.expect(2)                        # an expected item that comes late joins the waiting one
+        first = b.put(1, expected=True)
+        await asyncio.sleep(0.2)
+        late = await asyncio.gather(first, b.submit(2, expected=True))
         await b.close()
         pool.shutdown()
-        return out, after, b
+        return out, after, alone, late, b
 
     loop_thread = threading.get_ident()
-    out, after, b = asyncio.run(go())
-    assert out == [i * 10 for i in range(10)] and after == 70
+    out, after, alone, late, b = asyncio.run(go())
+    assert out == [i * 10 for i in range(10)] and after == 70 and late == [10, 20]
     assert [len(c) for c in calls[:3]] == [4, 4, 2]       # max_batch bounds every batch
-    assert calls[3:] == [["boom"], [7]]
+    assert calls[3:] == [["boom"], [7], [1, 2]]
+    assert alone < 2.0
     assert loop_thread not in threads and len(threads) == 1   # off the event loop, on one thread
-    assert b.batches == 4 and b.items == 11
+    assert b.batches == 5 and b.items == 13
 
 
 def test_model_names_and_limits_are_checked(tmp_path):
@@ -265,3 +273,19 @@ def test_the_page_posts_the_image_to_predict(client):
     page = r.text
     assert 'id="drop"' in page and 'type="file"' in page and 'fetch(url, {method: "POST"' in page
     assert '"predict?chars=1"' in page and 'id="reading"' in page
+
+
+def test_an_onnx_reader_is_served_like_its_npz(tmp_path):
+    pytest.importorskip("onnx", reason='needs the onnx extra: pip install "xpnet[onnx]"')
+    from xpnet.captcha.export import export_model_file
+
+    npz = make_reader(tmp_path, "digits", seed=4)
+    export_model_file(tmp_path / "digits.npz", tmp_path / "digits.onnx")
+    onnx = Recognizer.load(tmp_path / "digits.onnx")
+    datas = [png(40 + i) for i in range(3)]
+    with TestClient(create_app({"npz": npz, "onnx": onnx})) as c:
+        files = [("image", (f"{i}.png", d, "image/png")) for i, d in enumerate(datas)]
+        a, b = c.post("/predict?model=npz", files=files).json(), c.post("/predict?model=onnx", files=files).json()
+        assert [r["text"] for r in a] == [r["text"] for r in b]
+        np.testing.assert_allclose([r["confidence"] for r in a], [r["confidence"] for r in b], atol=1e-4)
+        assert [m["file"] for m in c.get("/models").json()["models"]] == ["digits.npz", "digits.onnx"]

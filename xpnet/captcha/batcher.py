@@ -1,6 +1,6 @@
 """Micro-batching for the reading service: requests that arrive together are read in one forward pass.
 
-    batcher = MicroBatcher(run, max_batch=64, max_wait=0.002, executor=one_thread)
+    batcher = MicroBatcher(run, executor=one_thread, max_batch=64, max_wait=0.002)
     result = await batcher.submit(item)        # from any number of concurrent requests
 
 ``run(items) -> results`` (one result per item, in order) runs in ``executor``
@@ -10,9 +10,9 @@ Callers may ``expect(n)`` items before they have them ready (the service does so
 while it decodes the images of a request); the batcher then waits, at most
 ``max_wait`` seconds, for the expected items to arrive, and not at all when none
 is expected or the batch is full.  While a batch runs, new items queue and form
-the next one, so under load the batches grow by themselves.  A failure of ``run`` is given to every item of
-its batch; a caller that went away (a closed connection) is skipped, and its
-item is dropped before it is read.
+the next one, so under load the batches grow by themselves.  A failure of ``run``
+is given to every item of its batch; a caller that went away (a closed
+connection) is skipped, and its item is dropped before it is read.
 """
 
 from __future__ import annotations
@@ -63,6 +63,14 @@ class MicroBatcher:
 
         ``expected``: the item was announced by ``expect`` (it is no longer waited for).
         """
+        return await self.put(item, expected)
+
+    def put(self, item, expected: bool = False) -> asyncio.Future:
+        """Queue ``item`` now (call from the event loop's thread): the future of its result.
+
+        Items put one after the other without an ``await`` in between are in the same batch
+        (up to ``max_batch``); cancelling the future drops the item if it was not read yet.
+        """
         loop = asyncio.get_running_loop()
         if expected:
             self._expected = max(0, self._expected - 1)
@@ -73,7 +81,7 @@ class MicroBatcher:
         if self._arrived is not None and not self._arrived.done():
             self._arrived.set_result(None)
         self._wake_if_ready()
-        return await future
+        return future
 
     async def close(self) -> None:
         """Stop the collecting task (waiting callers are cancelled)."""

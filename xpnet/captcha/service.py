@@ -163,7 +163,7 @@ class ReadingService:
             raise
         del blobs
         try:
-            results = await asyncio.gather(*[model.batcher.submit(a, expected=True) for a in arrays])
+            results = await asyncio.gather(*[model.batcher.put(a, expected=True) for a in arrays])
         except XpnetError as exc:  # the model could not read the batch (out of memory, ...)
             return JSONResponse({"error": str(exc)}, status_code=503)
         if not chars:

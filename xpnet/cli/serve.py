@@ -37,7 +37,8 @@ def add_command(sub) -> None:
     p.add_argument("--max-batch", type=int, default=64, metavar="N",
                    help="most images read in one forward pass (default: 64)")
     p.add_argument("--max-wait-ms", type=float, default=2.0, metavar="MS",
-                   help="how long an idle model waits for more images before reading a batch (default: 2)")
+                   help="at most how long a batch waits for the images of requests still being decoded "
+                        "(default: 2)")
     p.add_argument("--decode-threads", type=int, default=None, metavar="N",
                    help="threads decoding images (default: the cores, at most 4)")
     p.add_argument("--max-connections", type=int, default=256, metavar="N",

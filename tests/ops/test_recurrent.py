@@ -156,3 +156,11 @@ def test_gru_same_on_each_backend(rng, name, dtype, reverse):
     assert_allclose(y_d, y)
     for name_, a, b in zip(("dx", "dwx", "dwh", "dbx", "dbh"), got, want):
         assert_allclose(a, b, err_msg=name_)
+
+
+def test_gru_ops_are_declared_for_dispatch():
+    from xpnet import dispatch
+
+    assert ops.gru_forward.op_name == "gru_forward" and ops.gru_backward.op_name == "gru_backward"
+    assert {"gru_forward", "gru_backward", "ctc_loss"} <= set(dispatch.ops())
+    assert any(line.startswith("gru_forward") and "reference" in line for line in dispatch.describe())

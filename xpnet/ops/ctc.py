@@ -10,6 +10,9 @@ the extended label (a blank before, between and after the characters).
 * ``ctc_beam_decode``: prefix beam search, for the most probable label rather
   than the most probable path.
 
+``ctc_loss`` is declared with ``xpnet.dispatch`` so that a faster implementation (a
+CUDA kernel) can register for a backend; this code stays the reference.
+
 Unreachable states hold a large finite negative number instead of -inf, so
 log-sum-exp never meets ``-inf - (-inf)`` and no step can produce a NaN.
 """
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import numpy
 
-from .. import backend
+from .. import backend, dispatch
 from ..backend import get_array_module
 from ..errors import ShapeError
 from .loss import log_softmax
@@ -114,6 +117,7 @@ def _logsumexp3(a, b, c):
     return m + xp.log(xp.exp(a - m) + xp.exp(b - m) + xp.exp(c - m))
 
 
+@dispatch.op("ctc_loss")
 def ctc_loss(logits, labels, label_lengths, input_lengths=None, blank=0):
     """CTC loss averaged over the batch, and its gradient.
 

@@ -16,11 +16,14 @@ layer); y[:, t] is still the state after reading x[:, t].
 The input projections of all steps are one (N*T, F) @ (F, 3H) product; the loop over T
 does one hidden product and element-wise work on whole-batch (N, .) slices, writing into
 preallocated arrays.  Backward collects the per-step gate gradients and finishes with
-one product each for dx, dwx and dwh.
+one product each for dx, dwx and dwh.  Both are declared with ``xpnet.dispatch`` so that a
+faster implementation can register for a backend (a backward that reads its own forward's
+cache registers with ``follows_cache=True``); this code stays the reference.
 """
 
 from __future__ import annotations
 
+from .. import dispatch
 from ..backend import check_same_backend, get_array_module
 from ..errors import ShapeError
 
@@ -57,6 +60,7 @@ def check_gru_args(x, wx, wh, bx, bh):
         raise ShapeError(f"gru needs at least one sample and one time step, got x of shape {x.shape}.")
 
 
+@dispatch.op("gru_forward")
 def gru_forward(x, wx, wh, bx, bh, reverse: bool = False):
     """Returns (y (N, T, H), cache).  y is a view of the cache's state array: do not modify it."""
     check_gru_args(x, wx, wh, bx, bh)
@@ -96,6 +100,7 @@ def gru_forward(x, wx, wh, bx, bh, reverse: bool = False):
     return y, (x2, x.shape, wx, wh, gates, hn_all, states, bool(reverse))
 
 
+@dispatch.op("gru_backward")
 def gru_backward(dy, cache, need_dx: bool = True):
     """Gradients (dx (N, T, F) or None, dwx (F, 3H), dwh (H, 3H), dbx (3H,), dbh (3H,)).
 

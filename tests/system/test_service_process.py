@@ -5,6 +5,7 @@ clients batched with flat memory, and a clean stop on SIGINT / SIGTERM."""
 import asyncio
 import io
 import signal
+import socket
 import struct
 import zlib
 
@@ -92,6 +93,14 @@ def test_a_served_reader_answers_survives_bad_requests_and_stops(model_file, cap
                 refused(send(), status, word)
                 assert c.get("health").json()["status"] == "ok"
                 assert c.post("predict", content=good).json()["text"] == good_text
+            # below HTTP: garbage, and a client that hangs up half-way through its body
+            port = int(server.url.rsplit(":", 1)[1].strip("/"))
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                raw.sendall(b"\x16\x03\x01 not http at all\r\n\r\n")
+                assert raw.recv(100).startswith(b"HTTP/1.1 400")
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                raw.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 40000\r\n\r\n" + good[:500])
+            assert c.post("predict", content=good).json()["text"] == good_text
         assert server.proc.poll() is None
         code = server.stop(signal.SIGINT)
     assert code == 0, server.stderr

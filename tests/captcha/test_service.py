@@ -289,3 +289,20 @@ def test_an_onnx_reader_is_served_like_its_npz(tmp_path):
         assert [r["text"] for r in a] == [r["text"] for r in b]
         np.testing.assert_allclose([r["confidence"] for r in a], [r["confidence"] for r in b], atol=1e-4)
         assert [m["file"] for m in c.get("/models").json()["models"]] == ["digits.npz", "digits.onnx"]
+
+
+def test_a_failing_model_is_a_sentence_not_a_traceback(reader, monkeypatch):
+    from xpnet.memory import OutOfMemoryError
+
+    def out_of_memory(images, paths=None):
+        raise OutOfMemoryError("out of memory reading 1 image: use a smaller --max-batch.")
+
+    with TestClient(create_app({"tiny": reader}), raise_server_exceptions=False) as c:
+        monkeypatch.setattr(reader, "predict", out_of_memory)
+        assert_refused(c.post("/predict", content=png(1)), 503, "out of memory", "--max-batch")
+        monkeypatch.setattr(reader, "predict", lambda images, paths=None: 1 / 0)
+        r = c.post("/predict", content=png(1))
+        assert r.status_code == 500 and list(r.json()) == ["error"] and "bug in xpnet" in r.json()["error"]
+        assert "ZeroDivisionError" not in r.text and "Traceback" not in r.text
+        monkeypatch.undo()
+        assert c.post("/predict", content=png(1)).status_code == 200

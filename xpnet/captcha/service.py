@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -42,6 +43,7 @@ from .recognizer import Recognizer
 from .service_page import PAGE
 from .upload import DEFAULT_MAX_PIXELS, RequestError, decode_image_bytes, image_fields, is_multipart
 
+log = logging.getLogger("xpnet.serve")
 ROUTES = "GET /, GET /health, GET /models and POST /predict"
 QUERY = ("model", "chars")
 FLAGS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False, "": False}
@@ -165,6 +167,7 @@ class ReadingService:
         try:
             results = await asyncio.gather(*[model.batcher.put(a, expected=True) for a in arrays])
         except XpnetError as exc:  # the model could not read the batch (out of memory, ...)
+            log.error("xpnet serve: model %s could not read a batch: %s", model.name, exc)
             return JSONResponse({"error": str(exc)}, status_code=503)
         if not chars:
             results = [{k: v for k, v in r.items() if k != "chars"} for r in results]

@@ -142,6 +142,17 @@ def test_ctc_gradient_rows_sum_to_zero_and_vanish_past_the_input_length(rng):
         assert np.all(np.abs(d[i, :t_i]).sum(axis=1) > 0)
 
 
+def test_ctc_gradient_matches_finite_differences_when_the_label_is_unlikely(rng):
+    """Logits that favour another label: the occupancy is normalised per step, still exact."""
+    logits = rng.standard_normal((2, 5, 4)) * 3
+    logits[:, :, 3] += 6  # class 3 dominates, the labels never use it
+    labels, lengths = np.array([[1, 2, 1], [2, 2, 0]]), np.array([3, 2])
+    loss, d = ops.ctc_loss(logits, labels, lengths)
+    assert float(loss) > 10
+    num = numerical_gradient(lambda: float(ops.ctc_loss(logits, labels, lengths)[0]), logits)
+    np.testing.assert_allclose(d, num, rtol=GRADCHECK["rtol"], atol=1e-8)
+
+
 def test_ctc_float32_in_float32_out_close_to_float64(rng):
     logits, labels, lengths, in_len, _ = _case_arrays(CASES[4], rng)
     l64, d64 = ops.ctc_loss(logits, labels, lengths, in_len)
@@ -153,15 +164,19 @@ def test_ctc_float32_in_float32_out_close_to_float64(rng):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_ctc_finite_for_extreme_logits_without_warnings(rng, dtype):
+@pytest.mark.parametrize("scale", [1e4, 1e8, 1e37])
+def test_ctc_finite_for_extreme_logits_without_warnings(rng, dtype, scale):
     n, t, k = 3, 6, 5
-    logits = (rng.choice([-1e4, 0.0, 1e4], size=(n, t, k)) + rng.standard_normal((n, t, k))).astype(dtype)
+    logits = (rng.choice([-scale, 0.0, scale], size=(n, t, k)) + rng.standard_normal((n, t, k))).astype(dtype)
     labels = np.array([[1, 2, 3], [4, 4, 0], [2, 0, 0]])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        loss, d = ops.ctc_loss(logits, labels, [3, 2, 1])
+        loss, d = ops.ctc_loss(logits, labels, [3, 2, 1], [6, 4, 6])
     assert np.isfinite(float(loss)) and float(loss) > 0
     assert np.all(np.isfinite(d)) and d.dtype == dtype
+    # softmax and occupancy each sum to 1 at every counted step, however far apart the logits
+    np.testing.assert_allclose(d.sum(axis=2), 0, atol=1e-6)
+    assert np.all(d[1, 4:] == 0)
     # A confident, right answer costs almost nothing; the gradient is then almost zero.
     sure = np.full((1, 4, 3), -1e4, dtype)
     sure[0, [0, 1, 2, 3], [1, 0, 2, 2]] = 1e4  # path 1, blank, 2, 2 -> label (1, 2)

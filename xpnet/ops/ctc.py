@@ -129,7 +129,8 @@ def ctc_loss(logits, labels, label_lengths, input_lengths=None, blank=0):
 
     Returns (loss, dlogits): loss = sum_n -log p(label_n | x_n) / N as a 0-d array of the
     logits' dtype and backend; dlogits (N, T, K) = (softmax - occupancy) / N, zero for
-    t >= T_n.  Computed in the logits' dtype; finite for any finite logits.
+    t >= T_n.  Computed in the logits' dtype; finite for any finite logits (a log-probability
+    below -1e30, from logits more than 1e30 apart, counts as -1e30).
 
     Raises ShapeError naming the sample when a label cannot fit its input (L_n plus its
     number of repeated neighbours > T_n), and for a blank inside a label, a class index
@@ -161,7 +162,10 @@ def ctc_loss(logits, labels, label_lengths, input_lengths=None, blank=0):
     skip_d = xp.asarray(skip)
     logp = log_softmax(logits)  # (N, T, K)
     lp = xp.take_along_axis(logp, xp.broadcast_to(ext_d[:, None, :], (n, t_max, u)), axis=2)
-    lp = xp.ascontiguousarray(lp.transpose(1, 0, 2))  # (T, N, U)
+    # (T, N, U); a log-probability below "log 0" (logits so far apart that their difference
+    # overflows) is "log 0" too, so every value below stays finite.
+    lp = xp.ascontiguousarray(lp.transpose(1, 0, 2))
+    xp.maximum(lp, neg, out=lp)
 
     pad1 = xp.full((n, 1), neg, dtype=dt)
     pad2 = xp.full((n, 2), neg, dtype=dt)
@@ -207,8 +211,13 @@ def ctc_loss(logits, labels, label_lengths, input_lengths=None, blank=0):
     log_p = m + xp.log(xp.exp(end - m) + xp.exp(pre - m))
     loss = -log_p.sum(dtype=dt) / dt.type(n)
 
-    # Occupancy of each extended state, then summed per class with one batched product.
-    gamma = xp.exp(alpha + beta - log_p[None, :, None])  # (T, N, U)
+    # Occupancy of each extended state.  At every step, sum_s alpha*beta = p(label): dividing
+    # by that step's own sum rather than by p(label) is the same in exact arithmetic, and
+    # makes each step's occupancy sum to 1 however far apart the logits are.  Past T_n the
+    # values are meaningless (nothing is reachable) but finite, and those rows are zeroed below.
+    ab = alpha + beta  # (T, N, U)
+    gamma = xp.exp(ab - ab.max(axis=2, keepdims=True))  # the largest entry of each row is 1
+    gamma /= gamma.sum(axis=2, keepdims=True)
     onehot = xp.asarray((ext[:, :, None] == numpy.arange(k)[None, None, :]).astype(dt))  # (N, U, K)
     occ = xp.matmul(gamma.transpose(1, 0, 2), onehot)  # (N, T, K)
     valid = xp.asarray(~after).astype(dt)[:, :, None]

@@ -108,6 +108,9 @@ def decode_image_bytes(data, preprocess: Preprocess, max_pixels: int = DEFAULT_M
 def image_fields(body: bytes, content_type: str, max_images: int) -> list[bytes]:
     """The bytes of each ``image`` field of a multipart/form-data body, in order (RequestError 400 / 413)."""
     parser_type = _multipart_parser()
+    if parser_type is None:
+        raise RequestError(415, "this server cannot read multipart bodies (python-multipart is not installed): "
+                                "send the image bytes as the body.")
     boundary = _boundary(content_type)
     parts: list[dict] = []
     header = {"field": bytearray(), "value": bytearray()}

@@ -169,6 +169,7 @@ def ctc_loss(logits, labels, label_lengths, input_lengths=None, blank=0):
 
     pad1 = xp.full((n, 1), neg, dtype=dt)
     pad2 = xp.full((n, 2), neg, dtype=dt)
+    nothing = xp.full((n, u), neg, dtype=dt)  # no skip transition when S = 0
 
     alpha = xp.empty((t_max, n, u), dtype=dt)
     a0 = xp.full((n, u), neg, dtype=dt)
@@ -179,8 +180,7 @@ def ctc_loss(logits, labels, label_lengths, input_lengths=None, blank=0):
     for t in range(1, t_max):
         prev = alpha[t - 1]
         one = xp.concatenate((pad1, prev[:, :-1]), axis=1)
-        two = xp.where(skip_d, xp.concatenate((pad2, prev[:, :-2]), axis=1), neg) if u > 2 else \
-            xp.full((n, u), neg, dtype=dt)
+        two = xp.where(skip_d, xp.concatenate((pad2, prev[:, :-2]), axis=1), neg) if u > 2 else nothing
         alpha[t] = _logsumexp3(prev, one, two) + lp[t]
 
     # beta[t, s]: log-probability of finishing from state s at time t, emissions after t only.
@@ -192,10 +192,8 @@ def ctc_loss(logits, labels, label_lengths, input_lengths=None, blank=0):
     nxt = xp.full((n, u), neg, dtype=dt)  # beta[t + 1] + lp[t + 1]
     for t in range(t_max - 1, -1, -1):
         one = xp.concatenate((nxt[:, 1:], pad1), axis=1)
-        if u > 2:  # s -> s + 2 is allowed when skip[s + 2]
-            two = xp.where(skip_next, xp.concatenate((nxt[:, 2:], pad2), axis=1), neg)
-        else:
-            two = xp.full((n, u), neg, dtype=dt)
+        # s -> s + 2 is allowed when skip[s + 2]
+        two = xp.where(skip_next, xp.concatenate((nxt[:, 2:], pad2), axis=1), neg) if u > 2 else nothing
         rec = _logsumexp3(nxt, one, two)
         b = xp.where(is_last[t][:, None], init_b, rec)
         b = xp.where(after_d[t][:, None], neg, b)

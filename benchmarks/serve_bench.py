@@ -224,6 +224,7 @@ def fmt(results: dict) -> str:
     t = results["target"]
     lines.append(f"target at {t['clients']} clients: >= {t['requests_per_s']:.0f} requests/s with p99 <= "
                  f"{t['p99_ms']:.0f} ms: {'met' if t['met'] else 'NOT met' if t['met'] is False else 'not measured'}")
+    lines.append(f"server stopped, exit code {results['server_exit_code']}")
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""A tiny, fast training run shared by tests/test_train.py, in-process and as a subprocess.
+"""A tiny, fast training run shared by tests/training/test_trainer.py, in-process and as a subprocess.
 
     python tests/system/_train_worker.py OUT_DIR [--epochs 4] [--resume] [--slow SECONDS]
 

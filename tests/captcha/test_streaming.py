@@ -79,7 +79,7 @@ class CountingReader:
 
     def __init__(self, reader):
         self.reader, self.batch_size, self.preprocess = reader, reader.batch_size, reader.preprocess
-        self.events, self.alive_at_read, self.arrays, self.largest = [], [], [], 0
+        self.events, self.alive_at_read, self.arrays, self.largest, self.predict_sizes = [], [], [], 0, []
 
     def read_files(self, paths, on_error):
         gc.collect()
@@ -92,6 +92,7 @@ class CountingReader:
 
     def predict(self, images, paths):
         self.events.append("predict")
+        self.predict_sizes.append(len(images))
         return self.reader.predict(images, paths)
 
 
@@ -109,6 +110,8 @@ def test_the_stream_is_lazy_and_holds_one_decoded_batch_at_a_time(reader_and_fol
         n += 1
         assert reader.events == ["read", "predict"] * n  # one batch read per batch taken, never ahead
     assert n == 7 and reader.largest == 4
+    # every forward pass has 4 images, also the batches shortened by the 2 bad files and the last one (1 file)
+    assert reader.predict_sizes == [4] * 7
     # when a batch is read, every earlier batch of decoded images has been let go
     assert reader.alive_at_read == [0] * 7
 

@@ -122,7 +122,7 @@ def test_a_crash_leaves_no_csv_and_no_temporary_file(reader_files, tmp_path, cap
     calls, real_predict = [], Recognizer.predict
 
     def failing_predict(self, images, paths=None):
-        calls.append(len(paths))
+        calls.append(len(images))
         if len(calls) == 2:
             raise xpnet.errors.DataError("the reader failed on purpose.")
         return real_predict(self, images, paths)

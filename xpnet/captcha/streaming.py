@@ -14,7 +14,9 @@ pass, so its memory grows with the number of files.  Here only the names are
 listed up front -- ``os.scandir``, kept as one sorted NumPy bytes array (about
 the length of a name per file, no Python object per file) -- and images are
 decoded one batch at a time: (batch_size, C, H, W) uint8 in this process, plus
-at most ``ahead`` batches decoding in worker processes.  The stream is a
+at most ``ahead`` batches decoding in worker processes.  Every forward pass
+takes ``min(batch_size, files)`` images (short batches are padded with blank
+images, their readings dropped), so the network's buffers are made once.  The stream is a
 generator: nothing is read before it is iterated, nothing beyond the next batch
 is read before the current one is consumed.
 
@@ -156,9 +158,21 @@ class FolderStream:
         return _relative(names, paths, images, used, skipped)
 
     def _predict(self, decoded):
+        # Every forward pass gets the same number of images (a short batch -- the last one, or one
+        # with unreadable files -- is padded with blank images whose readings are dropped): the fused
+        # CPU path keeps its buffers per batch size, so one size means one set of buffers.
+        full = min(self.batch_size, len(self.names))
         for names, images, paths, skipped in decoded:
-            prediction = self.reader.predict(images, paths)
+            n = len(paths)
+            if 0 < n < full:
+                padded = numpy.zeros((full,) + images.shape[1:], dtype=images.dtype)
+                padded[:n] = images
+                images = padded
+            prediction = self.reader.predict(images, None)
             del images  # the next batch is decoded only after this one is gone
+            prediction = dataclasses.replace(
+                prediction, texts=prediction.texts[:n], confidences=prediction.confidences[:n],
+                char_confidences=prediction.char_confidences[:n], indices=prediction.indices[:n], paths=paths)
             yield StreamBatch(names=names, prediction=prediction, skipped=skipped)
 
 

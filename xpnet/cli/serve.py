@@ -7,7 +7,7 @@ import socket
 import sys
 
 from .. import checks
-from ..errors import StorageError, UsageError
+from ..errors import StorageError, UsageError, XpnetError
 
 
 def add_command(sub) -> None:
@@ -77,12 +77,15 @@ def run(args) -> int:
     # uvicorn stops gracefully on SIGINT / SIGTERM, then raises the signal again for the previous handler:
     # these handlers take it, so a stopped service exits 0 instead of dying by the signal.
     previous = {sig: signal.signal(sig, _stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
+    server = uvicorn.Server(config)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         sock.close()
+    if not server.started:
+        raise XpnetError("the HTTP server did not start (uvicorn's messages above say why).")
     print("xpnet serve: stopped", file=sys.stderr, flush=True)
     return 0
 
@@ -106,5 +109,4 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise StorageError(f"cannot listen on {host} port {port} ({exc.strerror or exc}): choose another --port "
                            f"(0 picks a free one), or stop what uses it.") from None
-    sock.set_inheritable(True)
     return sock

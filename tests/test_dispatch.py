@@ -112,3 +112,14 @@ def test_nothing_rebinds_the_public_ops():
     assert ops.conv2d_forward is conv.conv2d_forward and ops.conv2d_forward.op_name == "conv2d_forward"
     assert ops.max_pool2d_backward is pool.max_pool2d_backward
     assert ops.sigmoid_bce_with_logits is loss.sigmoid_bce_with_logits
+
+
+def test_xpnet_info_lists_what_each_op_would_use(capsys):
+    from xpnet.cli import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "implementations" in out
+    assert any(line.strip().startswith("conv2d_forward") and "cupy" in line and "cuda kernels" in line
+               for line in out.splitlines())
+    assert any(line.strip().startswith("Sequential") and "fused CPU executor" in line for line in out.splitlines())

@@ -53,8 +53,8 @@ class ProgressOneCycle(optim.Schedule):
             if step > 0:
                 w = min(self.MAX_WARMUP, max(w, self.warmup_steps * f / step))
         if up < 1.0:
-            return optim.OneCycle._anneal(start, self.max_lr, up)
-        return optim.OneCycle._anneal(self.max_lr, end, (f - w) / (1.0 - w))
+            return optim.anneal(start, self.max_lr, up)
+        return optim.anneal(self.max_lr, end, (f - w) / (1.0 - w))
 
     def _config(self):
         return {"max_lr": self.max_lr, "pct_start": self.pct_start, "div_factor": self.div_factor,

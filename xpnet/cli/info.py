@@ -1,4 +1,5 @@
-"""``xpnet info``: the backend in use and why, the device, the library versions."""
+"""``xpnet info``: the backend in use and why, the device, the library versions, and which
+implementation each op and layer chain would use (``xpnet.dispatch``)."""
 
 from __future__ import annotations
 
@@ -15,11 +16,17 @@ def add_command(sub) -> None:
 def run(args) -> int:
     from .. import backend
 
+    from .. import dispatch
+
     data = backend.info()
     if args.json:
+        data["dispatch"] = dispatch.describe()
         print(json.dumps(data, indent=2, default=str))
         return 0
     print_backend_info(data)
+    print("\nimplementations (tried in order; XPNET_REFERENCE=1 forces the reference):")
+    for line in dispatch.describe():
+        print("  " + line)
     return 0
 
 
@@ -35,8 +42,5 @@ def print_backend_info(data: dict) -> None:
         print(f"device       {dev['name']} (#{dev['id']}, compute capability {dev['compute_capability']}), "
               f"{dev['memory_free_bytes'] / gib:.1f} GiB free of {dev['memory_total_bytes'] / gib:.1f} GiB")
         print(f"CUDA         runtime {data.get('cuda_runtime')}, driver {data.get('cuda_driver')}")
-        from ..cuda import kernels
-
-        print(f"kernels      xpnet CUDA kernels {'on' if kernels.enabled() else 'off (XPNET_CUDA_KERNELS=0)'}")
     print(f"python       {data['python']} on {data['platform']}, {data['cpu_count']} CPU cores")
     print("versions     " + ", ".join(f"{k} {v}" for k, v in data["versions"].items() if v))

@@ -136,6 +136,11 @@ class Cosine(Schedule):
                 "min_lr": self.min_lr}
 
 
+def anneal(start: float, end: float, fraction: float) -> float:
+    """Cosine interpolation from ``start`` (fraction 0) to ``end`` (fraction 1, clipped to [0, 1])."""
+    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * min(max(fraction, 0.0), 1.0)))
+
+
 class OneCycle(Schedule):
     """One-cycle policy: cosine rise from ``max_lr / div_factor`` to ``max_lr`` over the first
     ``pct_start`` of ``total_steps``, then cosine fall to ``max_lr / (div_factor * final_div_factor)``.
@@ -156,16 +161,12 @@ class OneCycle(Schedule):
         self.final_lr = self.initial_lr / self.final_div_factor
         self.up_steps = max(1, int(round(self.pct_start * self.total_steps)))
 
-    @staticmethod
-    def _anneal(start, end, fraction):
-        return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * min(max(fraction, 0.0), 1.0)))
-
     def __call__(self, step):
         step = int(step)
         if step <= self.up_steps:
-            return self._anneal(self.initial_lr, self.max_lr, step / self.up_steps)
+            return anneal(self.initial_lr, self.max_lr, step / self.up_steps)
         down = max(1, self.total_steps - 1 - self.up_steps)
-        return self._anneal(self.max_lr, self.final_lr, (step - self.up_steps) / down)
+        return anneal(self.max_lr, self.final_lr, (step - self.up_steps) / down)
 
     def _config(self):
         return {"max_lr": self.max_lr, "total_steps": self.total_steps, "pct_start": self.pct_start,
@@ -494,5 +495,5 @@ OPTIMIZERS = {cls.__name__: cls for cls in (SGD, Adam, AdamW)}
 # Element-wise updates that give the same bits on slices of a parameter as on the whole.
 _SLICEABLE_UPDATES = (SGD._update, Adam._update)
 
-__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "Schedule", "Constant", "StepDecay", "Cosine", "OneCycle",
+__all__ = ["anneal", "Optimizer", "SGD", "Adam", "AdamW", "Schedule", "Constant", "StepDecay", "Cosine", "OneCycle",
            "schedule_from_dict", "OPTIMIZERS", "SCHEDULES"]

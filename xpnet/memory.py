@@ -8,7 +8,7 @@ Two failures get a sentence instead of a traceback:
   with the batch size that would fit, estimated from the model's layer shapes
   (``step_memory``) and the memory free on the device::
 
-      with gpu_errors.oom_guard(model, batch_size=len(x)):
+      with memory.oom_guard(model, batch_size=len(x)):
           logits = model.forward(x, train=True)
           loss, d = sigmoid_bce_with_logits(logits, t)
           model.backward(d)

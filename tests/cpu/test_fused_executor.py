@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import xpnet
-from xpnet import config as settings, ops
+from xpnet import config, ops
 from xpnet.cpu import executor as fuse, stages, workspace
 from xpnet.errors import ShapeError, UsageError
 from xpnet.nn.layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
@@ -20,13 +20,13 @@ from xpnet.testing import assert_allclose
 
 @pytest.fixture(autouse=True)
 def _restore_settings():
-    saved = (settings.fast_paths_enabled(), settings.get_num_threads(), settings.get_im2col_budget_bytes(),
+    saved = (config.fast_paths_enabled(), config.get_num_threads(), config.get_im2col_budget_bytes(),
              workspace.CHUNK_BYTES)
-    settings.fast_paths(True)  # these tests are about the fast path, whatever XPNET_FAST says
+    config.fast_paths(True)  # these tests are about the fast path, whatever XPNET_FAST says
     yield
-    settings.fast_paths(saved[0])
-    settings.set_num_threads(saved[1])
-    settings._budget_bytes = saved[2]
+    config.fast_paths(saved[0])
+    config.set_num_threads(saved[1])
+    config._budget_bytes = saved[2]
     workspace.CHUNK_BYTES = saved[3]
 
 
@@ -145,7 +145,7 @@ def test_small_chunks_give_the_same_result():
     assert_paths_agree(seed_like, (3, 17, 22), n=7, threads=2)
     workspace.CHUNK_BYTES = 1 << 30  # the whole shard in one chunk
     assert_paths_agree(seed_like, (3, 17, 22), n=7, threads=2)
-    settings.set_im2col_budget(0.001)  # below one image's im2col: one image per chunk, both paths
+    config.set_im2col_budget(0.001)  # below one image's im2col: one image per chunk, both paths
     assert_paths_agree(seed_like, (3, 17, 22), n=7, threads=2)
 
 
@@ -199,7 +199,7 @@ def test_k_major_blocks_with_phase_planes_and_without(monkeypatch):
         fast = assert_paths_agree(layers, (2, 19, 23), n=7, threads=2, input_grad=input_grad)
         used = [p.phase_planes is not None for sh in fast.executor.shards for p in sh.plans.values() if p.train]
         assert any(used) and not all(used)  # the last conv (pad 0, input gradient tap by tap) has none
-    settings.set_im2col_budget(0.0001)  # the planes do not fit: the strided copy, same results
+    config.set_im2col_budget(0.0001)  # the planes do not fit: the strided copy, same results
     fast = assert_paths_agree(layers, (2, 19, 23), n=7, threads=2, input_grad=False)
     assert all(p.phase_planes is None for sh in fast.executor.shards for p in sh.plans.values())
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import xpnet
-from xpnet import config as settings, ops
+from xpnet import config, ops
 from xpnet.cpu import grouped_im2col
 from xpnet.ops import pool as pool_ops
 from xpnet.cpu.threads import ShardPool, shard_bounds
@@ -136,7 +136,7 @@ def test_reference_conv_chunks_over_the_im2col_budget(rng):
     dy = rng.standard_normal(y.shape)
     grads = ops.conv2d_backward(dy, cache)
     per_image = ops.im2col_nbytes((1, 3, 9, 11), 3, 1, 1, itemsize=8)
-    settings.set_im2col_budget(2.5 * per_image / 2**20)  # two images per chunk
+    config.set_im2col_budget(2.5 * per_image / 2**20)  # two images per chunk
     try:
         assert ops.conv.chunk_size(x.shape, (3, 3), (1, 1), (1, 1), 8) == 2
         y2, cache2 = ops.conv2d_forward(x, w, b, 1, 1)
@@ -146,16 +146,16 @@ def test_reference_conv_chunks_over_the_im2col_budget(rng):
         for a, e in zip(ops.conv2d_backward(dy, cache2), grads):
             np.testing.assert_allclose(a, e, rtol=1e-12, atol=1e-12)
     finally:
-        settings.set_im2col_budget(None)
+        config.set_im2col_budget(None)
 
 
 def test_budget_setting_validates(monkeypatch):
     with pytest.raises(xpnet.errors.UsageError):
-        settings.set_im2col_budget(0)
-    assert settings.set_im2col_budget(64) == 64
-    assert settings.get_im2col_budget_bytes() == 64 * 2**20
-    settings.set_im2col_budget(None)
-    assert settings.get_im2col_budget_bytes() == 512 * 2**20
+        config.set_im2col_budget(0)
+    assert config.set_im2col_budget(64) == 64
+    assert config.get_im2col_budget_bytes() == 64 * 2**20
+    config.set_im2col_budget(None)
+    assert config.get_im2col_budget_bytes() == 512 * 2**20
 
 
 def test_shard_pool_runs_each_shard_once_and_allreduces_in_order():

@@ -2,7 +2,7 @@
 
     xpnet.save(model, "reader.npz", metadata={"charset": charset.to_dict()})
     model, metadata = xpnet.load("reader.npz")                 # rebuilt on the current backend
-    metadata = xpnet.io.load_weights(model, "reader.npz")      # into a model of the same architecture
+    metadata = xpnet.nn.serialization.load_weights(model, "reader.npz")      # into a model of the same architecture
 
 A file is a plain ``np.savez`` archive read with ``allow_pickle=False``: a JSON
 header (``__xpnet__``, see ``file_header``), the model's parameters and buffers

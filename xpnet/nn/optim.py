@@ -39,6 +39,7 @@ from collections import OrderedDict
 import numpy
 
 from .. import backend, dispatch
+from ..checks import integer, number
 from ..errors import ModelFileError, UsageError
 
 # --------------------------------------------------------------------------
@@ -61,27 +62,11 @@ class Schedule:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self._config().items())})"
 
 
-def _positive(value, name, allow_zero=False) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"{name} must be a number, got {value!r}.") from None
-    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
-        raise UsageError(f"{name} must be {'>= 0' if allow_zero else '> 0'} and finite, got {value!r}.")
-    return v
-
-
-def _count(value, name, minimum=1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, numpy.integer)) or value < minimum:
-        raise UsageError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-    return int(value)
-
-
 class Constant(Schedule):
     """The same learning rate at every step."""
 
     def __init__(self, lr: float):
-        self.lr = _positive(lr, "lr")
+        self.lr = number(lr, "lr")
 
     def __call__(self, step):
         return self.lr
@@ -94,9 +79,9 @@ class StepDecay(Schedule):
     """``lr * gamma ** (step // step_size)``: divide by 1/gamma every ``step_size`` updates."""
 
     def __init__(self, lr: float, step_size: int, gamma: float = 0.1):
-        self.lr = _positive(lr, "lr")
-        self.step_size = _count(step_size, "step_size")
-        self.gamma = _positive(gamma, "gamma")
+        self.lr = number(lr, "lr")
+        self.step_size = integer(step_size, "step_size")
+        self.gamma = number(gamma, "gamma")
 
     def __call__(self, step):
         return self.lr * self.gamma ** (int(step) // self.step_size)
@@ -113,10 +98,10 @@ class Cosine(Schedule):
     """
 
     def __init__(self, lr: float, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0):
-        self.lr = _positive(lr, "lr")
-        self.total_steps = _count(total_steps, "total_steps")
-        self.warmup_steps = _count(warmup_steps, "warmup_steps", minimum=0)
-        self.min_lr = _positive(min_lr, "min_lr", allow_zero=True)
+        self.lr = number(lr, "lr")
+        self.total_steps = integer(total_steps, "total_steps")
+        self.warmup_steps = integer(warmup_steps, "warmup_steps", minimum=0)
+        self.min_lr = number(min_lr, "min_lr", allow_zero=True)
         if self.warmup_steps >= self.total_steps:
             raise UsageError(f"warmup_steps ({warmup_steps}) must be smaller than total_steps ({total_steps}).")
         if self.min_lr > self.lr:
@@ -150,13 +135,13 @@ class OneCycle(Schedule):
 
     def __init__(self, max_lr: float, total_steps: int, pct_start: float = 0.25, div_factor: float = 25.0,
                  final_div_factor: float = 1e4):
-        self.max_lr = _positive(max_lr, "max_lr")
-        self.total_steps = _count(total_steps, "total_steps", minimum=2)
+        self.max_lr = number(max_lr, "max_lr")
+        self.total_steps = integer(total_steps, "total_steps", minimum=2)
         self.pct_start = float(pct_start)
         if not 0.0 < self.pct_start < 1.0:
             raise UsageError(f"pct_start must be between 0 and 1 (exclusive), got {pct_start!r}.")
-        self.div_factor = _positive(div_factor, "div_factor")
-        self.final_div_factor = _positive(final_div_factor, "final_div_factor")
+        self.div_factor = number(div_factor, "div_factor")
+        self.final_div_factor = number(final_div_factor, "final_div_factor")
         self.initial_lr = self.max_lr / self.div_factor
         self.final_lr = self.initial_lr / self.final_div_factor
         self.up_steps = max(1, int(round(self.pct_start * self.total_steps)))
@@ -238,9 +223,9 @@ class Optimizer:
         if callable(lr):
             self.lr = lr
         else:
-            self.lr = _positive(lr, "lr")
-        self.weight_decay = _positive(weight_decay, "weight_decay", allow_zero=True)
-        self.clip_norm = None if clip_norm is None else _positive(clip_norm, "clip_norm")
+            self.lr = number(lr, "lr")
+        self.weight_decay = number(weight_decay, "weight_decay", allow_zero=True)
+        self.clip_norm = None if clip_norm is None else number(clip_norm, "clip_norm")
         self.step_count = 0  # number of updates done
         self.state: dict = {}  # param name -> {slot: array on the parameter's backend}
 
@@ -442,7 +427,7 @@ class Adam(Optimizer):
         if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
             raise UsageError(f"betas must lie in [0, 1), got {betas!r}.")
         self.betas = (b1, b2)
-        self.eps = _positive(eps, "eps")
+        self.eps = number(eps, "eps")
 
     def _update(self, name, p, g, lr, slots, part=None):
         b1, b2 = self.betas

@@ -24,6 +24,7 @@ import dataclasses
 import numpy
 
 from ..backend import get_array_module
+from ..checks import integer
 from ..errors import ShapeError, UsageError
 
 
@@ -36,9 +37,7 @@ class Augment:
     fill: object = "edge"
 
     def __post_init__(self):
-        if isinstance(self.max_shift, bool) or not isinstance(self.max_shift, (int, numpy.integer)) \
-                or self.max_shift < 0:
-            raise UsageError(f"max_shift must be a non-negative integer, got {self.max_shift!r}.")
+        integer(self.max_shift, "max_shift", 0, what="a non-negative integer")
         if not 0.0 <= float(self.max_scale) < 1.0:
             raise UsageError(f"max_scale must be in [0, 1), got {self.max_scale!r}.")
         if self.fill != "edge" and not isinstance(self.fill, (int, float, numpy.number)):

@@ -50,6 +50,7 @@ import weakref
 import numpy
 
 from .. import checks
+from ..checks import integer
 from ..errors import DataError, StorageError, UsageError
 from .folder import LabelledImages, cpu_count, label_from_name
 from .images import Preprocess
@@ -180,9 +181,7 @@ def render_captcha(seed: int, index: int, charset: Charset):
 
 
 def check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, numpy.integer)) or seed < 0:
-        raise UsageError(f"seed must be a non-negative integer, got {seed!r}.")
-    return int(seed)
+    return integer(seed, "seed", 0, what="a non-negative integer")
 
 
 def fresh_seed() -> int:
@@ -208,8 +207,7 @@ def make_charset(charset=DIGITS_UPPER, length: int | None = None) -> Charset:
         return charset
     if length is None:
         length = 4
-    if isinstance(length, bool) or not isinstance(length, (int, numpy.integer)) or length < 1:
-        raise UsageError(f"label length must be a positive integer, got {length!r}.")
+    length = integer(length, "label length")
     if not isinstance(charset, str):
         raise UsageError(f"charset must be a string of characters, got {type(charset).__name__}.")
     bad = sorted({c for c in charset if not c.isprintable() or c.isspace()})
@@ -429,12 +427,9 @@ class CaptchaStream:
     def __init__(self, batch_size: int, seed: int, charset=DIGITS_UPPER, length: int | None = None,
                  preprocess: Preprocess | None = None, workers: int | None = None, prefetch: int = 4,
                  start_batch: int = 0):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, numpy.integer)) or batch_size < 1:
-            raise UsageError(f"batch size must be a positive integer, got {batch_size!r}.")
-        if isinstance(prefetch, bool) or not isinstance(prefetch, (int, numpy.integer)) or prefetch < 1:
-            raise UsageError(f"prefetch must be a positive integer, got {prefetch!r}.")
-        if isinstance(start_batch, bool) or not isinstance(start_batch, (int, numpy.integer)) or start_batch < 0:
-            raise UsageError(f"start_batch must be a non-negative integer, got {start_batch!r}.")
+        integer(batch_size, "batch size")
+        integer(prefetch, "prefetch")
+        integer(start_batch, "start_batch", 0, what="a non-negative integer")
         self.batch_size = int(batch_size)
         self.seed = check_seed(seed)
         self.charset = make_charset(charset, length)

@@ -29,6 +29,7 @@ import warnings
 import numpy
 from PIL import Image
 
+from ..checks import integer
 from ..errors import DataError, UsageError
 from .images import ImageProblem, Preprocess, decode_to_array, image_size
 from .labels import Charset
@@ -231,9 +232,7 @@ def _scan(folder: str):
 
 def _charset_args(charset, length):
     if length is not None:
-        if isinstance(length, bool) or not isinstance(length, (int, numpy.integer)) or length < 1:
-            raise UsageError(f"label length must be a positive integer, got {length!r}.")
-        length = int(length)
+        length = integer(length, "label length")
     if charset is None:
         return None, length
     if isinstance(charset, Charset):

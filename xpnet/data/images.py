@@ -53,6 +53,7 @@ import numpy
 from PIL import Image
 
 from ..backend import get_dtype
+from ..checks import integer
 from ..errors import DataError, UsageError
 
 RESIZE_POLICIES = ("fit", "height", "stretch")
@@ -86,9 +87,7 @@ class Preprocess:
     def __post_init__(self):
         for name in ("height", "width"):
             v = getattr(self, name)
-            if not isinstance(v, (int, numpy.integer)) or isinstance(v, bool) or v < 1:
-                raise UsageError(f"preprocess {name} must be a positive integer, got {v!r}.")
-            object.__setattr__(self, name, int(v))
+            object.__setattr__(self, name, integer(v, f"preprocess {name}"))
         if self.channels not in (1, 3):
             raise UsageError(f"preprocess channels must be 1 (grey) or 3 (RGB), got {self.channels!r}.")
         object.__setattr__(self, "channels", int(self.channels))

@@ -127,12 +127,14 @@ def measure(model: Path, folder: Path, n: int, out: Path, args) -> dict:
     load = os.getloadavg()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    tree_peak = 0
+    tree_peak, processes, trace = 0, 0, []
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
-        tree_peak = max(tree_peak, tree_rss_kib(proc.pid))
+        tree, count, main_kib = tree_rss_kib(proc.pid)
+        tree_peak, processes = max(tree_peak, tree), max(processes, count)
+        trace.append((time.perf_counter() - t0, main_kib))
         time.sleep(0.05)
     wall = time.perf_counter() - t0
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -148,22 +150,25 @@ def measure(model: Path, folder: Path, n: int, out: Path, args) -> dict:
     rate = re.search(r"\(([\d.]+) s, (\d+) images/s\)", stdout)
     return {"n": n, "wall": wall, "rate": n / wall, "stream_s": float(rate.group(1)) if rate else None,
             "stream_rate": int(rate.group(2)) if rate else None, "maxrss_mib": usage.ru_maxrss / 1024,
-            "tree_mib": tree_peak / 1024, "load": load}
+            "tree_mib": tree_peak / 1024, "processes": processes, "load": load,
+            "tenths": [max([k for t, k in trace if i * wall / 10 <= t < (i + 1) * wall / 10] or [0]) / 1024
+                       for i in range(10)]}
 
 
-def tree_rss_kib(pid: int) -> int:
-    """Resident memory of ``pid`` and all its descendants, summed (KiB; 0 for what has gone)."""
-    total, todo = 0, [pid]
+def tree_rss_kib(pid: int) -> tuple[int, int, int]:
+    """(resident KiB of ``pid`` and its descendants summed, how many processes, resident KiB of ``pid``)."""
+    total, count, main, todo = 0, 0, 0, [pid]
     while todo:
         p = todo.pop()
         try:
             status = Path(f"/proc/{p}/status").read_text()
-            total += int(re.search(r"^VmRSS:\s+(\d+)", status, re.M).group(1))
+            kib = int(re.search(r"^VmRSS:\s+(\d+)", status, re.M).group(1))
             for task in os.listdir(f"/proc/{p}/task"):
                 todo += [int(c) for c in Path(f"/proc/{p}/task/{task}/children").read_text().split()]
         except (OSError, AttributeError, ValueError):
             continue
-    return total
+        total, count, main = total + kib, count + 1, kib if p == pid else main
+    return total, count, main
 
 
 def png_kib(folder: Path, names) -> float:
@@ -174,7 +179,7 @@ def png_kib(folder: Path, names) -> float:
 def format_row(r: dict) -> str:
     stream = f"{r['stream_rate']:>10,}" if r["stream_rate"] is not None else f"{'?':>10}"
     return (f"{r['n']:>9,} {r['wall']:>8.1f} {r['rate']:>9.0f} {stream} {r['maxrss_mib']:>12.1f} "
-            f"{r['tree_mib']:>12.1f}   {r['load'][0]:.2f} {r['load'][1]:.2f} {r['load'][2]:.2f}")
+            f"{r['tree_mib']:>9.1f} {r['processes']:>9}   {r['load'][0]:.2f} {r['load'][1]:.2f} {r['load'][2]:.2f}")
 
 
 def report(rows, args, kib: float) -> str:
@@ -203,13 +208,18 @@ def report(rows, args, kib: float) -> str:
         "peak RSS: wait4 ru_maxrss of the predict process (its largest single process); tree: the process plus "
         "its decoding workers, summed, sampled every 50 ms",
         "",
-        f"{'images':>9} {'wall s':>8} {'images/s':>9} {'stream/s':>10} {'peak RSS MiB':>12} {'tree MiB':>12}"
-        f"   load average before (1, 5, 15 min)",
+        f"{'images':>9} {'wall s':>8} {'images/s':>9} {'stream/s':>10} {'peak RSS MiB':>12} {'tree MiB':>9}"
+        f" {'processes':>9}   load average before (1, 5, 15 min)",
     ]
     lines += [format_row(r) for r in rows]
     lines += ["", f"peak RSS at {last['n']:,} images minus at {first['n']:,}: {growth:+.1f} MiB "
-                  f"({100 * growth / first['maxrss_mib']:+.1f}%); tree: "
-                  f"{last['tree_mib'] - first['tree_mib']:+.1f} MiB"]
+                  f"({100 * growth / first['maxrss_mib']:+.1f}%)"]
+    same = [r for r in rows if r["processes"] == last["processes"]]
+    if len(same) > 1:
+        lines.append(f"tree (the same {last['processes']} process(es)) at {last['n']:,} images minus at "
+                     f"{same[0]['n']:,}: {last['tree_mib'] - same[0]['tree_mib']:+.1f} MiB")
+    lines.append(f"RSS of the predict process during the {last['n']:,}-image run, largest in each tenth of "
+                 f"its time (MiB): " + " ".join(f"{v:.0f}" for v in last["tenths"]))
     return "\n".join(lines) + "\n"
 
 

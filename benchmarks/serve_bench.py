@@ -1,6 +1,6 @@
 """Throughput and latency of ``xpnet serve`` on loopback, with 1, 4 and 16 concurrent clients.
 
-    python benchmarks/serve_bench.py                  # -> benchmarks/results/serve_cpu.json and .txt
+    python benchmarks/serve_bench.py                  # -> benchmarks/results/serve_cpu.txt
     python benchmarks/serve_bench.py --name serve_quiet --requests 3000
 
 What is measured
@@ -16,8 +16,9 @@ What is measured
 * Per level: after a warm-up, ``--requests`` answered requests (each checked: 200 and a
   reading); requests/s over the wall time, latency p50 / p90 / p99 / max (send to last
   byte), and the mean batch the service read (its /health counters).
-* The results file records the machine, the load average at start and end, the commit and
-  the versions; the target is >= 300 requests/s with p99 <= 100 ms at 16 clients.
+* The results file (the table, then the same numbers as JSON) records the machine, the load
+  average at start and end, the commit and the versions; the target is >= 300 requests/s with
+  p99 <= 100 ms at 16 clients.
 
 Loopback only, a bounded number of requests; the server is stopped at the end, whatever happens.
 """
@@ -231,7 +232,7 @@ def fmt(results: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--name", default="serve_cpu", help="results file name (benchmarks/results/NAME.json/.txt)")
+    ap.add_argument("--name", default="serve_cpu", help="results file name (benchmarks/results/NAME.txt)")
     ap.add_argument("--clients", default="1,4,16", help="concurrency levels, comma-separated")
     ap.add_argument("--requests", type=int, default=2000, help="timed requests per level (at most 100000)")
     ap.add_argument("--warmup", type=int, default=20, help="untimed requests per client before each level")
@@ -276,13 +277,10 @@ def main(argv=None) -> int:
                "target": {**TARGET, "met": met}}
     text = fmt(results)
     print(text)
-    if not args.no_save:
+    if not args.no_save:  # one file: the table, then every number as JSON
         os.makedirs(RESULTS, exist_ok=True)
-        with open(os.path.join(RESULTS, f"{args.name}.json"), "w") as fh:
-            json.dump(results, fh, indent=1)
-            fh.write("\n")
         with open(os.path.join(RESULTS, f"{args.name}.txt"), "w") as fh:
-            fh.write(text + "\n")
+            fh.write(text + "\n\nresults as JSON:\n" + json.dumps(results, indent=1) + "\n")
     return 0
 
 

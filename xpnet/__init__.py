@@ -20,6 +20,7 @@ from .backend import (  # noqa: E402
     asarray, get_array_module, get_dtype, seed, set_dtype, to_numpy, use, using,
 )
 from .nn.layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU  # noqa: E402
+from .nn.recurrent import GRU  # noqa: E402
 from .nn.sequential import Sequential  # noqa: E402
 from .nn.serialization import load, load_checkpoint, save, save_checkpoint  # noqa: E402
 from .nn.onnx_export import export_onnx  # noqa: E402
@@ -39,7 +40,7 @@ __all__ = [
     "use", "using", "asarray", "to_numpy", "get_array_module", "get_dtype", "set_dtype", "seed",
     "reference_paths", "fast_paths", "fast_paths_enabled", "set_num_threads", "get_num_threads",
     "set_im2col_budget", "get_im2col_budget_bytes",
-    "Sequential", "Conv2D", "MaxPool2D", "Dense", "ReLU", "Flatten", "Dropout", "BatchNorm",
+    "Sequential", "Conv2D", "MaxPool2D", "Dense", "GRU", "ReLU", "Flatten", "Dropout", "BatchNorm",
     "metrics", "optim", "save", "load", "save_checkpoint", "load_checkpoint", "export_onnx",
     "SGD", "Adam", "AdamW", "Trainer", "fit",
 ]

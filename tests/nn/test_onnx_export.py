@@ -1,5 +1,6 @@
 """xpnet.export_onnx: every layer type as standard ONNX operators, equal to the model's own forward
-in onnxruntime and in onnx's reference evaluator; the graph's contract; refusals and atomic writes."""
+in onnxruntime and in onnx's reference evaluator (GRU layers included); the graph's contract;
+refusals and atomic writes."""
 
 import errno
 import os
@@ -14,12 +15,15 @@ import xpnet
 from xpnet.errors import ShapeError, StorageError, UsageError
 from xpnet.nn.layers import LAYER_TYPES, BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
 from xpnet.nn.onnx_export import EXPORTERS, OPSET, export_onnx, to_onnx
+from xpnet.nn.recurrent import GRU
+from xpnet.testing import assert_allclose
 
 onnx = pytest.importorskip("onnx", reason='needs the onnx extra: pip install "xpnet[onnx]"')
 from onnx.reference import ReferenceEvaluator  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-STANDARD_OPS = {"Conv", "MaxPool", "Relu", "Gemm", "BatchNormalization", "Flatten", "Reshape", "Sigmoid", "Identity"}
+STANDARD_OPS = {"Conv", "MaxPool", "Relu", "Gemm", "BatchNormalization", "Flatten", "Reshape", "Sigmoid", "Identity",
+                "GRU", "Transpose"}
 
 
 def ort_run(proto, x):
@@ -47,6 +51,8 @@ def randomise(model, seed=0):
                     r = np.abs(r) + 0.3
                 elif key == "W":
                     r *= np.sqrt(2.0 / np.prod(v.shape[1:] if v.ndim == 4 else v.shape[:1]))
+                elif isinstance(layer, GRU):  # gates neither saturated nor all alike: every weight shows
+                    r *= 0.6
                 v[...] = r.astype(v.dtype)
     return model
 
@@ -60,9 +66,16 @@ def every_layer_model():
         Dense(8)], input_shape=(2, 13, 17)))
 
 
+def gru_model(bidirectional=True, t=7, f=5):
+    """(T, F) sequences: a GRU, a one-way GRU on its states, then every step's states into a Dense."""
+    return randomise(xpnet.Sequential([
+        GRU(4, bidirectional=bidirectional, name="rnn"), GRU(3, bidirectional=False, name="rnn2"), ReLU(),
+        Flatten(), Dense(10)], input_shape=(t, f)), seed=3)
+
+
 def test_every_layer_type_has_an_onnx_form():
     assert set(LAYER_TYPES.values()) <= set(EXPORTERS)
-    used = {type(layer) for layer in every_layer_model().layers}
+    used = {type(layer) for model in (every_layer_model(), gru_model()) for layer in model.layers}
     assert used == set(LAYER_TYPES.values())
 
 
@@ -77,6 +90,64 @@ def test_the_graph_computes_what_the_model_computes(runtime):
         assert logits.shape == probs.shape == (n, 2, 4)
         np.testing.assert_allclose(logits.reshape(n, 8), want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
         np.testing.assert_allclose(probs, 1 / (1 + np.exp(-logits.astype(np.float64))), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("runtime", RUNNERS)
+def test_a_gru_graph_computes_what_the_model_computes(runtime, bidirectional):
+    model = gru_model(bidirectional)
+    proto = to_onnx(model, length=2)
+    for n in (1, 3):
+        x = np.random.default_rng(n).standard_normal((n, 7, 5)).astype(np.float32)
+        probs, logits = RUNNERS[runtime](proto, x)
+        assert logits.shape == probs.shape == (n, 2, 5)
+        assert_allclose(logits.reshape(n, 10), model.forward(x))
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+@pytest.mark.parametrize("runtime", RUNNERS)
+def test_a_gru_graph_gives_every_state_in_place_forward_direction_first(runtime, bidirectional):
+    model = randomise(xpnet.Sequential([GRU(4, bidirectional=bidirectional)], input_shape=(9, 3)), seed=5)
+    proto = to_onnx(model)
+    for n in (1, 3):
+        x = np.random.default_rng(n).standard_normal((n, 9, 3)).astype(np.float32)
+        _, states = RUNNERS[runtime](proto, x)
+        want = model.forward(x)
+        assert want.shape == (n, 9, 8 if bidirectional else 4)
+        assert_allclose(states, want)
+
+
+def test_a_gru_becomes_one_onnx_gru_with_the_gates_reordered():
+    model = gru_model()
+    gru = model.layers[0]
+    proto = to_onnx(model)
+    onnx.checker.check_model(proto, full_check=True)
+    assert {node.op_type for node in proto.graph.node} <= STANDARD_OPS
+    nodes = [node for node in proto.graph.node if node.op_type == "GRU"]
+    attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in node.attribute} for node in nodes]
+    assert attrs == [{"direction": b"bidirectional", "hidden_size": 4, "linear_before_reset": 1, "layout": 0},
+                     {"direction": b"forward", "hidden_size": 3, "linear_before_reset": 1, "layout": 0}]
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+    w, r, b = inits["rnn.W"], inits["rnn.R"], inits["rnn.B"]
+    assert w.shape == (2, 12, 5) and r.shape == (2, 12, 4) and b.shape == (2, 24)
+    h = 4
+    for i, d in enumerate(("fw", "bw")):
+        for onnx_gate, ours in enumerate((1, 0, 2)):  # ONNX (z, r, h) from xpnet's (r, z, n)
+            rows, cols = slice(onnx_gate * h, (onnx_gate + 1) * h), slice(ours * h, (ours + 1) * h)
+            np.testing.assert_array_equal(w[i, rows], gru.params[f"Wx_{d}"][:, cols].T)
+            np.testing.assert_array_equal(r[i, rows], gru.params[f"Wh_{d}"][:, cols].T)
+            np.testing.assert_array_equal(b[i, rows], gru.params[f"bx_{d}"][cols])
+            np.testing.assert_array_equal(b[i, 3 * h:][rows], gru.params[f"bh_{d}"][cols])
+    assert inits["rnn2.W"].shape == (1, 9, 8)
+    (inp,) = proto.graph.input
+    assert [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim] == ["N", 7, 5]
+
+
+def test_a_gru_model_read_back_from_its_file_exports_the_same_graph(tmp_path):
+    model = gru_model(t=5, f=3)
+    loaded, _ = xpnet.load(xpnet.save(model, tmp_path / "m.npz"))
+    x = np.random.default_rng(4).standard_normal((3, 5, 3)).astype(np.float32)
+    assert_allclose(ort_run(to_onnx(loaded), x)[1], model.forward(x))
 
 
 @pytest.mark.parametrize("runtime", RUNNERS)
@@ -149,6 +220,8 @@ def test_what_cannot_be_exported_is_refused_in_one_sentence():
         to_onnx(plain, length=4)
     with pytest.raises(ShapeError, match=r"\(C, H, W\) inputs"):
         to_onnx(xpnet.Sequential([Dense(4)], input_shape=(5,)))
+    with pytest.raises(ShapeError, match=r"\(T, F\) sequences into a first GRU"):
+        to_onnx(xpnet.Sequential([ReLU(), GRU(2)], input_shape=(4, 3)))
     with pytest.raises(UsageError, match="head 'ctc' cannot be exported yet"):
         to_onnx(plain, head="ctc")
     with pytest.raises(UsageError, match="metadata 'bad' cannot be stored as JSON"):

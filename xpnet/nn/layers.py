@@ -382,3 +382,8 @@ class BatchNorm(Layer):
 
 # The fixed registry used to rebuild models from files: names -> classes.
 LAYER_TYPES = {cls.__name__: cls for cls in (Conv2D, MaxPool2D, Dense, ReLU, Flatten, Dropout, BatchNorm)}
+
+# Layers defined in other modules build on Layer above, so they are imported last.
+from .recurrent import GRU  # noqa: E402
+
+LAYER_TYPES["GRU"] = GRU

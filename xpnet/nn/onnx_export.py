@@ -6,7 +6,8 @@
 
 The graph (opset ``OPSET``, weights as float32 initializers):
 
-    input          (N, C, H, W) float32, N dynamic: the preprocessed batch
+    input          (N, C, H, W) float32, N dynamic: the preprocessed batch; (N, T, F)
+                   sequences for a model whose first layer is a GRU
     probabilities  (N, length, K) float32: Sigmoid of the logits (the "bce" head: one
                    independent sigmoid unit per class and position)
     logits         (N, length, K) float32: the model's outputs before the sigmoid
@@ -15,7 +16,8 @@ Without ``length`` both outputs keep the model's own output shape (N, *output_sh
 Layers map one to one: Conv2D -> Conv (zero ``pads``), MaxPool2D -> MaxPool (ONNX ignores
 padded cells, as xpnet's -inf padding does; ``ceil_mode=0`` floors the output size as
 xpnet does), Dense -> Gemm, ReLU -> Relu, Flatten -> Flatten, BatchNorm ->
-BatchNormalization with the running statistics, Dropout -> nothing (identity at inference).
+BatchNormalization with the running statistics, Dropout -> nothing (identity at inference),
+GRU -> Transpose, GRU, Transpose, Reshape (see ``_gru``).
 ``metadata`` goes into the model's ``metadata_props``: one entry per key, its value as JSON.
 ``onnx`` is an optional extra: without it exporting is one UsageError sentence.
 """
@@ -31,6 +33,7 @@ from .. import __version__, backend
 from ..errors import ShapeError, UsageError
 from ..storage import atomic_write
 from .layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
+from .recurrent import GRU
 from .sequential import Sequential
 
 OPSET = 17
@@ -102,6 +105,35 @@ def _batchnorm(g, layer, x):
                   momentum=1.0 - layer.momentum)  # ONNX weighs the old running value; unused at inference
 
 
+def _gru_gates(a, h):
+    """xpnet's gate blocks (r, z, n) along axis 0 of ``a`` -> ONNX's order (z, r, h)."""
+    return numpy.concatenate([a[h:2 * h], a[:h], a[2 * h:]])
+
+
+def _gru(g, layer, x):
+    """(N, T, F) -> (N, T, D*H), D = 1 or 2 directions, the forward one first.
+
+    ONNX's GRU with ``linear_before_reset=1`` is xpnet's cell (the reset gate scales the hidden
+    product after its bias).  Its weights per direction: W (3H, F) = Wx.T, R (3H, H) = Wh.T,
+    B (6H,) = [bx, bh], every one with the gates reordered.  onnxruntime runs only ``layout=0``
+    (time first), hence the Transposes: (N, T, F) -> (T, N, F) -> GRU -> Y (T, D, N, H) ->
+    (N, T, D, H) -> (N, T, D*H).
+    """
+    h, dirs = layer.hidden_size, layer.directions
+    w = numpy.stack([_gru_gates(_weight(layer, f"Wx_{d}").T, h) for d in dirs])
+    r = numpy.stack([_gru_gates(_weight(layer, f"Wh_{d}").T, h) for d in dirs])
+    b = numpy.stack([numpy.concatenate([_gru_gates(_weight(layer, f"bx_{d}"), h),
+                                        _gru_gates(_weight(layer, f"bh_{d}"), h)]) for d in dirs])
+    name = layer.name
+    xt = g.node("Transpose", [x], f"{name}/time_first", perm=[1, 0, 2])
+    y = g.node("GRU", [xt, g.init(f"{name}.W", w), g.init(f"{name}.R", r), g.init(f"{name}.B", b)], name,
+               f"{name}.states", direction="bidirectional" if len(dirs) == 2 else "forward", hidden_size=h,
+               linear_before_reset=1, layout=0)
+    y = g.node("Transpose", [y], f"{name}/batch_first", perm=[2, 0, 1, 3])
+    shape = numpy.array([0, 0, len(dirs) * h], dtype=numpy.int64)  # 0: keep N and T
+    return g.node("Reshape", [y, g.init(f"{name}.out_shape", shape)], f"{name}/join_directions")
+
+
 EXPORTERS = {
     Conv2D: _conv,
     MaxPool2D: _pool,
@@ -110,6 +142,7 @@ EXPORTERS = {
     Flatten: lambda g, layer, x: g.node("Flatten", [x], layer.name, axis=1),
     BatchNorm: _batchnorm,
     Dropout: lambda g, layer, x: x,  # identity at inference
+    GRU: _gru,
 }
 
 
@@ -120,9 +153,10 @@ def _check_model(model, length, head):
         raise UsageError(f"export_onnx takes an xpnet Sequential, got {type(model).__name__}{hint}.")
     if not model.built:
         raise UsageError("only a built model can be exported: give input_shape or run a batch through it first.")
-    if len(model.input_shape) != 3:
-        raise ShapeError(f"the ONNX export takes models of (C, H, W) inputs, model '{model.name}' takes "
-                         f"{model.input_shape}.")
+    sequences = len(model.input_shape) == 2 and bool(model.layers) and isinstance(model.layers[0], GRU)
+    if len(model.input_shape) != 3 and not sequences:
+        raise ShapeError(f"the ONNX export takes models of (C, H, W) inputs (or (T, F) sequences into a first GRU), "
+                         f"model '{model.name}' takes {model.input_shape}.")
     for layer in model.layers:
         if type(layer) not in EXPORTERS:
             raise UsageError(f"layer '{layer.name}' ({type(layer).__name__}) has no ONNX form: only "
@@ -170,8 +204,9 @@ def to_onnx(model, length: int | None = None, metadata: dict | None = None, head
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *model.input_shape])],
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", *out_shape]),
          helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", *out_shape])],
-        g.inits, doc_string=f"xpnet model '{model.name}': input (N, C, H, W) float32; outputs (N, "
-                            f"{', '.join(map(str, out_shape))}) sigmoid probabilities and logits.")
+        g.inits, doc_string=f"xpnet model '{model.name}': input (N, {', '.join(map(str, model.input_shape))}) "
+                            f"float32; outputs (N, {', '.join(map(str, out_shape))}) sigmoid probabilities and "
+                            "logits.")
     ir_version = max(IR_VERSION, helper.find_min_ir_version_for([opset_id]))
     proto = helper.make_model(graph, opset_imports=[opset_id], ir_version=ir_version, producer_name="xpnet",
                               producer_version=__version__)

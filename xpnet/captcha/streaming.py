@@ -9,16 +9,16 @@
             ...
         batch.skipped                             # [(name, reason)]: unreadable files, never fatal
 
-Why: ``Recognizer.predict_files`` decodes every image before the first forward
-pass, so its memory grows with the number of files.  Here only the names are
-listed up front -- ``os.scandir``, kept as one sorted NumPy bytes array (about
-the length of a name per file, no Python object per file) -- and images are
-decoded one batch at a time: (batch_size, C, H, W) uint8 in this process, plus
-at most ``ahead`` batches decoding in worker processes.  Every forward pass
-takes ``min(batch_size, files)`` images (short batches are padded with blank
-images, their readings dropped), so the network's buffers are made once.  The stream is a
-generator: nothing is read before it is iterated, nothing beyond the next batch
-is read before the current one is consumed.
+Why: ``Recognizer.predict_files`` decodes all the images it is given before the
+first forward pass, so its memory grows with their number.  Here only the names
+are listed up front -- ``os.scandir``, kept as one sorted NumPy bytes array
+(about the length of a name per file, no Python object per file) -- and images
+are decoded one batch at a time: (batch_size, C, H, W) uint8 in this process,
+plus at most ``ahead`` batches decoding in worker processes.  The stream is a
+generator: nothing is read before it is iterated, and this process decodes the
+next batch only after the current one was taken.  Every forward pass takes
+``min(batch_size, files)`` images (short batches are padded with blank images
+whose readings are dropped), so the network's buffers are made once.
 
 Each batch is read exactly as ``Recognizer.read_files(paths, "report")`` reads
 it (same decoding, same skip reasons), so the texts and confidences equal those

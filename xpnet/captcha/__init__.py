@@ -2,7 +2,10 @@
 
 ``config`` (named configurations, ``Settings``), ``plans`` (where the images come
 from), ``job`` (the training job), ``recognizer`` (``Recognizer``: read images
-with a trained model), plus ``schedule``, ``network`` and ``run_folder``.
+with a trained model), plus ``schedule``, ``network`` and ``run_folder``;
+``streaming`` (a folder read batch by batch), ``export`` and ``onnx_reader``
+(readers as ONNX files and back), and the HTTP service (``service``, ``batcher``,
+``upload``, ``service_page``).
 """
 
 from .recognizer import Evaluation, Prediction, Recognizer, metadata_for

@@ -387,3 +387,8 @@ LAYER_TYPES = {cls.__name__: cls for cls in (Conv2D, MaxPool2D, Dense, ReLU, Fla
 from .recurrent import GRU  # noqa: E402
 
 LAYER_TYPES["GRU"] = GRU
+
+from .sequence import Columns, TimeDense  # noqa: E402
+
+LAYER_TYPES["Columns"] = Columns
+LAYER_TYPES["TimeDense"] = TimeDense

@@ -16,6 +16,7 @@ from xpnet.errors import ShapeError, StorageError, UsageError
 from xpnet.nn.layers import LAYER_TYPES, BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
 from xpnet.nn.onnx_export import EXPORTERS, OPSET, export_onnx, to_onnx
 from xpnet.nn.recurrent import GRU
+from xpnet.nn.sequence import Columns, TimeDense
 from xpnet.testing import assert_allclose
 
 onnx = pytest.importorskip("onnx", reason='needs the onnx extra: pip install "xpnet[onnx]"')
@@ -23,7 +24,7 @@ from onnx.reference import ReferenceEvaluator  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 STANDARD_OPS = {"Conv", "MaxPool", "Relu", "Gemm", "BatchNormalization", "Flatten", "Reshape", "Sigmoid", "Identity",
-                "GRU", "Transpose"}
+                "GRU", "Transpose", "MatMul", "Add", "Softmax"}
 
 
 def ort_run(proto, x):
@@ -73,10 +74,33 @@ def gru_model(bidirectional=True, t=7, f=5):
         Flatten(), Dense(10)], input_shape=(t, f)), seed=3)
 
 
+def columns_model():
+    """A small CRNN: conv features, one vector per column, a GRU, per-step scores (with and without bias)."""
+    return randomise(xpnet.Sequential([
+        Conv2D(3, 3, pad="same"), ReLU(), MaxPool2D((2, 1), stride=(2, 1)), Columns(), TimeDense(6, bias=False),
+        GRU(3), TimeDense(5)], input_shape=(2, 6, 7)), seed=4)
+
+
 def test_every_layer_type_has_an_onnx_form():
     assert set(LAYER_TYPES.values()) <= set(EXPORTERS)
-    used = {type(layer) for model in (every_layer_model(), gru_model()) for layer in model.layers}
+    used = {type(layer) for model in (every_layer_model(), gru_model(), columns_model()) for layer in model.layers}
     assert used == set(LAYER_TYPES.values())
+
+
+@pytest.mark.parametrize("runtime", RUNNERS)
+def test_a_ctc_graph_gives_per_step_logits_and_softmax_probabilities(runtime):
+    model = columns_model()
+    proto = to_onnx(model, head="ctc")
+    assert {node.op_type for node in proto.graph.node} <= STANDARD_OPS
+    assert {"MatMul", "Add", "Softmax", "Transpose"} <= {node.op_type for node in proto.graph.node}
+    for n in (1, 4):
+        x = np.random.default_rng(n).standard_normal((n, 2, 6, 7)).astype(np.float32)
+        probs, logits = RUNNERS[runtime](proto, x)
+        want = model.forward(x)
+        assert logits.shape == probs.shape == (n, 7, 5)
+        assert_allclose(logits, want)
+        e = np.exp(logits.astype(np.float64) - logits.max(axis=2, keepdims=True))
+        np.testing.assert_allclose(probs, e / e.sum(axis=2, keepdims=True), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("runtime", RUNNERS)
@@ -222,7 +246,9 @@ def test_what_cannot_be_exported_is_refused_in_one_sentence():
         to_onnx(xpnet.Sequential([Dense(4)], input_shape=(5,)))
     with pytest.raises(ShapeError, match=r"\(T, F\) sequences into a first GRU"):
         to_onnx(xpnet.Sequential([ReLU(), GRU(2)], input_shape=(4, 3)))
-    with pytest.raises(UsageError, match="head 'ctc' cannot be exported yet"):
+    with pytest.raises(UsageError, match="head 'softmax' cannot be exported yet"):
+        to_onnx(plain, head="softmax")
+    with pytest.raises(ShapeError, match=r"a CTC head needs per-step scores \(T, K\)"):
         to_onnx(plain, head="ctc")
     with pytest.raises(UsageError, match="metadata 'bad' cannot be stored as JSON"):
         to_onnx(plain, metadata={"bad": {1, 2}})

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from ..errors import UsageError
 from .layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
+from .recurrent import GRU
+from .sequence import Columns, TimeDense
 from .sequential import Sequential
 
 
@@ -63,16 +65,47 @@ def simple_convnet(input_shape=(1, 28, 28), n_classes: int = 10, filters: int = 
     return Sequential(layers, input_shape=input_shape, name="simple_convnet")
 
 
+def captcha_crnn(n_classes: int = 36, input_shape=(1, 32, 80), channels=(32, 64, 96), hidden: int = 96,
+                 batchnorm: bool = False, init="he") -> Sequential:
+    """A CAPTCHA reader of any length: convolutional features, a bidirectional GRU, a CTC head.
+
+    input (C, H, W) -> [conv 3x3 'same' -> ReLU -> pool] x 3 with ``channels`` and pools
+    2x2, 2x2, then 2x1 (height halved, width kept: 32x80 -> 4x20) -> ``Columns`` (one feature
+    vector of C*H per column: T = W/4 steps) -> bidirectional ``GRU(hidden)`` -> ``TimeDense``
+    to ``n_classes + 1`` scores per step, class 0 being the CTC blank and class i + 1 the
+    charset's character i.  Train it with ``xpnet.captcha.heads.CTCLoss``; a reader of it has
+    ``"head": "ctc"`` in its metadata (``xpnet.captcha.heads.ctc_metadata``).
+    ``batchnorm=True`` puts a BatchNorm between each conv (then without bias) and its ReLU.
+    """
+    _check_task(1, n_classes)
+    if len(channels) != 3 or any(int(c) < 1 for c in channels):
+        raise UsageError(f"captcha_crnn needs three positive channel counts, got {channels!r}.")
+    layers = []
+    for c, pool in zip(channels, ((2, 2), (2, 2), (2, 1))):
+        if batchnorm:
+            layers += [Conv2D(int(c), 3, pad="same", bias=False, init=init), BatchNorm(), ReLU()]
+        else:
+            layers += [Conv2D(int(c), 3, pad="same", init=init), ReLU()]
+        layers.append(MaxPool2D(pool, stride=pool))
+    layers += [Columns(), GRU(hidden), TimeDense(int(n_classes) + 1, init="glorot")]
+    return Sequential(layers, input_shape=input_shape, name="captcha_crnn")
+
+
+captcha_crnn.head = "ctc"  # what its outputs mean: per-column scores for CTC, not per-position blocks
+
+
 def _check_task(length, n_classes):
     if int(length) < 1 or int(n_classes) < 2:
         raise UsageError(f"a model needs length >= 1 and at least 2 classes, got length {length}, {n_classes} classes.")
 
 
-MODELS = {"captcha_net": captcha_net, "captcha_net_bn": captcha_net_bn, "simple_convnet": simple_convnet}
+MODELS = {"captcha_net": captcha_net, "captcha_net_bn": captcha_net_bn, "simple_convnet": simple_convnet,
+          "captcha_crnn": captcha_crnn}
 
 
 def build(name: str, **kwargs) -> Sequential:
-    """Build a model by its registry name (``captcha_net``, ``captcha_net_bn``, ``simple_convnet``)."""
+    """Build a model by its registry name (``captcha_net``, ``captcha_net_bn``, ``simple_convnet``,
+    ``captcha_crnn``)."""
     if name not in MODELS:
         raise UsageError(f"Unknown model {name!r}: choose one of {', '.join(MODELS)}.")
     return MODELS[name](**kwargs)

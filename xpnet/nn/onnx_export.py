@@ -13,11 +13,15 @@ The graph (opset ``OPSET``, weights as float32 initializers):
     logits         (N, length, K) float32: the model's outputs before the sigmoid
 
 Without ``length`` both outputs keep the model's own output shape (N, *output_shape).
+``head="ctc"`` (a model ending in per-step scores (T, K), e.g. ``captcha_crnn``): ``logits``
+(N, T, K) and ``probabilities`` their Softmax over the K classes of each step (the blank is
+class 0).
 Layers map one to one: Conv2D -> Conv (zero ``pads``), MaxPool2D -> MaxPool (ONNX ignores
 padded cells, as xpnet's -inf padding does; ``ceil_mode=0`` floors the output size as
 xpnet does), Dense -> Gemm, ReLU -> Relu, Flatten -> Flatten, BatchNorm ->
 BatchNormalization with the running statistics, Dropout -> nothing (identity at inference),
-GRU -> Transpose, GRU, Transpose, Reshape (see ``_gru``).
+GRU -> Transpose, GRU, Transpose, Reshape (see ``_gru``), Columns -> Transpose, Reshape,
+TimeDense -> MatMul, Add.
 ``metadata`` goes into the model's ``metadata_props``: one entry per key, its value as JSON.
 ``onnx`` is an optional extra: without it exporting is one UsageError sentence.
 """
@@ -34,11 +38,12 @@ from ..errors import ShapeError, UsageError
 from ..storage import atomic_write
 from .layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
 from .recurrent import GRU
+from .sequence import Columns, TimeDense
 from .sequential import Sequential
 
 OPSET = 17
 IR_VERSION = 8  # the IR version of opset 17 (readable by every onnxruntime since 1.11); newer opsets need more
-HEADS = ("bce",)  # room for "ctc" (per-column probabilities), which needs a recurrent layer first
+HEADS = ("bce", "ctc")  # sigmoid per unit; softmax per step (CTC)
 INSTALL_HINT = 'pip install "xpnet[onnx]"'
 
 
@@ -134,6 +139,22 @@ def _gru(g, layer, x):
     return g.node("Reshape", [y, g.init(f"{name}.out_shape", shape)], f"{name}/join_directions")
 
 
+def _columns(g, layer, x):
+    """(N, C, H, W) -> Transpose (N, W, C, H) -> Reshape (N, W, C*H)."""
+    c, h, _ = layer.input_shape
+    y = g.node("Transpose", [x], f"{layer.name}/columns_first", perm=[0, 3, 1, 2])
+    shape = numpy.array([0, 0, c * h], dtype=numpy.int64)
+    return g.node("Reshape", [y, g.init(f"{layer.name}.out_shape", shape)], layer.name)
+
+
+def _time_dense(g, layer, x):
+    """(N, T, F) @ W (F, K) + b: MatMul broadcasts over N and T."""
+    y = g.node("MatMul", [x, g.init(f"{layer.name}.W", _weight(layer, "W"))], f"{layer.name}/matmul")
+    if "b" not in layer.params:
+        return y
+    return g.node("Add", [y, g.init(f"{layer.name}.b", _weight(layer, "b"))], layer.name)
+
+
 EXPORTERS = {
     Conv2D: _conv,
     MaxPool2D: _pool,
@@ -143,6 +164,8 @@ EXPORTERS = {
     BatchNorm: _batchnorm,
     Dropout: lambda g, layer, x: x,  # identity at inference
     GRU: _gru,
+    Columns: _columns,
+    TimeDense: _time_dense,
 }
 
 
@@ -168,6 +191,11 @@ def _check_model(model, length, head):
     if head not in HEADS:
         raise UsageError(f"head {head!r} cannot be exported yet: choose one of {', '.join(HEADS)}.")
     out = tuple(model.output_shape)
+    if head == "ctc":
+        if length is not None or len(out) != 2 or out[1] < 2:
+            raise ShapeError(f"a CTC head needs per-step scores (T, K) and no length, model '{model.name}' has "
+                             f"outputs {out}.")
+        return out
     if length is not None:
         length = int(length)
         if len(out) != 1 or length < 1 or out[0] % length:
@@ -193,19 +221,23 @@ def to_onnx(model, length: int | None = None, metadata: dict | None = None, head
     x = "input"
     for layer in model.layers:
         x = EXPORTERS[type(layer)](g, layer, x)
-    if length is not None:
+    if length is not None or head == "ctc":
         x = g.node("Reshape", [x, g.init("output_shape", numpy.array([0, *out_shape], dtype=numpy.int64))],
                    "head/reshape", "logits")
     else:
         x = g.node("Identity", [x], "head/identity", "logits")
-    g.node("Sigmoid", [x], "head/sigmoid", "probabilities")
+    if head == "ctc":
+        g.node("Softmax", [x], "head/softmax", "probabilities", axis=-1)
+    else:
+        g.node("Sigmoid", [x], "head/sigmoid", "probabilities")
     graph = helper.make_graph(
         g.nodes, model.name,
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *model.input_shape])],
         [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", *out_shape]),
          helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", *out_shape])],
         g.inits, doc_string=f"xpnet model '{model.name}': input (N, {', '.join(map(str, model.input_shape))}) "
-                            f"float32; outputs (N, {', '.join(map(str, out_shape))}) sigmoid probabilities and "
+                            f"float32; outputs (N, {', '.join(map(str, out_shape))}) "
+                            f"{'softmax' if head == 'ctc' else 'sigmoid'} probabilities and "
                             "logits.")
     ir_version = max(IR_VERSION, helper.find_min_ir_version_for([opset_id]))
     proto = helper.make_model(graph, opset_imports=[opset_id], ir_version=ir_version, producer_name="xpnet",

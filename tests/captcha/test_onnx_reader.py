@@ -24,7 +24,8 @@ REAL = ROOT / "tests" / "fixtures" / "really_simple_4char"
 FILES = sorted(REAL.glob("*.png"))[::3]  # 14 images, RGB ones included
 CHARSET = Charset("23456789ABCDEFGHJKLMNPQRSTUVWXYZ", 4)
 PP = Preprocess(height=24, width=72, channels=1)
-SMALL = {"captcha_net_bn": {"width": 4}, "simple_convnet": {"filters": 4, "hidden": 16}}  # tiny, fast versions
+SMALL = {"captcha_net_bn": {"width": 4}, "simple_convnet": {"filters": 4, "hidden": 16},
+         "captcha_crnn": {"channels": (4, 8, 8), "hidden": 8}}  # tiny, fast versions
 
 
 def randomise_batchnorm(model, seed=0):
@@ -40,14 +41,25 @@ def randomise_batchnorm(model, seed=0):
     return model
 
 
+def sharpen_columns(model, scale=30.0):
+    """A CTC model's per-column scores far from a fresh one's (near uniform): texts of mixed lengths, the
+    empty one included, with confidences spread over (0, 1)."""
+    if model.name == "captcha_crnn":
+        model.layers[-1].params["W"] *= scale
+        model.layers[-1].params["b"][0] = scale / 10  # the blank
+    return model
+
+
 @pytest.fixture(scope="module", params=sorted(xpnet.models.MODELS))
 def exported(request, tmp_path_factory):
     """(model name, .npz path, .onnx path) of a randomly initialised reader of each shipped model."""
     name = request.param
     folder = tmp_path_factory.mktemp(name)
     xpnet.seed(7)
-    model = randomise_batchnorm(build_model(name, CHARSET, PP, **SMALL.get(name, {})))
-    xpnet.save(model, folder / "reader.npz", metadata_for(CHARSET, PP, model=name, data={"folder": "/somewhere"}))
+    model = sharpen_columns(randomise_batchnorm(build_model(name, CHARSET, PP, **SMALL.get(name, {}))))
+    head = getattr(xpnet.models.MODELS[name], "head", "bce")  # captcha_crnn: per-column scores for CTC
+    xpnet.save(model, folder / "reader.npz", metadata_for(CHARSET, PP, model=name, data={"folder": "/somewhere"},
+                                                          head=head))
     export_model_file(folder / "reader.npz", folder / "reader.onnx")
     return name, folder / "reader.npz", folder / "reader.onnx"
 
@@ -80,11 +92,11 @@ def test_onnx_reader_reads_like_the_npz_reader(exported, runtime, monkeypatch):
 
 def test_the_metadata_lets_any_program_reproduce_the_reading(exported):
     ort = pytest.importorskip("onnxruntime", reason='needs the onnx extra: pip install "xpnet[onnx]"')
-    _, npz, onnx_path = exported
+    name, npz, onnx_path = exported
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     meta = {k: json.loads(v) for k, v in sess.get_modelmeta().custom_metadata_map.items()}
     assert meta["charset"] == {"chars": CHARSET.chars, "length": 4} and meta["length"] == 4
-    assert meta["head"] == "bce" and meta["xpnet_version"] == xpnet.__version__
+    assert meta["head"] == ("ctc" if name == "captcha_crnn" else "bce") and meta["xpnet_version"] == xpnet.__version__
     assert meta["preprocess"] == PP.to_dict() and meta["input_shape"] == [1, 24, 72]
     assert "x = pixel * (2/255) - 1" in meta["normalization"] and "fit" in meta["preprocessing"]
     assert "data" not in meta  # the training data's location stays on the training machine
@@ -92,10 +104,19 @@ def test_the_metadata_lets_any_program_reproduce_the_reading(exported):
     pixels = np.stack([read_image(f, Preprocess.from_dict(meta["preprocess"])) for f in FILES])
     x = (pixels.astype(np.float32) * np.float32(2 / 255) - np.float32(1)).astype(np.float32)
     probs, logits = sess.run(None, {"input": x})
+    want = Recognizer.load(npz).predict_files(FILES)
+    if meta["head"] == "ctc":  # per column: argmax, merge repeats, drop the blank (class 0)
+        assert probs.shape == (len(FILES), meta["outputs"]["logits"][1], len(CHARSET.chars) + 1)
+        np.testing.assert_allclose(probs.sum(axis=2), 1, atol=1e-5)
+        texts = []
+        for row in logits.argmax(axis=2):
+            keep = [c for i, c in enumerate(row) if c != 0 and (i == 0 or c != row[i - 1])]
+            texts.append("".join(meta["charset"]["chars"][c - 1] for c in keep))
+        assert texts == want.texts and "class 0 (the blank)" in meta["decoding"]
+        return
     assert probs.shape == (len(FILES), meta["length"], len(meta["charset"]["chars"]))
     texts = ["".join(meta["charset"]["chars"][i] for i in row) for row in logits.argmax(axis=2)]
     conf = np.take_along_axis(probs, logits.argmax(axis=2)[..., None], axis=2)[..., 0].prod(axis=1)
-    want = Recognizer.load(npz).predict_files(FILES)
     assert texts == want.texts
     np.testing.assert_allclose(conf, want.confidences, atol=1e-4)
 

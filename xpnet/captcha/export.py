@@ -8,7 +8,9 @@ normalised batch (N, C, H, W) float32, outputs ``probabilities`` and ``logits``
 (N, length, K).  Its ``metadata_props`` (each value JSON) hold the charset,
 length, head, xpnet version, the ``Preprocess`` description and the same steps
 in words (``preprocessing``, ``normalization``, ``decoding``), so a reader
-elsewhere reproduces the input and the reading exactly.
+elsewhere reproduces the input and the reading exactly.  A CTC reader (``head``
+"ctc") has outputs (N, T, K + 1) instead: per-column softmax ``probabilities`` and
+``logits``, class 0 the blank.
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ PAD = {
 DECODING = ("for each of the length positions, the character is charset.chars[argmax over the K logits] and its "
             "confidence the sigmoid probability of that class; the text confidence is the product of the length "
             "character confidences")
+CTC_DECODING = ("for each of the T columns take the argmax over the K + 1 logits; merge repeated classes in "
+                "consecutive columns, then drop class 0 (the blank); class i + 1 is charset.chars[i]. A character's "
+                "confidence is the highest probability of its class over the columns that emitted it, the text "
+                "confidence the product of the character confidences (an empty text: the lowest blank probability "
+                "over the columns)")
 KEPT = ("model", "config")  # training metadata worth carrying (never local paths: the data description stays out)
 
 
@@ -71,8 +78,9 @@ def reader_metadata(reader: Recognizer) -> dict:
     """The JSON-safe description an exported reader carries (see the module docstring)."""
     cs, pp = reader.charset, reader.preprocess
     meta = {k: reader.metadata[k] for k in KEPT if k in reader.metadata}
+    head = getattr(reader, "head", "bce")
     meta.update({
-        "task": "captcha", "head": "bce", "xpnet_version": __version__,
+        "task": "captcha", "head": head, "xpnet_version": __version__,
         "charset": cs.to_dict(), "length": cs.length, "n_classes": cs.n_classes,
         "preprocess": pp.to_dict(), "input_shape": list(pp.shape),
         "preprocessing": preprocessing_text(pp),
@@ -81,6 +89,9 @@ def reader_metadata(reader: Recognizer) -> dict:
         "outputs": {"probabilities": ["N", cs.length, cs.n_classes], "logits": ["N", cs.length, cs.n_classes]},
         "decoding": DECODING,
     })
+    if head == "ctc":
+        shape = ["N", reader.steps, cs.n_classes + 1]
+        meta.update({"outputs": {"probabilities": shape, "logits": shape}, "decoding": CTC_DECODING})
     return meta
 
 
@@ -91,6 +102,8 @@ def export_reader(reader: Recognizer, path, opset: int = OPSET) -> Path:
                          "plain network use xpnet.export_onnx(model, path).")
     if not hasattr(reader.model, "spec"):
         raise UsageError(f"the reader from {reader.path} is already an ONNX model: export the .npz it came from.")
+    if getattr(reader, "head", "bce") == "ctc":
+        return export_onnx(reader.model, path, metadata=reader_metadata(reader), head="ctc", opset=opset)
     return export_onnx(reader.model, path, length=reader.charset.length, metadata=reader_metadata(reader),
                        opset=opset)
 

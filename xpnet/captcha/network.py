@@ -28,6 +28,8 @@ def build_model(name: str, charset: Charset, pp: Preprocess, **extra):
     kwargs = {"input_shape": pp.shape, **extra}
     if "length" in params:
         kwargs.update(length=charset.length, n_classes=charset.n_classes)
+    elif getattr(fn, "head", "bce") == "ctc":  # per-column scores: the charset's classes (and a blank)
+        kwargs["n_classes"] = charset.n_classes
     else:  # a one-label network: one output per (position, class) unit
         kwargs["n_classes"] = charset.n_outputs
     try:

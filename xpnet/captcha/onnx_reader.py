@@ -7,7 +7,8 @@
 ``Sequential`` that a ``Recognizer`` uses (input and output shapes, dtype, ``forward``),
 so preprocessing and decoding are the very code the ``.npz`` reader runs.
 ``forward`` takes the normalised batch (N, C, H, W) float32 and returns the
-graph's ``logits`` output flattened to (N, length*K).
+graph's ``logits`` output flattened to (N, length*K) ((N, T*(K+1)) for a CTC reader,
+which the ``Recognizer`` reshapes to (N, T, K + 1)).
 
 The graph runs in onnxruntime (CPU); where onnxruntime is not installed but
 ``onnx`` is, in ``onnx.reference.ReferenceEvaluator`` (slow, exact). Without
@@ -238,7 +239,14 @@ def load_reader(path, runtime: str = "auto"):
         raise ModelFileError(
             f"ONNX model {path} is not a CAPTCHA reader ({what} in its metadata): export a reader's .npz with "
             f"`xpnet export MODEL.npz {Path(path).name}`.") from None
-    if network.output_shape != (charset.n_outputs,) or network.input_shape != preprocess.shape:
+    if head == "ctc":
+        units = network.output_shape[0]
+        if units % (charset.n_classes + 1) or network.input_shape != preprocess.shape:
+            raise ModelFileError(
+                f"ONNX model {path} takes {network.input_shape} and gives {units} logits, but its metadata "
+                f"describes {preprocess.shape} inputs and a CTC head of {charset.n_classes + 1} classes per column: "
+                "export it again with `xpnet export`.")
+    elif network.output_shape != (charset.n_outputs,) or network.input_shape != preprocess.shape:
         raise ModelFileError(
             f"ONNX model {path} takes {network.input_shape} and gives {network.output_shape[0]} logits, but its "
             f"metadata describes {preprocess.shape} inputs and {charset.n_outputs} outputs: export it again with "

@@ -12,6 +12,11 @@ A model file is a reader when its metadata carries ``charset`` and
 applies exactly the preprocessing training used, to images of any size and mode.
 Errors (a missing or damaged model file, missing metadata, an unreadable image)
 are one ``XpnetError`` sentence naming the file.
+
+The metadata's ``head`` says how outputs become texts (``xpnet.captcha.heads``): ``"bce"``
+(the default when absent) reads ``charset.length`` characters, one sigmoid block per
+position; ``"ctc"`` reads texts of any length over the charset from per-column scores
+(greedy best-path decoding, blank at class 0).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from ..data.images import Preprocess, read_image
 from ..data.labels import Charset
 from ..errors import DataError, ModelFileError, UsageError
 from ..memory import oom_guard
+from .heads import HEADS, ctc_decode, edit_distances, head_of
 from .onnx_reader import is_onnx_path, load_reader
 
 
@@ -54,6 +60,12 @@ class Prediction:
     confidences       (N,) float64 in [0, 1]: product of the character confidences
     char_confidences  (N, length) float64: sigmoid probability of each chosen character
     indices           (N, length) int64 class indices
+
+    A CTC reader (``head`` "ctc") reads texts of any length; its confidences are
+    defined in ``xpnet.captcha.heads.ctc_decode``: ``indices`` (N, T) holds each text's
+    class indices left-aligned and padded with -1 up to T, the model's number of columns
+    (the most characters it can emit), and ``char_confidences`` (N, T) the characters'
+    confidences padded with NaN.
     paths             N source paths ('' for in-memory images)
     skipped           (path, reason) of files that could not be read (``on_error="report"``)
     """
@@ -81,6 +93,12 @@ class Evaluation:
     mistakes           (path or '#index', truth, read text, confidence) for every wrong image
     mean_confidence    mean text confidence on right and on wrong images (None when there are none)
     skipped            (path, reason) of files that could not be used
+    char_error_rate    CTC readers: the summed edit distances between readings and labels over the
+                       summed label lengths (None for a fixed-length reader)
+    length_accuracy    CTC readers: fraction of readings as long as their label (None otherwise)
+
+    For a CTC reader ``char_accuracy`` is max(0, 1 - char_error_rate), ``position_accuracy``
+    is empty and ``confused`` counts the substitutions in readings of the right length.
     """
 
     n: int
@@ -91,6 +109,8 @@ class Evaluation:
     mistakes: list
     mean_confidence: dict
     skipped: list = dataclasses.field(default_factory=list)
+    char_error_rate: float | None = None
+    length_accuracy: float | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -100,6 +120,9 @@ class Evaluation:
         lines = [f"{self.n} images: whole-string accuracy {self.string_accuracy * 100:.2f}%, "
                  f"per-character accuracy {self.char_accuracy * 100:.2f}% "
                  f"({round(self.string_accuracy * self.n)} of {self.n} read right)"]
+        if self.char_error_rate is not None:
+            lines.append(f"character error rate {self.char_error_rate * 100:.2f}%, length accuracy "
+                         f"{self.length_accuracy * 100:.2f}%")
         if len(self.position_accuracy) > 1:
             lines.append("per position: " + "  ".join(f"{i + 1}: {a * 100:.1f}%"
                                                        for i, a in enumerate(self.position_accuracy)))
@@ -150,10 +173,20 @@ class Recognizer:
         if tuple(model.input_shape) != tuple(preprocess.shape):
             raise ModelFileError(f"the model takes inputs {tuple(model.input_shape)} but the preprocessing "
                                  f"makes {preprocess.shape}: the model file's metadata does not fit its network.")
-        if out is None or int(numpy.prod(out)) != charset.n_outputs:
+        head = head_of(metadata)
+        if head not in HEADS:
+            raise ModelFileError(f"the model file has a {head!r} head, which this xpnet cannot decode "
+                                 f"(it knows {', '.join(HEADS)}): upgrade xpnet.")
+        if head == "ctc":
+            units = int(numpy.prod(out)) if out is not None else 0
+            if not units or units % (charset.n_classes + 1) or (len(out) == 2 and out[1] != charset.n_classes + 1):
+                raise ModelFileError(f"the model has {out} outputs but a CTC reader of charset {charset.chars!r} "
+                                     f"needs (T, {charset.n_classes + 1}): one score per character and the blank.")
+        elif out is None or int(numpy.prod(out)) != charset.n_outputs:
             raise ModelFileError(f"the model has {out} outputs but charset {charset.chars!r} with length "
                                  f"{charset.length} needs {charset.n_outputs}.")
         self.model, self.charset, self.preprocess = model, charset, preprocess
+        self.head = head
         self.metadata = dict(metadata or {})
         self.batch_size = batch_size
         self.path = None
@@ -187,8 +220,16 @@ class Recognizer:
         return reader
 
     # ------------------------------------------------------------------ reading
+    @property
+    def steps(self) -> int | None:
+        """A CTC reader's number of columns T (the most characters it can read); None for "bce"."""
+        if self.head != "ctc":
+            return None
+        return int(numpy.prod(self.model.output_shape)) // (self.charset.n_classes + 1)
+
     def logits(self, images):
-        """(N, C, H, W) uint8 images (NumPy or on the model's backend) -> (N, length*K) logits (NumPy)."""
+        """(N, C, H, W) uint8 images (NumPy or on the model's backend) -> (N, length*K) logits (NumPy);
+        (N, T, K + 1) for a CTC reader."""
         images = self._check_images(images)
         params = self.model.parameters()  # none in an ONNX network, which takes NumPy batches
         xp = backend.get_array_module(next(iter(params.values()))) if params else numpy
@@ -199,6 +240,11 @@ class Recognizer:
             with oom_guard(self.model, int(chunk.shape[0]), what="prediction", train=False):
                 x = self.preprocess.normalize_batch(chunk, dtype=self.model.dtype)
                 parts.append(backend.to_numpy(self.model.forward(x, train=False)))
+        if self.head == "ctc":
+            shape = (self.steps, self.charset.n_classes + 1)
+            if not parts:
+                return numpy.zeros((0,) + shape, dtype=backend.get_dtype())
+            parts = [p.reshape((p.shape[0],) + shape) for p in parts]
         if not parts:
             return numpy.zeros((0, self.charset.n_outputs), dtype=backend.get_dtype())
         return numpy.concatenate(parts) if len(parts) > 1 else parts[0]
@@ -209,9 +255,15 @@ class Recognizer:
         return self.decode(logits, paths)
 
     def decode(self, logits, paths=None) -> Prediction:
-        """(N, length*K) logits (any backend) -> ``Prediction`` (texts, confidences)."""
+        """(N, length*K) logits (any backend) -> ``Prediction`` (texts, confidences);
+        (N, T, K + 1) logits for a CTC reader (``xpnet.captcha.heads.ctc_decode``)."""
         logits = backend.to_numpy(logits)
         n = logits.shape[0]
+        if self.head == "ctc":
+            texts, conf, char_conf, idx = ctc_decode(
+                logits.reshape(n, self.steps, self.charset.n_classes + 1), self.charset)
+            return Prediction(texts=texts, confidences=conf, char_confidences=char_conf, indices=idx,
+                              paths=list(paths) if paths is not None else [""] * n)
         blocks = logits.reshape(n, self.charset.length, self.charset.n_classes)
         idx = blocks.argmax(axis=2)
         win = numpy.take_along_axis(blocks, idx[:, :, None], axis=2)[:, :, 0]
@@ -255,12 +307,15 @@ class Recognizer:
         images = self._check_images(images)
         if images.shape[0] != len(labels):
             raise UsageError(f"{images.shape[0]} images but {len(labels)} labels.")
-        truth = self.charset.indices(labels)
+        truth = self._ctc_truth(labels) if self.head == "ctc" else self.charset.indices(labels)
         pred = self.predict(images, paths)
         return self.score(pred, truth, skipped, top)
 
     def score(self, pred: Prediction, truth, skipped=None, top: int = 10) -> Evaluation:
-        """Compare a ``Prediction`` with the true (N, length) class indices."""
+        """Compare a ``Prediction`` with the true (N, length) class indices (a CTC reader: the N
+        true texts, or their class indices padded with -1)."""
+        if self.head == "ctc":
+            return self._score_ctc(pred, truth, skipped, top)
         truth = numpy.asarray(truth, dtype=numpy.int64)
         n = len(pred)
         if n == 0:
@@ -283,20 +338,78 @@ class Recognizer:
                              "wrong": float(conf[~right].mean()) if (~right).any() else None},
             skipped=list(skipped or []))
 
+    def _ctc_truth(self, labels) -> list[str]:
+        labels = [str(t) for t in labels]
+        bad = [f"{t!r}" for t in labels if any(c not in self.charset.chars for c in t)]
+        if bad:
+            raise DataError(f"{len(bad)} label(s) have characters outside charset {self.charset.chars!r}: "
+                            + ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "") + ".")
+        return labels
+
+    def _score_ctc(self, pred: Prediction, truth, skipped, top) -> Evaluation:
+        n = len(pred)
+        if n == 0:
+            raise DataError("there are no labelled images to evaluate.")
+        if isinstance(truth, numpy.ndarray) and truth.dtype.kind in "iu":
+            table = numpy.array(list(self.charset.chars))
+            truth = ["".join(table[row[row >= 0]]) for row in truth]
+        truth = self._ctc_truth(truth)
+        if len(truth) != n:
+            raise UsageError(f"{n} readings but {len(truth)} labels.")
+        dist = edit_distances(pred.texts, truth)
+        right = numpy.array([p == t for p, t in zip(pred.texts, truth)], dtype=bool)
+        same_len = numpy.array([len(p) == len(t) for p, t in zip(pred.texts, truth)], dtype=bool)
+        cer = float(dist.sum() / max(1, sum(len(t) for t in truth)))
+        mistakes_count = Counter((t, p) for i in numpy.flatnonzero(same_len & ~right).tolist()
+                                 for t, p in zip(truth[i], pred.texts[i]) if t != p)
+        confused = [(t, p, c) for (t, p), c in sorted(mistakes_count.items(), key=lambda kv: (-kv[1], kv[0]))[:top]]
+        mistakes = [(pred.paths[i] if pred.paths and pred.paths[i] else f"#{i}", truth[i], pred.texts[i],
+                     float(pred.confidences[i])) for i in numpy.flatnonzero(~right).tolist()]
+        conf = pred.confidences
+        return Evaluation(
+            n=n, string_accuracy=float(right.mean()), char_accuracy=max(0.0, 1.0 - cer), position_accuracy=[],
+            confused=confused, mistakes=mistakes,
+            mean_confidence={"right": float(conf[right].mean()) if right.any() else None,
+                             "wrong": float(conf[~right].mean()) if (~right).any() else None},
+            skipped=list(skipped or []), char_error_rate=cer, length_accuracy=float(same_len.mean()))
+
     def evaluate_folder(self, folder, workers: int | None = None, progress: bool | None = None,
                         top: int = 10) -> Evaluation:
         """Accuracy on a folder whose file names carry the labels (``xpnet.data.label_from_name``).
 
         Files that cannot be read, or whose label does not fit the reader's
-        charset and length, are skipped and listed in ``Evaluation.skipped``.
+        charset and length (a CTC reader: any length from 1 to its number of
+        columns), are skipped and listed in ``Evaluation.skipped``.
         """
+        if self.head == "ctc":
+            return self._evaluate_folder_ctc(folder, top)
         data = load_folder(folder, charset=self.charset, preprocess=self.preprocess, on_error="report",
                            workers=workers, progress=progress)
         return self.evaluate(data.images, data.labels, data.paths, data.skipped, top)
 
+    def _evaluate_folder_ctc(self, folder, top) -> Evaluation:
+        used, labels, skipped = [], [], []
+        for path in image_files(folder):
+            if self.has_label(path):
+                used.append(path)
+                labels.append(label_from_name(path))
+            else:
+                skipped.append((path, f"label {label_from_name(path)!r} is not 1 to {self.steps} characters "
+                                      f"of {self.charset.chars!r}"))
+        images, read, unread = self.read_files(used, on_error="report")
+        keep = set(read)
+        labels = [t for p, t in zip(used, labels) if p in keep]
+        if not read:
+            raise DataError(f"folder {folder} holds no image this reader can evaluate "
+                            f"({len(skipped) + len(unread)} skipped).")
+        return self.evaluate(images, labels, read, skipped + unread, top)
+
     def has_label(self, path) -> bool:
         """Whether a file name carries a label this reader could produce (length and characters fit)."""
-        return not self.charset.check([label_from_name(path)])
+        label = label_from_name(path)
+        if self.head == "ctc":
+            return 1 <= len(label) <= self.steps and all(c in self.charset.chars for c in label)
+        return not self.charset.check([label])
 
     # ------------------------------------------------------------------ helpers
     def _check_images(self, images):

@@ -1,0 +1,176 @@
+"""How a reader's outputs become texts: the "bce" head (one block of K sigmoid units per
+character position, a fixed length) and the "ctc" head (K + 1 scores per image column,
+class 0 the CTC blank and class i + 1 the charset's character i: texts of any length).
+
+A model file says which in its metadata (``"head"``; no key means ``"bce"``).  For training a
+CTC reader with ``xpnet.Trainer``:
+
+    y = ctc_targets(texts, charset)                 # (N, 1 + S) int64, see below
+    Trainer(model, optimizer, loss=CTCLoss(), ...).fit((x, y), ...)
+    xpnet.save(model, path, ctc_metadata(charset, preprocess))
+
+The packing of ``y``: column 0 holds each label's length L_n, columns 1 .. L_n its class
+indices (charset index + 1, so 0 is the blank), the rest 0.  One integer array travels
+through the Trainer's sources and batching like any target array.
+"""
+
+from __future__ import annotations
+
+import numpy
+
+from .. import backend
+from ..data.images import Preprocess
+from ..data.labels import Charset
+from ..errors import DataError, ShapeError
+from ..ops.ctc import ctc_loss
+
+HEADS = ("bce", "ctc")
+BLANK = 0
+
+
+def head_of(metadata) -> str:
+    """The head a model file's metadata declares ("bce" when it says nothing)."""
+    return str((metadata or {}).get("head", "bce"))
+
+
+def ctc_metadata(charset: Charset, preprocess: Preprocess, **extra) -> dict:
+    """The metadata of a CTC reader (``metadata_for`` plus ``"head": "ctc"``).
+
+    ``charset.length`` is the longest label the reader was trained on (its texts may be of
+    any length from 0 up to the model's number of columns).
+    """
+    return {"task": "captcha", "charset": charset.to_dict(), "length": charset.length,
+            "preprocess": preprocess.to_dict(), "input_shape": list(preprocess.shape), **extra, "head": "ctc"}
+
+
+def check_texts(texts, charset: Charset) -> list[str]:
+    """The texts (of a list) a CTC reader over ``charset`` cannot learn, each with the reason."""
+    bad = []
+    for text in texts:
+        if not text:
+            bad.append(f"{text!r} is empty")
+        elif any(c not in charset.chars for c in text):
+            odd = "".join(sorted({c for c in text if c not in charset.chars}))
+            bad.append(f"{text!r} has characters {odd!r} outside the charset")
+    return bad
+
+
+def ctc_targets(texts, charset: Charset, width: int | None = None) -> numpy.ndarray:
+    """(N, 1 + S) int64 packed CTC targets (module docstring): lengths, then labels padded with 0.
+
+    ``width`` S defaults to the longest text.  A DataError names texts that are empty or hold
+    characters outside the charset.
+    """
+    texts = list(texts)
+    bad = check_texts(texts, charset)
+    if bad:
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise DataError(f"{len(bad)} label(s) cannot be CTC targets over {charset.chars!r}: "
+                        + "; ".join(bad[:5]) + more + ".")
+    longest = max((len(t) for t in texts), default=0)
+    s = longest if width is None else int(width)
+    if s < longest:
+        raise DataError(f"ctc_targets: width {s} is shorter than the longest label ({longest} characters).")
+    out = numpy.zeros((len(texts), 1 + s), dtype=numpy.int64)
+    table = {c: i + 1 for i, c in enumerate(charset.chars)}
+    for n, text in enumerate(texts):
+        out[n, 0] = len(text)
+        out[n, 1:1 + len(text)] = [table[c] for c in text]
+    return out
+
+
+class CTCLoss:
+    """``loss(logits, y) -> (loss, dlogits)`` for ``xpnet.Trainer``: ``xpnet.ops.ctc_loss`` with the
+    blank at class 0, logits (N, T, K + 1), ``y`` packed by ``ctc_targets`` (on any backend)."""
+
+    def __call__(self, logits, y):
+        if getattr(y, "ndim", None) != 2 or y.shape[1] < 2 or y.shape[0] != logits.shape[0]:
+            raise ShapeError(f"CTCLoss needs targets (N, 1 + S) packed by ctc_targets for {logits.shape[0]} "
+                             f"samples, got shape {getattr(y, 'shape', None)}.")
+        if y.dtype.kind not in "iu":
+            xp = backend.get_array_module(y)
+            y = xp.rint(y).astype(numpy.int64)  # a transform that made the targets floats
+        return ctc_loss(logits, y[:, 1:], y[:, 0], blank=BLANK)
+
+    def __repr__(self):
+        return "CTCLoss()"
+
+
+def softmax(logits):
+    """Softmax over the last axis, in float64 (NumPy)."""
+    z = numpy.asarray(logits, dtype=numpy.float64)
+    z = numpy.exp(z - z.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
+
+
+def ctc_decode(logits, charset: Charset):
+    """Best-path (greedy) reading of (N, T, K + 1) logits.
+
+    Returns (texts, confidences (N,), char_confidences (N, T), indices (N, T)):
+    * ``indices``: the class indices (into ``charset.chars``) of the characters read, left-aligned,
+      padded with -1 up to T (the most characters T columns can emit);
+    * ``char_confidences``: for each character read, the highest softmax probability it has over
+      the run of columns that emitted it; NaN in the padding;
+    * ``confidences``: the product of the text's character confidences; for an empty reading, the
+      lowest blank probability over the columns.  Always in [0, 1].
+    """
+    logits = numpy.asarray(logits)
+    n, t, k = logits.shape
+    probs = softmax(logits)
+    best = probs.argmax(axis=2)
+    p_best = numpy.take_along_axis(probs, best[:, :, None], axis=2)[:, :, 0]
+    chars = best != BLANK
+    starts = chars.copy()
+    starts[:, 1:] &= best[:, 1:] != best[:, :-1]
+    lengths = starts.sum(axis=1)
+    run = numpy.cumsum(starts.ravel()) - 1  # the character (over the whole batch) each column belongs to
+    peaks = numpy.zeros(int(lengths.sum()), dtype=numpy.float64)
+    numpy.maximum.at(peaks, run[chars.ravel()], p_best.ravel()[chars.ravel()])
+    slot = numpy.arange(t)[None, :] < lengths[:, None]  # (N, T): the filled slots of the padded outputs
+    indices = numpy.full((n, t), -1, dtype=numpy.int64)
+    indices[slot] = best[starts] - 1
+    char_conf = numpy.full((n, t), numpy.nan, dtype=numpy.float64)
+    char_conf[slot] = peaks
+    conf = numpy.where(slot, char_conf, 1.0).prod(axis=1)
+    empty = lengths == 0
+    if empty.any():
+        conf[empty] = probs[empty, :, BLANK].min(axis=1)
+    table = numpy.array(list(charset.chars))
+    texts = ["".join(table[row[:m]]) for row, m in zip(indices, lengths.tolist())]
+    return texts, numpy.clip(conf, 0.0, 1.0), char_conf, indices
+
+
+def edit_distances(reads, truths) -> numpy.ndarray:
+    """(N,) Levenshtein distances between pairs of strings (insertions, deletions, substitutions count 1).
+
+    The dynamic programme runs over the characters, vectorised over the batch.
+    """
+    reads, truths = list(reads), list(truths)
+    n = len(reads)
+    la = numpy.array([len(a) for a in reads], dtype=numpy.int64)
+    lb = numpy.array([len(b) for b in truths], dtype=numpy.int64)
+    if n == 0:
+        return numpy.zeros(0, dtype=numpy.int64)
+    wa, wb = int(la.max(initial=0)), int(lb.max(initial=0))
+    a = numpy.full((n, max(wa, 1)), -1, dtype=numpy.int64)
+    b = numpy.full((n, max(wb, 1)), -2, dtype=numpy.int64)
+    for i, (x, y) in enumerate(zip(reads, truths)):
+        a[i, :len(x)] = [ord(c) for c in x]
+        b[i, :len(y)] = [ord(c) for c in y]
+    prev = numpy.broadcast_to(numpy.arange(wb + 1), (n, wb + 1)).copy()  # row i = 0 of the table
+    out = numpy.where(la == 0, lb, 0)
+    for i in range(1, wa + 1):
+        cur = numpy.empty_like(prev)
+        cur[:, 0] = i
+        sub = prev[:, :-1] + (a[:, i - 1:i] != b[:, :wb])
+        best = numpy.minimum(sub, prev[:, 1:] + 1)
+        for j in range(1, wb + 1):  # the insertion term depends on the cell to the left
+            cur[:, j] = numpy.minimum(best[:, j - 1], cur[:, j - 1] + 1)
+        done = la == i
+        out[done] = cur[done, lb[done]]
+        prev = cur
+    return out
+
+
+__all__ = ["HEADS", "BLANK", "head_of", "ctc_metadata", "check_texts", "ctc_targets", "CTCLoss", "ctc_decode",
+           "edit_distances", "softmax"]

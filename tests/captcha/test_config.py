@@ -114,3 +114,9 @@ def test_resume_refuses_options_that_would_change_the_run(options, message):
     with pytest.raises(UsageError) as err:
         merge_resume(resolve_settings(options), saved, options)
     assert message in str(err.value)
+
+
+def test_a_ctc_model_is_refused_by_the_training_job_naming_what_it_can_train():
+    # captcha_crnn is in the zoo (a CTC reader trained from Python); the job trains the BCE readers only.
+    with pytest.raises(UsageError, match="captcha_crnn reads with a CTC head.*captcha_net, captcha_net_bn"):
+        resolve_settings(TrainOptions(model="captcha_crnn"))

@@ -243,6 +243,10 @@ def resolve_settings(options: TrainOptions) -> Settings:
     if options.model is not None:
         if options.model not in models.MODELS:
             raise UsageError(f"unknown model {options.model!r}: choose one of {', '.join(models.MODELS)}.")
+        if getattr(models.MODELS[options.model], "head", "bce") != "bce":
+            raise UsageError(f"{options.model} reads with a CTC head, which the training job does not train yet: "
+                             "train it from Python with xpnet.captcha.CTCLoss (README), or choose "
+                             f"{', '.join(m for m, f in models.MODELS.items() if getattr(f, 'head', 'bce') == 'bce')}.")
         if options.model != s["model"]:
             s["model_kwargs"] = {}  # the configuration's arguments were for its own model
         s["model"] = options.model

@@ -209,3 +209,33 @@ def test_no_orphan_workers_on_ctrl_c_or_kill(tmp_path, how):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_shutdown_never_waits_on_a_half_written_message():
+    """A stopping worker drops its unsent data, which can leave half a message in the queue's pipe;
+    shutting the stream down must not read it (a blocking read there hung the caller for ever)."""
+    import multiprocessing
+    import struct
+    import threading
+
+    from xpnet.data.captcha import _shutdown
+
+    class SlowToLeave:  # a worker that takes a few joins to exit
+        def __init__(self):
+            self.calls = 0
+
+        def is_alive(self):
+            self.calls += 1
+            return self.calls < 6
+
+        def join(self, timeout=None):
+            pass
+
+        terminate = kill = join
+
+    q = multiprocessing.get_context("spawn").Queue()
+    os.write(q._writer.fileno(), struct.pack("!i", 1 << 20) + b"only the start")  # header promises 1 MiB
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (_shutdown(None, [SlowToLeave()], [q]), done.set()), daemon=True)
+    t.start()
+    assert done.wait(10), "shutdown blocked on a half-written message"

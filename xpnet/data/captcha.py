@@ -529,12 +529,10 @@ def _shutdown(stop, procs, queues):
     if stop is not None:
         stop.set()
     deadline = time.monotonic() + 5.0
-    # Drain so that workers blocked on a full queue can see the stop flag and leave.
+    # No draining: a worker puts with a timeout and checks the stop flag between tries (and
+    # between images), so it leaves by itself; reading the queue here could block for ever on
+    # a message whose writer left half-way (a worker drops its unsent data when it stops).
     while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
-        for q in queues:
-            with contextlib.suppress(Exception):
-                while True:
-                    q.get_nowait()
         for p in procs:
             p.join(timeout=0.05)
     for p in procs:

@@ -63,9 +63,22 @@ def test_npz_output_with_sizes(tmp_path):
     assert os.listdir(tmp_path) == ["captchas.npz"]
 
 
+def test_a_range_of_lengths(tmp_path):
+    r = xpnet("generate", "--count", "30", "--out", str(tmp_path), "--length", "4-6", "--seed", "2",
+              "--workers", "0")
+    assert r.returncode == 0, r.stderr
+    assert "4-6 characters" in r.stdout
+    d = load_folder(tmp_path)  # no length: the range is read from the names
+    assert {len(t) for t in d.labels} == {4, 5, 6} and d.charset.lengths == "4-6"
+    assert sorted(d.labels) == sorted(generate_captchas(30, 2, length="4-6", workers=0).labels)
+    r = xpnet("generate", "--count", "3", "--out", str(tmp_path / "x"), "--length", "6-4")
+    assert r.returncode == 2 and "--length must be a number of characters such as 4, or a range" in r.stderr
+
+
 def test_usage_errors_in_a_subprocess_are_one_sentence_exit_2(tmp_path):
     for args, message in ((["--count", "0"], "--count must be a positive number of images, got 0."),
-                          (["--count", "3", "--length", "0"], "--length must be at least 1, got 0.")):
+                          (["--count", "3", "--length", "0"], "--length must be a number of characters such as 4, or a range "
+                                                              "such as 4-6 (at least 1, the smaller first), got '0'.")):
         r = xpnet("generate", "--out", str(tmp_path / "out"), *args)
         assert r.returncode == 2
         assert r.stderr == f"xpnet: error: {message}\n"  # one line, no traceback

@@ -120,6 +120,25 @@ def test_other_charsets_lengths_and_sizes(tmp_path):
         generate_captchas(1, seed=-1)
 
 
+def test_a_range_of_lengths_is_uniform_and_reproducible(tmp_path):
+    cs = Charset(DIGITS_UPPER, 6, min_length=4)
+    lengths = np.bincount([len(draw_text(image_rng(3, i), cs)) for i in range(3000)], minlength=7)
+    assert lengths[:4].sum() == 0 and all(900 < c < 1100 for c in lengths[4:])  # about 1000 each
+    pp = Preprocess(32, 80, channels=1)
+    mem = generate_captchas(30, seed=9, charset=DIGITS_UPPER, length="4-6", workers=2, preprocess=pp,
+                            progress=False)
+    assert mem.charset == cs and {len(t) for t in mem.labels} == {4, 5, 6}
+    with CaptchaStream(10, seed=9, length=(4, 6), workers=1, preprocess=pp) as stream:
+        images, labels = next(stream)
+    assert labels == mem.labels[:10] and np.array_equal(images, mem.images[:10])
+    paths = write_captcha_pngs(tmp_path, 12, seed=9, length="4-6", workers=0, progress=False)
+    back = load_folder(tmp_path, preprocess=pp)  # mixed lengths: read as a range, no --length needed
+    assert sorted(back.labels) == sorted(mem.labels[:12]) and len(paths) == 12
+    assert (back.charset.min_length, back.charset.length) == (min(map(len, back.labels)), max(map(len, back.labels)))
+    # a fixed length draws no length: the texts of earlier versions are kept
+    assert draw_text(image_rng(3, 0), CS) == draw_text(image_rng(3, 0), Charset(DIGITS_UPPER, 4, 4))
+
+
 @pytest.mark.parametrize("chars", ["AB/", "AB\\", "A\x00B", "AB.", "A_B", "AB\n"])
 def test_unsafe_charsets_never_write_outside(tmp_path, chars):
     out = tmp_path / "out"

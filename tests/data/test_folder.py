@@ -116,13 +116,20 @@ def test_labels_outside_charset_and_wrong_length_are_listed(tmp_path):
         load_folder(tmp_path, charset="AB12", length=4, preprocess=PP, on_error="raise")
 
 
-def test_mixed_lengths_need_a_length(tmp_path):
-    for name in ("AB.png", "BA.png", "ABA.png"):
+def test_mixed_lengths_give_a_range_of_lengths(tmp_path):
+    for name in ("AB.png", "BA.png", "ABA.png", "ABBA.png"):
         _png(tmp_path / name)
-    with pytest.raises(DataError, match=r"mixed lengths \{2: 2, 3: 1\}.*give a length"):
-        load_folder(tmp_path, preprocess=PP)
+    d = load_folder(tmp_path, preprocess=PP)  # no length: the shortest to the longest found
+    assert (d.charset.min_length, d.charset.length, d.charset.lengths) == (2, 4, "2-4") and len(d) == 4
+    with pytest.raises(UsageError, match="2-4 characters.*CTC head"):
+        d.targets()  # one block per position cannot code them
     d = load_folder(tmp_path, length=2, preprocess=PP)
-    assert d.labels == ["AB", "BA"] and _skipped(d) == {"ABA.png": "label 'ABA' has 3 characters, expected 2"}
+    assert d.labels == ["AB", "BA"] and d.charset.fixed
+    assert _skipped(d)["ABA.png"] == "label 'ABA' has 3 characters, expected 2"
+    d = load_folder(tmp_path, length="3-4", preprocess=PP)
+    assert d.labels == ["ABA", "ABBA"] and _skipped(d)["AB.png"] == "label 'AB' has 2 characters, expected 3-4"
+    with pytest.raises(UsageError, match="--length|label length must be"):
+        load_folder(tmp_path, length="4-3", preprocess=PP)
 
 
 def test_missing_empty_and_useless_folders(tmp_path):

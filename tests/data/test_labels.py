@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 from xpnet.data import DIGITS_UPPER, Charset
+from xpnet.data.labels import parse_length
 from xpnet.errors import DataError, UsageError
 
 
@@ -24,10 +25,34 @@ def test_bad_labels_are_all_named():
 def test_infer_and_mixed_lengths():
     cs = Charset.infer(["BA", "CA"])
     assert cs.chars == "ABC" and cs.length == 2
-    with pytest.raises(DataError, match=r"mixed lengths \{2: 1, 3: 1\}"):
-        Charset.infer(["AB", "ABC"])
+    cs = Charset.infer(["AB", "ABC", "C"])
+    assert (cs.chars, cs.min_length, cs.length, cs.lengths, cs.fixed) == ("ABC", 1, 3, "1-3", False)
+    assert cs.check(["ABCA", "", "CC"]) == ["'ABCA' has 4 characters, expected 1-3", "'' has 0 characters, expected 1-3"]
     with pytest.raises(DataError):
         Charset.infer([])
+
+
+def test_length_ranges_round_trip_and_refuse_the_multi_hot_code():
+    cs = Charset("ABC", 6, min_length=4)
+    assert Charset.from_dict(cs.to_dict()) == cs and cs.to_dict()["min_length"] == 4
+    assert "min_length" not in Charset("ABC", 4).to_dict() and Charset("ABC", 4) != Charset("ABC", 4, 3)
+    assert repr(cs) == "Charset('ABC', length=6, min_length=4)"
+    with pytest.raises(UsageError, match="4-6 characters.*CTC head"):
+        cs.encode(["ABCA"])
+    with pytest.raises(UsageError, match="shortest"):
+        Charset("ABC", 3, min_length=4)
+
+
+@pytest.mark.parametrize("value, expected", [(4, (4, 4)), ("4", (4, 4)), ("4-6", (4, 6)), (" 2-2 ", (2, 2)),
+                                             ((3, 5), (3, 5))])
+def test_parse_length(value, expected):
+    assert parse_length(value) == expected
+
+
+@pytest.mark.parametrize("value", ["6-4", "0", "0-3", "a", "4-", "-4", "4-5-6", 4.5, True, None, (1, 2, 3)])
+def test_parse_length_refuses(value):
+    with pytest.raises(UsageError, match="--length must be a number of characters such as 4, or a range"):
+        parse_length(value)
 
 
 def test_invalid_charsets():

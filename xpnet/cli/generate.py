@@ -9,7 +9,7 @@ from .. import checks
 from ..data.captcha import check_filename_safe, fresh_seed, generate_captchas, make_charset, write_captcha_pngs
 from ..data.folder import cpu_count, save_npz
 from ..data.images import Preprocess
-from ..data.labels import DIGITS_UPPER
+from ..data.labels import DIGITS_UPPER, parse_length
 from ..errors import StorageError, UsageError
 
 NPZ_NAME = "captchas.npz"
@@ -24,7 +24,9 @@ def add_command(sub) -> None:
                     f"the .npz cache ({NPZ_NAME}) holds uint8 images already resized for the model.")
     p.add_argument("--count", type=int, required=True, metavar="N", help="number of images to make (required, >= 1)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder, created if missing (required)")
-    p.add_argument("--length", type=int, default=4, metavar="L", help="characters per image (default: 4)")
+    p.add_argument("--length", default="4", metavar="L",
+                   help="characters per image, or a range such as 4-6 (each image draws its length uniformly "
+                        "from the range) (default: 4)")
     p.add_argument("--charset", default=DIGITS_UPPER, metavar="CS",
                    help="the characters to draw from, uniformly; for PNG output none of / \\ : * ? \" < > | _ . "
                         f"(default: {DIGITS_UPPER}, 36 classes)")
@@ -54,10 +56,10 @@ def add_command(sub) -> None:
 
 def run(args) -> int:
     checks.integer(args.count, "--count", what="a positive number of images")
-    checks.integer(args.length, "--length", what="at least 1")
+    lengths = parse_length(args.length, "--length")
     checks.integer(args.workers, "--workers", 0, optional=True, what="0 or more")
     checks.integer(args.seed, "--seed", 0, optional=True, what="a non-negative integer")
-    cs = make_charset(args.charset, args.length)
+    cs = make_charset(args.charset, lengths)
     if args.format in ("png", "both"):
         check_filename_safe(cs)
     sizes = {k: getattr(args, k) for k in ("height", "width", "channels", "resize") if getattr(args, k) is not None}
@@ -85,7 +87,7 @@ def run(args) -> int:
     dt = time.perf_counter() - t0
     what = {"png": "PNG files", "npz": f"{NPZ_NAME} ({pp.channels}x{pp.height}x{pp.width} uint8)",
             "both": f"PNG files and {NPZ_NAME} ({pp.channels}x{pp.height}x{pp.width} uint8)"}[args.format]
-    print(f"wrote {args.count} images as {what} to {out}: {cs.length} characters from {cs.chars!r}, "
+    print(f"wrote {args.count} images as {what} to {out}: {cs.lengths} characters from {cs.chars!r}, "
           f"seed {seed}, {dt:.1f} s ({args.count / dt:.0f} images/s)")
     return 0
 

@@ -54,7 +54,7 @@ from ..checks import integer
 from ..errors import DataError, StorageError, UsageError
 from .folder import LabelledImages, cpu_count, label_from_name
 from .images import Preprocess
-from .labels import DIGITS_UPPER, Charset
+from .labels import DIGITS_UPPER, Charset, parse_length
 
 RENDER_WIDTH, RENDER_HEIGHT = 160, 60
 CAPTCHA_VERSION = "0.7.1"
@@ -159,8 +159,13 @@ def image_rng(seed: int, index: int) -> _Random:
 
 
 def draw_text(rng: _Random, charset: Charset) -> str:
-    """``charset.length`` characters drawn uniformly and independently from ``charset.chars``."""
-    return "".join(charset.chars[rng.randbelow(charset.n_classes)] for _ in range(charset.length))
+    """Characters drawn uniformly and independently from ``charset.chars``: ``charset.length`` of them,
+    or for a range of lengths a number drawn uniformly from ``min_length .. length`` first (a
+    fixed-length charset draws no length, so its texts are those of earlier versions)."""
+    n = charset.length
+    if not charset.fixed:
+        n = charset.min_length + rng.randbelow(charset.length - charset.min_length + 1)
+    return "".join(charset.chars[rng.randbelow(charset.n_classes)] for _ in range(n))
 
 
 def render_captcha(seed: int, index: int, charset: Charset):
@@ -199,22 +204,21 @@ def _check_workers(workers) -> int:
     return checks.integer(workers, "workers", 0, what="0 (in this process) or a positive integer")
 
 
-def make_charset(charset=DIGITS_UPPER, length: int | None = None) -> Charset:
-    """A ``Charset`` from a string and a length (default 4), or a given Charset (``length`` must agree)."""
+def make_charset(charset=DIGITS_UPPER, length=None) -> Charset:
+    """A ``Charset`` from a string and a length (default 4) or a range of lengths (``"4-6"``, ``(4, 6)``),
+    or a given Charset (``length`` must agree)."""
     if isinstance(charset, Charset):
-        if length is not None and int(length) != charset.length:
-            raise UsageError(f"length {length} contradicts the charset's length {charset.length}.")
+        if length is not None and parse_length(length, "label length") != (charset.min_length, charset.length):
+            raise UsageError(f"length {length} contradicts the charset's length {charset.lengths}.")
         return charset
-    if length is None:
-        length = 4
-    length = integer(length, "label length")
+    lo, hi = parse_length(4 if length is None else length, "label length")
     if not isinstance(charset, str):
         raise UsageError(f"charset must be a string of characters, got {type(charset).__name__}.")
     bad = sorted({c for c in charset if not c.isprintable() or c.isspace()})
     if bad:
         raise UsageError(f"charset {charset!r} has non-printable or space characters {bad}: use visible "
                          f"characters only.")
-    return Charset(charset, int(length))
+    return Charset(charset, hi, lo)
 
 
 def check_filename_safe(charset: Charset) -> None:
@@ -259,7 +263,7 @@ def generate_captchas(count: int, seed: int, charset=DIGITS_UPPER, length: int |
     folder = _png_folder(png_dir, cs) if png_dir is not None else None
     images = numpy.empty((count,) + pp.shape, dtype=numpy.uint8)
     labels = [""] * count
-    task = ("array", seed, cs.chars, cs.length, pp.to_dict(), folder)
+    task = ("array", seed, cs.chars, (cs.min_length, cs.length), pp.to_dict(), folder)
     for first, texts, arrays in _run_tasks(task, start, count, _check_workers(workers), progress, "generating"):
         labels[first - start:first - start + len(texts)] = texts
         images[first - start:first - start + len(texts)] = arrays
@@ -282,7 +286,7 @@ def write_captcha_pngs(out, count: int, seed: int, charset=DIGITS_UPPER, length:
     """
     count, seed, cs = _check_count(count), check_seed(seed), make_charset(charset, length)
     folder = _png_folder(out, cs)
-    task = ("png", seed, cs.chars, cs.length, preprocess.to_dict() if preprocess else None, folder)
+    task = ("png", seed, cs.chars, (cs.min_length, cs.length), preprocess.to_dict() if preprocess else None, folder)
     paths = [""] * count
     for first, texts, _ in _run_tasks(task, start, count, _check_workers(workers), progress, "writing PNGs"):
         for j, text in enumerate(texts):
@@ -370,7 +374,7 @@ def _children_start_deaf_to_ctrl_c():
 def _do_chunk(task, first, n):
     """Render images first .. first+n-1: (first, texts, (n, C, H, W) uint8 or None), writing PNGs if asked."""
     kind, seed, chars, length, pp_dict, folder = task
-    cs = Charset(chars, length)
+    cs = Charset(chars, length[1], length[0])
     pp = Preprocess.from_dict(pp_dict) if pp_dict else None
     texts, arrays = [], None
     if kind == "array":
@@ -442,7 +446,8 @@ class CaptchaStream:
         self._procs: list = []
         self._queues: list = []
         self._stop = None
-        self._config = (self.seed, self.charset.chars, self.charset.length, self.preprocess.to_dict(),
+        self._config = (self.seed, self.charset.chars, (self.charset.min_length, self.charset.length),
+                        self.preprocess.to_dict(),
                         self.batch_size)
         if self.workers > 0:
             self._start_workers()
@@ -473,7 +478,8 @@ class CaptchaStream:
         b = self.next_batch
         if self.workers == 0:
             seed, chars, length, pp_dict, bs = self._config
-            item = _make_batch(seed, Charset(chars, length), Preprocess.from_dict(pp_dict), bs, b)
+            cs = Charset(chars, length[1], length[0])
+            item = _make_batch(seed, cs, Preprocess.from_dict(pp_dict), bs, b)
         else:
             item = self._receive(b)
         self.next_batch = b + 1
@@ -566,7 +572,7 @@ def _stream_worker(w, nworkers, start, config, q, stop):
     parent = multiprocessing.parent_process()
     b = start + w
     try:
-        cs, pp = Charset(chars, length), Preprocess.from_dict(pp_dict)
+        cs, pp = Charset(chars, length[1], length[0]), Preprocess.from_dict(pp_dict)
         while not stop.is_set():
             batch = _make_batch(seed, cs, pp, bs, b, stop)
             if batch is None:

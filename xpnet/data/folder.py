@@ -29,10 +29,9 @@ import warnings
 import numpy
 from PIL import Image
 
-from ..checks import integer
 from ..errors import DataError, UsageError
 from .images import ImageProblem, Preprocess, decode_to_array, image_size
-from .labels import Charset
+from .labels import Charset, length_text, parse_length
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 ON_ERROR = ("report", "raise")
@@ -67,8 +66,8 @@ class LabelledImages:
     """Images with text labels.
 
     images      (N, C, H, W) uint8, made by ``preprocess``
-    labels      N strings, each ``charset.length`` characters of ``charset.chars``
-    charset     the ``Charset`` (characters and label length)
+    labels      N strings of ``charset.min_length`` to ``charset.length`` characters of ``charset.chars``
+    charset     the ``Charset`` (characters and label length or lengths)
     preprocess  the ``Preprocess`` that made the images (store it with the model)
     paths       N source file paths ('' for generated images)
     skipped     (path, reason) for every file that was not used
@@ -111,7 +110,7 @@ class LabelledImages:
     def summary(self) -> str:
         """One paragraph: what was loaded and every file that was skipped, with the reason."""
         c, h, w = self.images.shape[1:] if self.images.ndim == 4 else self.preprocess.shape
-        lines = [f"{len(self)} images ({c}x{h}x{w}), labels of {self.charset.length} characters over "
+        lines = [f"{len(self)} images ({c}x{h}x{w}), labels of {self.charset.lengths} characters over "
                  f"{self.charset.n_classes} classes {self.charset.chars!r}"]
         if self.skipped:
             lines.append(f"{len(self.skipped)} file(s) skipped:")
@@ -147,7 +146,7 @@ def split_indices(n: int, val_fraction: float = 0.2, seed: int = 0):
 # Loading a folder
 
 
-def load_folder(path, charset=None, length: int | None = None, preprocess: Preprocess | None = None,
+def load_folder(path, charset=None, length=None, preprocess: Preprocess | None = None,
                 on_error: str = "report", workers: int | None = None, progress: bool | None = None
                 ) -> LabelledImages:
     """Load every labelled image in a folder (not its sub-folders).
@@ -155,8 +154,8 @@ def load_folder(path, charset=None, length: int | None = None, preprocess: Prepr
     path        the folder; labels come from file names (``label_from_name``)
     charset     a ``Charset``, a string of characters, or None to infer the
                 sorted set of characters used by the labels
-    length      label length; None: the charset's, else inferred (all labels
-                must then have one length, or a DataError says which lengths occur)
+    length      label length (4) or range of lengths ("4-6", (4, 6)); None: the
+                charset's, else the shortest to the longest label found
     preprocess  a ``Preprocess`` (default ``Preprocess()``: 3 x 32 x 80, "fit")
     on_error    "report" (default): unreadable files and labels that do not fit
                 are skipped and listed in ``.skipped`` with the reason;
@@ -186,7 +185,8 @@ def load_folder(path, charset=None, length: int | None = None, preprocess: Prepr
         else:
             keep.append((p, label))
     if keep and length is None:
-        length = _common_length([lab for _, lab in keep], folder)
+        found = [len(lab) for _, lab in keep]
+        length = (min(found), max(found))
 
     images, ok, problems = _decode_all([p for p, _ in keep], pp, workers, progress)
     skipped += problems
@@ -198,7 +198,7 @@ def load_folder(path, charset=None, length: int | None = None, preprocess: Prepr
         why = f": {_listing(skipped)}" if skipped else ""
         raise DataError(f"none of the {len(candidates)} image file(s) in {folder} can be used{why}.")
     labels = [lab for _, lab in used]
-    cs = Charset(chars, length) if chars is not None else Charset.infer(labels)
+    cs = Charset(chars, length[1], length[0]) if chars is not None else Charset.infer(labels)
     skipped.sort()
     return LabelledImages(images=images, labels=labels, charset=cs, preprocess=pp,
                           paths=[p for p, _ in used], skipped=skipped, ignored=ignored)
@@ -231,14 +231,15 @@ def _scan(folder: str):
 
 
 def _charset_args(charset, length):
+    """(chars or None, (shortest, longest) or None)."""
     if length is not None:
-        length = integer(length, "label length")
+        length = parse_length(length, "label length")
     if charset is None:
         return None, length
     if isinstance(charset, Charset):
-        if length is not None and length != charset.length:
-            raise UsageError(f"length {length} contradicts the charset's length {charset.length}.")
-        return charset.chars, charset.length
+        if length is not None and length != (charset.min_length, charset.length):
+            raise UsageError(f"length {length_text(*length)} contradicts the charset's length {charset.lengths}.")
+        return charset.chars, (charset.min_length, charset.length)
     if isinstance(charset, str):
         Charset(charset, 1)  # validates: >= 2 characters, no repeats
         return charset, length
@@ -248,22 +249,13 @@ def _charset_args(charset, length):
 def _label_problem(label: str, chars, length) -> str | None:
     if not label:
         return "the file name gives an empty label"
-    if length is not None and len(label) != length:
-        return f"label {label!r} has {len(label)} characters, expected {length}"
+    if length is not None and not length[0] <= len(label) <= length[1]:
+        return f"label {label!r} has {len(label)} characters, expected {length_text(*length)}"
     if chars is not None:
         odd = "".join(sorted({c for c in label if c not in chars}))
         if odd:
             return f"label {label!r} has characters {odd!r} outside the charset {chars!r}"
     return None
-
-
-def _common_length(labels, folder) -> int:
-    lengths = sorted({len(t) for t in labels})
-    if len(lengths) > 1:
-        counts = {n: sum(1 for t in labels if len(t) == n) for n in lengths}
-        raise DataError(f"labels in {folder} have mixed lengths {counts} (length: count): give a length "
-                        f"(--length) to keep the labels of one length.")
-    return lengths[0]
 
 
 def _listing(skipped, limit: int = 10) -> str:
@@ -371,6 +363,7 @@ def save_npz(path, data: LabelledImages) -> str:
         "labels": labels,
         "charset": numpy.array(data.charset.chars),
         "length": numpy.array(data.charset.length, dtype=numpy.int64),
+        "min_length": numpy.array(data.charset.min_length, dtype=numpy.int64),
         "preprocess": numpy.array(data.preprocess.to_json()),
         "meta": numpy.array(json.dumps(data.meta, sort_keys=True)),
     }
@@ -415,7 +408,8 @@ def load_npz(path) -> LabelledImages:
                         f"understands ({NPZ_VERSION}): upgrade xpnet.")
     images, labels = fields["images"], fields["labels"]
     try:
-        cs = Charset(str(fields["charset"]), int(fields["length"]))
+        lo = int(fields["min_length"]) if "min_length" in fields else None  # older caches: one length
+        cs = Charset(str(fields["charset"]), int(fields["length"]), lo)
         pp = Preprocess.from_json(str(fields["preprocess"]))
         meta = json.loads(str(fields.get("meta", "{}")))
     except (UsageError, DataError, TypeError, ValueError) as exc:

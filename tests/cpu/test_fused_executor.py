@@ -30,13 +30,16 @@ def _restore_settings():
     workspace.CHUNK_BYTES = saved[3]
 
 
-def one_step(model, x, t, fast, seed=7, input_grad=True):
-    """(logits, {grad name: grad}, dx, eval logits, {buffer: value}) for one step on one path."""
+def one_step(model, x, t, fast, seed=7, input_grad=True, loss=None):
+    """(logits, {grad name: grad}, dx, eval logits, {buffer: value}) for one step on one path.
+
+    ``loss(logits, t) -> (loss, dlogits)``: default the fused sigmoid/BCE.
+    """
     model.compute_input_grad = input_grad
     with xpnet.fast_paths(fast):
         xpnet.seed(seed)  # same dropout masks on both paths
         logits = model.forward(x, train=True)
-        _, d = ops.sigmoid_bce_with_logits(logits, t)
+        _, d = (loss or ops.sigmoid_bce_with_logits)(logits, t)
         dx = model.backward(d)
         grads = {k: v.copy() for k, v in model.gradients().items()}
         buffers = {k: v.copy() for k, v in model.buffers().items()}
@@ -45,7 +48,7 @@ def one_step(model, x, t, fast, seed=7, input_grad=True):
 
 
 def assert_paths_agree(layers_fn, input_shape, n=7, dtype=np.float64, threads=2, input_grad=True, kind="op",
-                       prepare=None):
+                       prepare=None, loss=None, targets=None):
     xpnet.set_dtype(dtype)
     xpnet.seed(3)
     ref = Sequential(layers_fn(), input_shape=input_shape)
@@ -54,10 +57,10 @@ def assert_paths_agree(layers_fn, input_shape, n=7, dtype=np.float64, threads=2,
     fast = ref.clone()
     rng = np.random.default_rng(11)
     x = rng.standard_normal((n,) + tuple(input_shape)).astype(dtype)
-    t = (rng.random((n,) + ref.output_shape) < 0.3).astype(dtype)
+    t = (rng.random((n,) + ref.output_shape) < 0.3).astype(dtype) if targets is None else targets
     xpnet.set_num_threads(threads)
-    a = one_step(ref, x, t, fast=False, input_grad=input_grad)
-    b = one_step(fast, x, t, fast=True, input_grad=input_grad)
+    a = one_step(ref, x, t, fast=False, input_grad=input_grad, loss=loss)
+    b = one_step(fast, x, t, fast=True, input_grad=input_grad, loss=loss)
     assert fast.executor is not None and ref.executor is None  # each path really ran
     tol = kind if dtype == np.float64 else "model"
     assert_allclose(b[0], a[0], kind=tol, err_msg="logits")

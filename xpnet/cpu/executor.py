@@ -36,11 +36,14 @@ from .. import config, dispatch
 from .conv_block import ConvBlock
 from ..errors import ShapeError, UsageError
 from ..nn.layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
+from ..nn.recurrent import GRU
+from ..nn.sequence import Columns, TimeDense
 from .threads import can_limit_blas, shard_pool
 from .stages import (FLAT, NCHW, BatchNormStage, DenseStage, DropoutStage, FlattenStage, PoolStage, ReLUStage,
                      Shard, Stage, Step, convert)
+from .sequence_stages import ColumnsStage, GRUStage, TimeDenseStage
 
-PLANNED_TYPES = (Conv2D, MaxPool2D, Dense, ReLU, Flatten, Dropout, BatchNorm)
+PLANNED_TYPES = (Conv2D, MaxPool2D, Dense, ReLU, Flatten, Dropout, BatchNorm, Columns, GRU, TimeDense)
 
 # No shard gets fewer images than this (threads cost more than they give below it).
 MIN_SHARD = 4
@@ -75,7 +78,8 @@ def plan_stages(layers) -> list[Stage]:
             i = j
             continue
         cls = {Dense: DenseStage, ReLU: ReLUStage, Flatten: FlattenStage, Dropout: DropoutStage,
-               BatchNorm: BatchNormStage, MaxPool2D: PoolStage}[type(layer)]
+               BatchNorm: BatchNormStage, MaxPool2D: PoolStage, Columns: ColumnsStage, GRU: GRUStage,
+               TimeDense: TimeDenseStage}[type(layer)]
         stages.append(cls(idx, [layer]))
         i += 1
     return stages

@@ -1,0 +1,61 @@
+"""The fused CPU path for sequence models (a CRNN reader: conv blocks -> Columns -> GRU ->
+TimeDense, trained with CTC) against the plain layer-by-layer path."""
+
+import numpy as np
+import pytest
+
+import xpnet
+from xpnet import ops
+from xpnet.cpu import executor as fuse
+from xpnet.nn.recurrent import GRU
+from xpnet.nn.sequence import Columns, TimeDense
+from xpnet.nn.layers import Conv2D, MaxPool2D, ReLU
+
+from .test_fused_executor import _restore_settings, assert_paths_agree  # noqa: F401  (autouse fixture)
+
+
+def ctc(labels, lengths):
+    def loss(logits, _t):
+        return ops.ctc_loss(logits, labels, lengths, blank=0)
+    return loss
+
+
+def small_crnn(batchnorm):
+    """captcha_crnn in miniature: (1, 16, 24) -> 3 blocks -> T = 6 steps of 8*2 features -> GRU(5) -> 5 classes."""
+    return lambda: xpnet.models.captcha_crnn(n_classes=4, input_shape=(1, 16, 24), channels=(3, 4, 8), hidden=5,
+                                             batchnorm=batchnorm).layers
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_crnn_with_ctc_matches_plain_path(batchnorm, dtype, threads):
+    n = 9  # two uneven shards (4 + 5) with 2 threads
+    rng = np.random.default_rng(5)
+    lengths = rng.integers(1, 4, n)
+    labels = rng.integers(1, 5, (n, 3))
+    fast = assert_paths_agree(small_crnn(batchnorm), (1, 16, 24), n=n, dtype=dtype, threads=threads,
+                              loss=ctc(labels, lengths), targets=lengths)
+    names = [type(s).__name__ for s in fast.executor.stages]
+    # the (2, 1) pool of the third block is fused into it, like the 2x2 ones
+    assert names == ["ConvBlock"] * 3 + ["ColumnsStage", "GRUStage", "TimeDenseStage"]
+    assert all(len(s.layers) == (4 if batchnorm else 3) for s in fast.executor.stages[:3])
+    assert fast.executor.threads_for(n) == threads
+
+
+def test_sequence_layers_after_a_plain_pool_one_way_gru_and_no_bias():
+    # Columns after a MaxPool2D stage (NCHW input, not a conv block's NHWC), a one-way GRU,
+    # a TimeDense without bias and a second GRU reading its output.
+    def layers():
+        return [Conv2D(3, 3, pad=1), ReLU(), MaxPool2D(3, stride=2), Columns(), GRU(4, bidirectional=False),
+                TimeDense(6, bias=False), GRU(3), TimeDense(4)]
+    fast = assert_paths_agree(layers, (2, 9, 11), n=10, threads=2)
+    assert "PoolStage" in [type(s).__name__ for s in fast.executor.stages]
+
+
+def test_crnn_runs_on_the_fused_executor():
+    m = xpnet.models.captcha_crnn(batchnorm=True)
+    x = np.zeros((8,) + m.input_shape, np.float32)
+    y = m.forward(x, train=False)
+    assert isinstance(m.executor, fuse.FusedExecutor) and y.shape == (8, 20, 37)
+    assert fuse.plannable(m)

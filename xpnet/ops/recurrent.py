@@ -70,7 +70,11 @@ def gru_forward(x, wx, wh, bx, bh, reverse: bool = False):
     x2 = x.reshape(n * t_len, f)  # a copy only when x is not contiguous
     gates = (x2 @ wx).reshape(n, t_len, 3 * h)  # gx for every step; becomes (r, z, n) in place
     gates += bx
-    hn_all = xp.empty((n, t_len, h), dtype=x.dtype)  # gh_n, needed by backward
+    # The hidden biases of r and z add to the pre-activations like bx (whole sequence at
+    # once); bh_n stays with gh_n, which the reset gate scales.
+    gates[:, :, :2 * h] += bh[:2 * h]
+    bh_n = bh[2 * h:]
+    hn_all = xp.empty((n, t_len, h), dtype=x.dtype)  # gh_n = h_{t-1} @ wh_n + bh_n, needed by backward
     # states[:, s] for s in 0..T: the state entering / leaving each step, zeros at the start
     states = xp.empty((n, t_len + 1, h), dtype=x.dtype)
     gh = xp.empty((n, 3 * h), dtype=x.dtype)
@@ -82,14 +86,14 @@ def gru_forward(x, wx, wh, bx, bh, reverse: bool = False):
         prev, out = (t + 1, t) if reverse else (t, t + 1)
         hp = states[:, prev]
         xp.matmul(hp, wh, out=gh)
-        gh += bh
         g = gates[:, t]
         rz = g[:, :2 * h]
         rz += gh[:, :2 * h]
         _sigmoid_(rz, xp)
         r, z, nn = g[:, :h], g[:, h:2 * h], g[:, 2 * h:]
-        hn_all[:, t] = gh[:, 2 * h:]
-        xp.multiply(r, gh[:, 2 * h:], out=tmp)
+        hn = hn_all[:, t]
+        xp.add(gh[:, 2 * h:], bh_n, out=hn)
+        xp.multiply(r, hn, out=tmp)
         nn += tmp
         xp.tanh(nn, out=nn)
         hnew = states[:, out]
@@ -105,6 +109,19 @@ def gru_backward(dy, cache, need_dx: bool = True):
     """Gradients (dx (N, T, F) or None, dwx (F, 3H), dwh (H, 3H), dbx (3H,), dbh (3H,)).
 
     dy (N, T, H): the gradient of the loss with respect to y (any strides).
+
+    With dh the gradient reaching h_t (from y and from the step after), the gate
+    pre-activation gradients are dh times per-step factors that depend only on the
+    forward values, so they are computed for the whole sequence before the loop::
+
+        dn_pre = dh * (1 - z) * (1 - n^2)             = dh * a_n
+        dz_pre = dh * (h_prev - n) * z * (1 - z)      = dh * a_z
+        d gh_n = dn_pre * r                           = dh * a_n * r
+        dr_pre = dn_pre * gh_n * r * (1 - r)          = dh * a_n * gh_n * r * (1 - r)
+
+    The hidden side's gradient is dgh = (dr_pre, dz_pre, d gh_n) = dh * coef_h (dh
+    repeated over the three blocks); the x side's, dgx, is dgh with dn_pre in the n
+    block.  The loop over T then only carries dh back: h_{t-1} gets dh * z + dgh @ wh.T.
     """
     x2, x_shape, wx, wh, gates, hn_all, states, reverse = cache
     n, t_len, f = x_shape
@@ -115,46 +132,45 @@ def gru_backward(dy, cache, need_dx: bool = True):
         raise ShapeError(f"gru_backward got a {dy.dtype} dy for {wh.dtype} weights: cast it.")
     xp = get_array_module(dy)
     dt = wh.dtype
-    dgx = xp.empty((n, t_len, 3 * h), dtype=dt)  # gradients of the gate pre-activations, x side
-    dgh = xp.empty((n, t_len, 3 * h), dtype=dt)  # and hidden side (they differ in the n block)
-    dh = xp.zeros((n, h), dtype=dt)  # gradient reaching the state from later steps
-    a = xp.empty((n, h), dtype=dt)
-    b = xp.empty((n, h), dtype=dt)
+    r, z, nn = gates[:, :, :h], gates[:, :, h:2 * h], gates[:, :, 2 * h:]
+    prev_states = states[:, 1:] if reverse else states[:, :t_len]
+    # the per-step factors, (N, T, H) each; coef_h holds (a_n gh_n r (1-r), a_z, a_n r) as (N, T, 3, H)
+    one_minus_z = 1 - z
+    a_n = nn * nn
+    xp.subtract(1, a_n, out=a_n)
+    a_n *= one_minus_z
+    coef_h = xp.empty((n, t_len, 3, h), dtype=dt)
+    c_r, c_z, c_n = coef_h[:, :, 0], coef_h[:, :, 1], coef_h[:, :, 2]
+    xp.subtract(1, r, out=c_r)
+    c_r *= r
+    c_r *= hn_all
+    c_r *= a_n
+    xp.subtract(prev_states, nn, out=c_z)
+    c_z *= z
+    c_z *= one_minus_z
+    xp.multiply(a_n, r, out=c_n)
+    dgh = xp.empty((n, t_len, 3, h), dtype=dt)  # gradients of the hidden-side pre-activations
+    dh_all = xp.empty((n, t_len, h), dtype=dt)  # dh at every step
+    carry = xp.zeros((n, h), dtype=dt)  # gradient reaching the state from later steps
+    tmp = xp.empty((n, h), dtype=dt)
     steps = range(t_len) if reverse else range(t_len - 1, -1, -1)
     wh_t = wh.T
-    for t in steps:
-        prev = t + 1 if reverse else t
-        hp = states[:, prev]
-        g = gates[:, t]
-        r, z, nn = g[:, :h], g[:, h:2 * h], g[:, 2 * h:]
-        dh += dy[:, t]
-        dx_t, dh_t = dgx[:, t], dgh[:, t]
-        dr, dz, dn = dx_t[:, :h], dx_t[:, h:2 * h], dx_t[:, 2 * h:]
-        # dn_pre = dh * (1 - z) * (1 - n^2)
-        xp.multiply(nn, nn, out=a)
-        xp.subtract(1, a, out=a)
-        xp.subtract(1, z, out=b)
-        b *= dh
-        xp.multiply(a, b, out=dn)
-        # dz_pre = dh * (h_prev - n) * z * (1 - z)
-        xp.subtract(hp, nn, out=a)
-        a *= dh
-        xp.subtract(1, z, out=b)
-        b *= z
-        xp.multiply(a, b, out=dz)
-        # d gh_n = dn_pre * r ;  dr_pre = dn_pre * gh_n * r * (1 - r)
-        xp.multiply(dn, r, out=dh_t[:, 2 * h:])
-        xp.multiply(dn, hn_all[:, t], out=a)
-        xp.subtract(1, r, out=b)
-        b *= r
-        xp.multiply(a, b, out=dr)
-        dh_t[:, :2 * h] = dx_t[:, :2 * h]
+    for i, t in enumerate(steps):
+        dh = dh_all[:, t]
+        xp.add(carry, dy[:, t], out=dh)
+        dgh_t = dgh[:, t]
+        xp.multiply(dh[:, None, :], coef_h[:, t], out=dgh_t)
+        if i == t_len - 1:
+            break  # the state before the first step is a constant
         # the state's gradient for the step before: dh * z + dgh @ wh.T
-        dh *= z
-        dh += dh_t @ wh_t
-    dgx2 = dgx.reshape(n * t_len, 3 * h)
+        xp.multiply(dh, z[:, t], out=carry)
+        xp.matmul(dgh_t.reshape(n, 3 * h), wh_t, out=tmp)
+        carry += tmp
     dgh2 = dgh.reshape(n * t_len, 3 * h)
-    prev_states = states[:, 1:] if reverse else states[:, :t_len]
+    dgx = xp.empty((n, t_len, 3 * h), dtype=dt)  # the x side: dgh with dn_pre in the n block
+    dgx[:, :, :2 * h] = dgh[:, :, :2].reshape(n, t_len, 2 * h)
+    xp.multiply(dh_all, a_n, out=dgx[:, :, 2 * h:])
+    dgx2 = dgx.reshape(n * t_len, 3 * h)
     dwx = x2.T @ dgx2
     dwh = prev_states.reshape(n * t_len, h).T @ dgh2
     dbx = dgx2.sum(axis=0)

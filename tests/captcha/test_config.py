@@ -6,8 +6,9 @@ import json
 import pytest
 
 import xpnet
-from xpnet.captcha.config import (CONFIGS, Settings, TrainOptions, derive_seed, get_config, merge_resume,
-                                  resolve_settings)
+from xpnet.captcha.config import (CONFIGS, FIXED_LENGTH_HEAD, Settings, TrainOptions, derive_seed, get_config,
+                                  head_for_labels, merge_resume, resolve_settings, settings_for_head)
+from xpnet.data import Charset
 from xpnet.errors import UsageError
 
 
@@ -25,6 +26,9 @@ def test_every_configuration_key_is_a_settings_field():
     for cfg in CONFIGS.values():
         assert set(cfg) <= names
     assert names - set(CONFIGS["default"]) == {"config", "data_dir", "seed", "train_images_made"}
+    # keys newer than the first run.json files have defaults, so those runs still resume
+    old = {k: v for k, v in resolve_settings(TrainOptions()).to_dict().items() if k not in ("min_length", "head", "ctc")}
+    assert Settings.from_dict(old).head == "auto"
 
 
 def test_derived_seeds_differ_and_repeat():
@@ -116,7 +120,44 @@ def test_resume_refuses_options_that_would_change_the_run(options, message):
     assert message in str(err.value)
 
 
-def test_a_ctc_model_is_refused_by_the_training_job_naming_what_it_can_train():
-    # captcha_crnn is in the zoo (a CTC reader trained from Python); the job trains the BCE readers only.
-    with pytest.raises(UsageError, match="captcha_crnn reads with a CTC head.*captcha_net, captcha_net_bn"):
-        resolve_settings(TrainOptions(model="captcha_crnn"))
+def test_heads_follow_lengths_models_and_options():
+    s = resolve_settings(TrainOptions())
+    assert (s.head, s.model, s.min_length) == (FIXED_LENGTH_HEAD, "captcha_net", None)
+    s = resolve_settings(TrainOptions(length="4-6"))   # a range: CTC, with the configuration's ctc settings
+    assert (s.head, s.model, s.model_kwargs, s.prior_bias, s.min_length, s.length) == (
+        "ctc", "captcha_crnn", {"batchnorm": True}, False, 4, 6)
+    s = resolve_settings(TrainOptions(head="ctc", length=5))
+    assert (s.head, s.model, s.min_length, s.length) == ("ctc", "captcha_crnn", None, 5)
+    s = resolve_settings(TrainOptions(model="captcha_crnn"))  # the model says its head; its arguments are kept
+    assert (s.head, s.model, s.model_kwargs) == ("ctc", "captcha_crnn", {})
+    assert resolve_settings(TrainOptions(head="bce")).model == "captcha_net"
+    assert resolve_settings(TrainOptions(data="somewhere")).head == "auto"  # the labels decide
+    assert resolve_settings(TrainOptions(data="somewhere", length="3-5")).head == "ctc"
+    with pytest.raises(UsageError, match="--length 4-6 is a range of lengths, which the bce head cannot read"):
+        resolve_settings(TrainOptions(length="4-6", head="bce"))
+    with pytest.raises(UsageError, match="--model captcha_net reads with the bce head, not --head ctc.*captcha_crnn"):
+        resolve_settings(TrainOptions(model="captcha_net", head="ctc"))
+    with pytest.raises(UsageError, match="--head must be bce or ctc"):
+        resolve_settings(TrainOptions(head="sigmoid"))
+    with pytest.raises(UsageError, match="--length must be a number of characters"):
+        resolve_settings(TrainOptions(length="6-4"))
+
+
+def test_head_for_labels_of_a_folder():
+    auto = resolve_settings(TrainOptions(data="somewhere"))
+    assert head_for_labels(auto, Charset("AB", 4)) == FIXED_LENGTH_HEAD
+    assert head_for_labels(auto, Charset("AB", 6, 4)) == "ctc"
+    bce = resolve_settings(TrainOptions(data="somewhere", head="bce"))
+    with pytest.raises(UsageError, match="the labels have 4-6 characters, which the bce head cannot read.*--head ctc"):
+        head_for_labels(bce, Charset("AB", 6, 4))
+    ctc = settings_for_head(auto, "ctc")
+    assert (ctc.model, ctc.head) == ("captcha_crnn", "ctc") and auto.model == "captcha_net"  # a new object
+
+
+def test_resume_takes_a_length_range_as_the_run_had_it():
+    options = TrainOptions(length="4-6")
+    saved = resolve_settings(options).to_dict()
+    assert merge_resume(resolve_settings(options), saved, options).min_length == 4
+    other = TrainOptions(length="4-5")
+    with pytest.raises(UsageError, match="--length 4-5 differs"):
+        merge_resume(resolve_settings(other), saved, other)

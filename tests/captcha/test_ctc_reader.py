@@ -191,3 +191,26 @@ def test_onnx_round_trip_reads_the_same(tmp_path, trained):
     assert got.texts == want.texts and any(want.texts)
     np.testing.assert_allclose(got.confidences, want.confidences, rtol=0, atol=1e-4)
     np.testing.assert_allclose(got.char_confidences, want.char_confidences, rtol=0, atol=1e-4)
+
+
+def test_training_metrics_agree_with_the_readers_decoding():
+    from xpnet.captcha.heads import columns_needed, ctc_metrics
+
+    cs = Charset("ABC", 4, min_length=1)
+    rng = np.random.default_rng(3)
+    n, t = 40, 9
+    truths = ["".join(rng.choice(list("ABC"), rng.integers(1, 5))) for _ in range(n)]
+    logits = rng.standard_normal((n, t, 4)).astype(np.float32)
+    for i in range(0, n, 2):  # every other row spells its truth exactly: blank, char, blank, char, ...
+        logits[i] = -5.0
+        logits[i, :, 0] = 5.0
+        for j, c in enumerate(truths[i]):
+            logits[i, 2 * j + 1, 0], logits[i, 2 * j + 1, 1 + "ABC".index(c)] = -5.0, 5.0
+    y = ctc_targets(truths, cs, width=4)
+    texts = ctc_decode(logits, cs)[0]
+    m = ctc_metrics(cs)
+    want = np.mean([a == b for a, b in zip(texts, truths)])
+    assert 0.5 <= want < 1 and m["string_accuracy"](logits, y) == pytest.approx(want)
+    cer = edit_distances(texts, truths).sum() / sum(map(len, truths))
+    assert m["char_error_rate"](logits, y.astype(np.float32)) == pytest.approx(cer)  # float targets too
+    assert [columns_needed(s) for s in ("", "AB", "AAB", "AAAA")] == [0, 2, 4, 7]

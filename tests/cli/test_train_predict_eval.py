@@ -210,6 +210,26 @@ def test_cli_train_runs_resumes_and_never_overwrites(tmp_path, monkeypatch, caps
     assert "--lr 0.5 differs from the run's" in capsys.readouterr().err
 
 
+def test_cli_trains_a_range_of_lengths_with_a_ctc_head_and_eval_reads_it(tmp_path, monkeypatch, capsys):
+    tiny = config.get_config("default")
+    tiny.update(charset="ABC", height=32, width=48, channels=1, train_images=96, val_images=32, test_images=40,
+                time_budget=None, epochs=1, batch_size=32, final_reserve=0, description="a tiny configuration")
+    tiny["ctc"] = {**tiny["ctc"], "model_kwargs": {"channels": [4, 8, 8], "hidden": 8}}
+    monkeypatch.setitem(config.CONFIGS, "tiny", tiny)
+    out = tmp_path / "run"
+    assert cli.main(["train", "--config", "tiny", "--length", "2-3", "--out", str(out), "--workers", "0",
+                     "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "2-3-character CAPTCHAs" in text and "ctc head" in text and "character error rate" in text
+    assert cli.main(["train", "--config", "tiny", "--length", "2-3", "--head", "bce", "--out", str(tmp_path / "b")]) == 2
+    assert "a range of lengths, which the bce head cannot read" in capsys.readouterr().err
+    folder = tmp_path / "imgs"
+    write_captcha_pngs(folder, 12, seed=1, charset="ABC", length="2-3", workers=0, progress=False)
+    assert cli.main(["eval", str(out / "model.npz"), str(folder), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == 12 and report["char_error_rate"] is not None and report["length_accuracy"] is not None
+
+
 def test_the_example_script_shares_the_cli_error_policy(capsys):
     """examples/train.py runs under xpnet.cli.run_guarded: an error no command caught is still one
     sentence with the script's name and exit code 1, never a traceback."""

@@ -16,7 +16,7 @@ import numpy
 
 from .. import checks
 from ..data.captcha import make_charset
-from ..data.labels import DIGITS_UPPER
+from ..data.labels import DIGITS_UPPER, length_text, parse_length
 from ..errors import UsageError
 from ..nn import models
 
@@ -36,7 +36,16 @@ _DEFAULT = {
     "channels": 1,                 # 1 grey, 3 RGB (grey: the same accuracy for a third of the first conv)
     # the task (synthetic data; a folder infers them unless --charset/--length are given)
     "charset": DIGITS_UPPER,
-    "length": 4,
+    "length": 4,                   # characters per label (the longest, when min_length is set)
+    "min_length": None,            # the shortest label of a range (--length 4-6); None: one length
+    # how outputs become texts: "bce" (one block of sigmoid units per character position, one length),
+    # "ctc" (per-column scores, any length) or "auto": CTC for a range of lengths or a mixed-length folder,
+    # else FIXED_LENGTH_HEAD
+    "head": "auto",
+    "ctc": {                       # these settings replace the ones above when the head is CTC
+        "model": "captcha_crnn", "model_kwargs": {"batchnorm": True},  # a user's CTC model is kept
+        "prior_bias": False,       # the prior is for per-position sigmoid blocks
+    },
     # how long: seconds of wall clock for the whole job; None = until epochs/steps are done
     "time_budget": 870,
     "epochs": None,                # passes over the training set (None: as many as the budget allows)
@@ -111,6 +120,10 @@ CONFIGS: dict[str, dict] = {
 
 SEED_PURPOSES = {"validation": 1, "test": 2, "split": 3}
 OPTIMIZERS = ("adamw", "adam", "sgd")
+HEADS = ("bce", "ctc")
+# The head of a fixed-length reader when none is asked for (benchmarks/results/captcha_heads_cpu/: the two
+# heads side by side at the same budget).
+FIXED_LENGTH_HEAD = "bce"
 
 
 def get_config(name: str) -> dict:
@@ -147,7 +160,8 @@ class TrainOptions:
     batch_size: int | None = None
     lr: float | None = None
     charset: str | None = None
-    length: int | None = None
+    length: int | str | None = None    # 4, or a range "4-6"
+    head: str | None = None            # "bce", "ctc"; None: the configuration's ("auto")
     height: int | None = None
     width: int | None = None
     channels: int | None = None
@@ -206,6 +220,9 @@ class Settings:
     data_dir: str | None = None
     seed: int = 0
     train_images_made: int | None = None
+    min_length: int | None = None      # (keys of later versions: older run.json files lack them)
+    head: str = "auto"
+    ctc: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def field_names(cls) -> set:
@@ -243,15 +260,14 @@ def resolve_settings(options: TrainOptions) -> Settings:
     if options.model is not None:
         if options.model not in models.MODELS:
             raise UsageError(f"unknown model {options.model!r}: choose one of {', '.join(models.MODELS)}.")
-        if getattr(models.MODELS[options.model], "head", "bce") != "bce":
-            raise UsageError(f"{options.model} reads with a CTC head, which the training job does not train yet: "
-                             "train it from Python with xpnet.captcha.CTCLoss (README), or choose "
-                             f"{', '.join(m for m, f in models.MODELS.items() if getattr(f, 'head', 'bce') == 'bce')}.")
         if options.model != s["model"]:
             s["model_kwargs"] = {}  # the configuration's arguments were for its own model
         s["model"] = options.model
         s["folder_small"] = {**s["folder_small"], "batchnorm": False}  # the user chose the network: keep it
-    for name in ("height", "width", "channels", "length", "batch_size", "epochs", "steps"):
+    if options.length is not None:
+        lo, hi = parse_length(options.length, "--length")
+        s["length"], s["min_length"] = hi, (lo if lo < hi else None)
+    for name in ("height", "width", "channels", "batch_size", "epochs", "steps"):
         value = getattr(options, name)
         if value is not None:
             s[name] = checks.positive_int(value, "--" + name.replace("_", "-"))
@@ -262,19 +278,76 @@ def resolve_settings(options: TrainOptions) -> Settings:
     s["seed"] = checks.integer(options.seed, "--seed", 0, optional=True, what="a non-negative integer") or 0
     if s["data_dir"] is not None:
         # a folder infers its task and input width unless told
-        s["charset"], s["length"] = options.charset, options.length
+        s["charset"] = options.charset
+        if options.length is None:
+            s["length"] = s["min_length"] = None
         if options.width is None:
             s["width"] = None
     elif options.charset is not None:
         s["charset"] = options.charset
     if options.charset is not None:
         make_charset(options.charset, s["length"] or 4)  # checks the characters
+    s["head"] = _resolve_head(s, options)
+    if s["head"] != "auto":
+        s = dict(settings_for_head(Settings.from_dict(s), s["head"]).to_dict())
     if options.epochs is not None or options.steps is not None:
         s["time_budget"] = None  # an explicit length replaces the budget ...
     if options.time_budget is not None:  # ... unless a budget is given as well
         s["time_budget"] = checks.number(options.time_budget, "--time-budget")
     _check_configuration(s, options.config)
     return Settings.from_dict(s)
+
+
+def model_head(model: str) -> str:
+    """The head a model of the zoo reads with ("bce" unless its builder says otherwise)."""
+    return getattr(models.MODELS[model], "head", "bce")
+
+
+def _resolve_head(s: dict, options: TrainOptions) -> str:
+    """"bce", "ctc", or "auto" where only a folder's labels can tell (UsageError on contradictions)."""
+    head = s.get("head", "auto") if options.head is None else options.head
+    if head not in HEADS + ("auto",):
+        raise UsageError(f"--head must be bce or ctc, got {head!r}.")
+    if options.model is not None:
+        own = model_head(options.model)
+        if options.head is not None and options.head != own:
+            others = [m for m in models.MODELS if model_head(m) == options.head]
+            raise UsageError(f"--model {options.model} reads with the {own} head, not --head {options.head}: "
+                             f"drop one of them (models for {options.head}: {', '.join(others)}).")
+        head = own
+    ranged = s["min_length"] is not None
+    if head == "bce" and ranged:
+        raise UsageError(f"--length {s['min_length']}-{s['length']} is a range of lengths, which the bce head "
+                         f"cannot read (one block of outputs per character position): use --head ctc.")
+    if head == "auto" and (s["data_dir"] is None or s["length"] is not None):
+        head = "ctc" if ranged else FIXED_LENGTH_HEAD
+    return head
+
+
+def head_for_labels(settings: "Settings", charset) -> str:
+    """The head of a run once its labels are known: the settings' unless "auto"; then CTC for a range
+    of lengths, else FIXED_LENGTH_HEAD.  UsageError for a bce head asked to read a range."""
+    head = settings.head
+    if head == "auto":
+        head = FIXED_LENGTH_HEAD if charset.fixed else "ctc"
+    if head == "bce" and not charset.fixed:
+        raise UsageError(f"the labels have {charset.lengths} characters, which the bce head cannot read (one "
+                         f"block of outputs per character position): use --head ctc, or --length N to keep the "
+                         f"labels of one length.")
+    return head
+
+
+def settings_for_head(settings: "Settings", head: str) -> "Settings":
+    """``settings`` with its head decided: a CTC run takes the ``ctc`` settings (a CTC model the user
+    chose is kept).  Returns new settings."""
+    changes = {"head": head}
+    if head == "ctc":
+        ctc = dict(settings.ctc or {})
+        if model_head(settings.model) == "ctc":  # the user's own CTC model: keep it and its arguments
+            ctc.pop("model", None)
+            ctc.pop("model_kwargs", None)
+        changes.update(ctc)
+    return settings.replace(**changes)
 
 
 def _check_configuration(s: dict, name: str) -> None:
@@ -291,7 +364,7 @@ def _check_configuration(s: dict, name: str) -> None:
 # Options that define a run: a resumed run must keep them (option name -> settings key).
 _DEFINING = {"model": "model", "height": "height", "width": "width", "channels": "channels",
              "charset": "charset", "length": "length", "batch_size": "batch_size", "lr": "lr", "seed": "seed",
-             "data": "data_dir", "config": "config"}
+             "data": "data_dir", "config": "config", "head": "head"}
 _OPTION_NAMES = {"data": "--data", "batch_size": "--batch-size"}
 
 
@@ -307,6 +380,11 @@ def merge_resume(settings: Settings, saved: dict, options: TrainOptions, where: 
         value = getattr(options, option)
         if option == "data":
             value = settings.data_dir if options.data else None
+        elif option == "length" and value is not None:
+            lo, hi = parse_length(value, "--length")
+            if (saved.get("min_length") or saved.get("length"), saved.get("length")) == (lo, hi):
+                continue
+            value = length_text(lo, hi)
         elif option == "config" and value == "default":
             value = None
         if value is not None and saved.get(key) != value:
@@ -320,5 +398,6 @@ def merge_resume(settings: Settings, saved: dict, options: TrainOptions, where: 
     return Settings.from_dict(merged)
 
 
-__all__ = ["CONFIGS", "SEED_PURPOSES", "OPTIMIZERS", "get_config", "derive_seed", "TrainOptions", "Settings",
+__all__ = ["CONFIGS", "SEED_PURPOSES", "OPTIMIZERS", "HEADS", "FIXED_LENGTH_HEAD", "model_head", "head_for_labels",
+           "settings_for_head", "get_config", "derive_seed", "TrainOptions", "Settings",
            "resolve_settings", "merge_resume"]

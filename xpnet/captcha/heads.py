@@ -96,6 +96,52 @@ class CTCLoss:
         return "CTCLoss()"
 
 
+def columns_needed(text: str) -> int:
+    """The fewest columns a CTC reader needs to emit ``text``: one per character, plus a blank
+    between each pair of equal neighbours (else they would merge)."""
+    return len(text) + sum(a == b for a, b in zip(text, text[1:]))
+
+
+def best_path(logits):
+    """(N, T) charset indices of the greedy reading, left-aligned and padded with -1, and the (N,)
+    lengths: argmax per column, repeats merged, blanks dropped (no probabilities: for metrics)."""
+    best = backend.to_numpy(logits.argmax(axis=2)).astype(numpy.int64)
+    n, t = best.shape
+    starts = best != BLANK
+    starts[:, 1:] &= best[:, 1:] != best[:, :-1]
+    lengths = starts.sum(axis=1)
+    indices = numpy.full((n, t), -1, dtype=numpy.int64)
+    indices[numpy.arange(t)[None, :] < lengths[:, None]] = best[starts] - 1
+    return indices, lengths
+
+
+def ctc_metrics(charset: Charset) -> dict:
+    """``{"string_accuracy": f, "char_error_rate": f}``, ``f(logits, y) -> float``, for a Trainer
+    whose targets ``y`` are packed by ``ctc_targets`` (logits (N, T, K + 1), greedy readings)."""
+    def _read(logits, y):
+        indices, lengths = best_path(logits)
+        y = numpy.rint(backend.to_numpy(y)).astype(numpy.int64)
+        width = max(indices.shape[1], y.shape[1] - 1)
+        pred = numpy.full((len(y), width), -1, dtype=numpy.int64)
+        pred[:, :indices.shape[1]] = indices
+        truth = numpy.full_like(pred, -1)
+        truth[:, :y.shape[1] - 1] = y[:, 1:] - 1
+        return pred, lengths, truth, y[:, 0]
+
+    def string_accuracy(logits, y):
+        pred, _, truth, _ = _read(logits, y)
+        return float((pred == truth).all(axis=1).mean())
+
+    def char_error_rate(logits, y):
+        pred, lengths, truth, true_lengths = _read(logits, y)
+        table = numpy.array(list(charset.chars))
+        reads = ["".join(table[row[:m]]) for row, m in zip(pred, lengths.tolist())]
+        truths = ["".join(table[row[:m]]) for row, m in zip(truth, true_lengths.tolist())]
+        return float(edit_distances(reads, truths).sum() / max(1, int(true_lengths.sum())))
+
+    return {"string_accuracy": string_accuracy, "char_error_rate": char_error_rate}
+
+
 def softmax(logits):
     """Softmax over the last axis, in float64 (NumPy)."""
     z = numpy.asarray(logits, dtype=numpy.float64)
@@ -173,4 +219,4 @@ def edit_distances(reads, truths) -> numpy.ndarray:
 
 
 __all__ = ["HEADS", "BLANK", "head_of", "ctc_metadata", "check_texts", "ctc_targets", "CTCLoss", "ctc_decode",
-           "edit_distances", "softmax"]
+           "edit_distances", "softmax", "columns_needed", "best_path", "ctc_metrics"]

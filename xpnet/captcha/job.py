@@ -19,9 +19,11 @@ from .. import backend, checks
 from ..data import folder as data_folder
 from ..errors import UsageError
 from ..metrics import multilabel_metrics
+from ..ops.loss import sigmoid_bce_with_logits
 from ..nn import serialization as xio
 from ..training.trainer import Trainer
-from .config import Settings, TrainOptions, merge_resume, resolve_settings
+from .config import Settings, TrainOptions, merge_resume, resolve_settings, settings_for_head
+from .heads import CTCLoss, ctc_metrics
 from .network import build_model, make_transforms, set_prior_bias
 from .plans import NO_EPOCH_LIMIT, DataPlan, for_small_folder, prepare_data, stream_start
 from .recognizer import Recognizer, metadata_for
@@ -62,7 +64,8 @@ def run(settings: Settings, out, resume: bool = False, workers: int | None = Non
     out = xio.check_writable(Path(out))
     _log_start(settings, out, log)
     plan = prepare_data(settings, out, workers, progress, log)
-    settings, said = for_small_folder(settings.replace(**plan.learned), plan.n_train)
+    settings = settings_for_head(settings.replace(**plan.learned), plan.head)
+    settings, said = for_small_folder(settings, plan.n_train)
     if said:
         log(said)
     if not resume:
@@ -78,6 +81,8 @@ def run(settings: Settings, out, resume: bool = False, workers: int | None = Non
         epochs = -(-settings.steps // spe)  # the step limit ends the last one
     metadata = metadata_for(plan.charset, plan.preprocess, model=settings.model, config=settings.config,
                             settings=settings.to_dict(), data=plan.describe)
+    if plan.head == "ctc":
+        metadata["head"] = "ctc"  # texts of any length, decoded from per-column scores (captcha.heads)
     trainer = _make_trainer(model, opt, out, settings, plan, batch_size, patience, train_budget, metadata,
                             progress, log)
     schedule.progress = trainer.fraction_done
@@ -100,7 +105,7 @@ def _build_network(settings: Settings, plan: DataPlan):
     """(model, optimizer, schedule), the weights drawn from the run's seed."""
     backend.seed(settings.seed)
     model = build_model(settings.model, plan.charset, plan.preprocess, **(settings.model_kwargs or {}))
-    if settings.prior_bias:
+    if settings.prior_bias and plan.head == "bce":
         set_prior_bias(model, plan.charset)
     opt, schedule = build_optimizer(settings, model)
     return model, opt, schedule
@@ -130,9 +135,13 @@ def _training_budget(settings: Settings, t0: float):
 
 def _make_trainer(model, opt, out, settings, plan, batch_size, patience, train_budget, metadata, progress, log):
     """The trainer: best checkpoint by validation whole-string accuracy, ties broken by the lower loss."""
-    train_t, eval_t = make_transforms(plan.preprocess, settings.max_shift, settings.max_scale)
+    ctc = plan.head == "ctc"
+    train_t, eval_t = make_transforms(plan.preprocess, settings.max_shift, settings.max_scale,
+                                      float_targets=not ctc)
+    metrics = ctc_metrics(plan.charset) if ctc else multilabel_metrics(plan.charset.length)
     return Trainer(model, opt, out_dir=out, batch_size=batch_size, eval_batch_size=max(256, 2 * batch_size),
-                   metrics=multilabel_metrics(plan.charset.length), monitor="val_string_accuracy", mode="max",
+                   loss=CTCLoss() if ctc else sigmoid_bce_with_logits,
+                   metrics=metrics, monitor="val_string_accuracy", mode="max",
                    tie_break="val_loss", patience=patience, transform=train_t, eval_transform=eval_t,
                    seed=settings.seed, log_every=10,
                    progress=sys.stderr.isatty() if progress is None else bool(progress), log=log,
@@ -144,7 +153,7 @@ def _log_plan(model, settings, plan, batch_size, spe, epochs, patience, train_bu
     limits = [f"{epochs} epoch(s)" if epochs < NO_EPOCH_LIMIT else None,
               f"{settings.steps} steps" if settings.steps else None,
               f"{train_budget:.0f} s" if train_budget else None]
-    log(f"training {model.name} ({model.n_params():,} parameters) on {plan.n_train:,} "
+    log(f"training {model.name} ({model.n_params():,} parameters, {plan.head} head) on {plan.n_train:,} "
         f"{'fresh images per epoch' if plan.streams else 'images'}"
         f", batch {batch_size}, {spe} steps per epoch, until "
         + " or ".join(x for x in limits if x) + (f", early stopping after {patience} epochs without progress"

@@ -39,6 +39,18 @@ def build_model(name: str, charset: Charset, pp: Preprocess, **extra):
                          f"use a larger --height/--width.") from None
 
 
+def ctc_columns(name: str, charset: Charset, pp: Preprocess, model_kwargs=None) -> int:
+    """T: the columns (time steps) the CTC model ``name`` reads from inputs ``pp.shape``, so the
+    longest text it can emit (a throwaway model is built to find out; the run's weights are drawn
+    later from its own seed)."""
+    model = build_model(name, charset, pp, **(model_kwargs or {}))
+    shape = model.output_shape
+    if len(shape) != 2:
+        raise UsageError(f"model {name} does not give per-column scores (its output is {shape}): it cannot "
+                         f"read with a CTC head.")
+    return int(shape[0])
+
+
 def set_prior_bias(model, charset: Charset) -> None:
     """Set the last layer's biases to the logit of the class prior 1 / n_classes (every output unit).
 
@@ -53,15 +65,17 @@ def set_prior_bias(model, charset: Charset) -> None:
     b[...] = b.dtype.type(math.log(p / (1.0 - p)))
 
 
-def make_transforms(pp: Preprocess, max_shift: int, max_scale: float):
-    """(train_transform, eval_transform): uint8 (N, C, H, W) + uint8 targets -> floats, on the device.
+def make_transforms(pp: Preprocess, max_shift: int, max_scale: float, float_targets: bool = True):
+    """(train_transform, eval_transform): uint8 (N, C, H, W) images -> floats, on the device.
 
     Training batches are shifted/scaled per image first (random numbers from
     ``xpnet.backend.rng()``, which checkpoints save), then normalised as ``pp`` says.
+    Targets become floats of the model's dtype (multi-hot for BCE), or stay as they are
+    (``float_targets=False``: CTC's packed integer labels).
     """
     def eval_transform(x, y):
         dtype = backend.get_dtype()
-        return pp.normalize_batch(x, dtype), y.astype(dtype)
+        return pp.normalize_batch(x, dtype), (y.astype(dtype) if float_targets else y)
 
     def train_transform(x, y):
         if max_shift or max_scale:
@@ -71,4 +85,4 @@ def make_transforms(pp: Preprocess, max_shift: int, max_scale: float):
     return train_transform, eval_transform
 
 
-__all__ = ["build_model", "set_prior_bias", "make_transforms"]
+__all__ = ["build_model", "ctc_columns", "set_prior_bias", "make_transforms"]

@@ -23,7 +23,9 @@ from ..data.images import Preprocess
 from ..data.labels import Charset
 from ..errors import DataError, UsageError
 from ..nn import serialization as xio
-from .config import CONFIGS, Settings, derive_seed
+from .config import CONFIGS, Settings, derive_seed, head_for_labels, settings_for_head
+from .heads import columns_needed, ctc_targets
+from .network import ctc_columns
 
 NO_EPOCH_LIMIT = 10 ** 6   # "epochs" of a run that the budget or the step limit ends
 
@@ -35,11 +37,13 @@ class DataPlan:
     charset, preprocess  the task and the model's input (C, H, W)
     n_train              training images (a stream: images per "epoch")
     describe             JSON-safe summary, kept in ``run.json`` as ``data``
-    val                  (images uint8 (N, C, H, W), multi-hot targets uint8 (N, length * K))
+    val                  (images uint8 (N, C, H, W), targets): multi-hot uint8 (N, length * K) for the
+                         bce head, packed int64 (N, 1 + length) for CTC (``heads.ctc_targets``)
     test                 (images, labels, paths or None): held out, evaluated once at the end
     test_name            how the reports name the test set
-    learned              settings the data decided (input width, charset, ...), for ``Settings.replace``
+    learned              settings the data decided (input width, charset, head, ...), for ``Settings.replace``
     streams              whether training batches are made fresh for every step
+    head                 "bce" or "ctc": how the targets are coded
     """
 
     charset: Charset
@@ -51,6 +55,11 @@ class DataPlan:
     test_name: str
     learned: dict
     streams: bool = False
+    head: str = "bce"
+
+    def targets(self, labels):
+        """The training targets of text ``labels`` for this plan's head (NumPy)."""
+        return targets_for(self.head, labels, self.charset)
 
     def steps_per_epoch(self, batch_size: int) -> int:
         return -(-self.n_train // batch_size)
@@ -78,8 +87,8 @@ class SyntheticPlan(DataPlan):
         if self.streams:
             stream = CaptchaStream(batch_size, self.seed, self.charset, preprocess=self.preprocess,
                                    workers=self.workers, start_batch=first_batch)
-            return StreamBatches(stream, self.charset)
-        return self.train.images, self.train.targets(numpy.uint8)
+            return StreamBatches(stream, self.targets)
+        return self.train.images, self.targets(self.train.labels)
 
     def epochs_and_patience(self, settings: Settings, steps_per_epoch: int):
         if settings.epochs:
@@ -94,7 +103,7 @@ class FolderPlan(DataPlan):
     train: LabelledImages | None = None
 
     def train_source(self, batch_size: int, first_batch: int = 0):
-        return self.train.images, self.train.targets(numpy.uint8)
+        return self.train.images, self.targets(self.train.labels)
 
     def epochs_and_patience(self, settings: Settings, steps_per_epoch: int):
         epochs = settings.epochs or folder_epochs(self.n_train, settings)
@@ -110,8 +119,11 @@ def prepare_data(settings: Settings, out: Path, workers=None, progress=None, log
 
 def prepare_synthetic(settings: Settings, workers=None, progress=None, log=print) -> SyntheticPlan:
     """Generate the validation and test sets and (unless streaming) the training pool."""
-    cs = make_charset(settings.charset, settings.length)
+    cs = make_charset(settings.charset, (settings.min_length or settings.length, settings.length))
     pp = Preprocess(height=settings.height, width=settings.width or 80, channels=settings.channels)
+    head = head_for_labels(settings, cs)
+    if head == "ctc":
+        _check_ctc_fits(settings_for_head(settings, head), cs, pp)
     seed = check_seed(settings.seed)
     val_seed, test_seed = derive_seed(seed, "validation"), derive_seed(seed, "test")
     t = time.monotonic()
@@ -125,7 +137,7 @@ def prepare_synthetic(settings: Settings, workers=None, progress=None, log=print
     test = generate_captchas(settings.test_images, test_seed, cs, preprocess=pp, workers=workers,
                              progress=progress)
     n_train = len(train) if train is not None else settings.stream_epoch_steps * settings.batch_size
-    log(f"synthetic {cs.length}-character CAPTCHAs over {cs.n_classes} classes at "
+    log(f"synthetic {cs.lengths}-character CAPTCHAs over {cs.n_classes} classes at "
         f"{pp.channels}x{pp.height}x{pp.width}: "
         + (f"{len(train):,} training images (seed {seed})" if train is not None
            else f"fresh training images from seed {seed}")
@@ -136,9 +148,9 @@ def prepare_synthetic(settings: Settings, workers=None, progress=None, log=print
                 "val_images": len(val), "test_images": len(test)}
     return SyntheticPlan(
         charset=cs, preprocess=pp, n_train=n_train, describe=describe,
-        val=(val.images, val.targets(numpy.uint8)), test=(test.images, test.labels, None),
-        test_name=f"{len(test):,} held-out generated images, seed {test_seed}", learned=learned,
-        streams=streams, train=train, seed=seed, workers=workers, epoch_steps=settings.stream_epoch_steps)
+        val=(val.images, targets_for(head, val.labels, cs)), test=(test.images, test.labels, None),
+        test_name=f"{len(test):,} held-out generated images, seed {test_seed}", learned={**learned, "head": head},
+        streams=streams, head=head, train=train, seed=seed, workers=workers, epoch_steps=settings.stream_epoch_steps)
 
 
 def prepare_folder(settings: Settings, out: Path, workers=None, progress=None, log=print) -> FolderPlan:
@@ -155,9 +167,14 @@ def prepare_folder(settings: Settings, out: Path, workers=None, progress=None, l
         pp = suggest_preprocess(folder, height=settings.height, channels=settings.channels)
     else:
         pp = Preprocess(height=settings.height, width=settings.width, channels=settings.channels)
-    data = load_folder(folder, charset=settings.charset, length=settings.length, preprocess=pp,
+    length = None if settings.length is None else (settings.min_length or settings.length, settings.length)
+    data = load_folder(folder, charset=settings.charset, length=length, preprocess=pp,
                        workers=workers, progress=progress)
     cs = data.charset
+    head = head_for_labels(settings, cs)
+    if head == "ctc":
+        data = _drop_unreadable(data, settings_for_head(settings, head), pp)
+        cs = data.charset
     summary = data.summary().splitlines()
     log("\n".join(summary[:12]) + (f"\n  ... ({len(summary) - 12} more lines in {Path(out) / 'skipped.txt'})"
                                    if len(summary) > 12 else ""))
@@ -179,9 +196,51 @@ def prepare_folder(settings: Settings, out: Path, workers=None, progress=None, l
                 "test_fraction": settings.test_fraction, "val_fraction": settings.val_fraction}
     return FolderPlan(
         charset=cs, preprocess=pp, n_train=len(train), describe=describe,
-        val=(val.images, val.targets(numpy.uint8)), test=(test.images, test.labels, test.paths),
+        val=(val.images, targets_for(head, val.labels, cs)), test=(test.images, test.labels, test.paths),
         test_name=f"{len(test):,} held-out images of {folder} ({settings.test_fraction:.0%} split)",
-        learned={"width": pp.width, "charset": cs.chars, "length": cs.length}, train=train)
+        learned={"width": pp.width, "charset": cs.chars, "length": cs.length,
+                 "min_length": None if cs.fixed else cs.min_length, "head": head},
+        head=head, train=train)
+
+
+def targets_for(head: str, labels, charset: Charset):
+    """Training targets of text ``labels``: multi-hot uint8 (N, length * K) for "bce", packed int64
+    (N, 1 + length) for "ctc" (``heads.ctc_targets``)."""
+    if head == "ctc":
+        return ctc_targets(labels, charset, width=charset.length)
+    return charset.encode(labels, numpy.uint8)
+
+
+def _check_ctc_fits(settings: Settings, cs: Charset, pp: Preprocess) -> None:
+    """Refuse synthetic labels that the CTC model could fail to emit (the longest with every
+    neighbour repeated needs 2 * length - 1 columns)."""
+    t = ctc_columns(settings.model, cs, pp, settings.model_kwargs)
+    if 2 * cs.length - 1 > t:
+        raise UsageError(f"labels of up to {cs.length} characters can need {2 * cs.length - 1} columns (repeated "
+                         f"neighbours are kept apart by a blank), but {settings.model} reads {t} at input width "
+                         f"{pp.width}: give a larger --width (or a shorter --length).")
+
+
+def _drop_unreadable(data: LabelledImages, settings: Settings, pp: Preprocess) -> LabelledImages:
+    """``data`` without the labels a CTC model over its columns cannot emit, each added to the skipped list."""
+    t = ctc_columns(settings.model, data.charset, pp, settings.model_kwargs)
+    need = numpy.array([columns_needed(text) for text in data.labels])
+    bad = numpy.flatnonzero(need > t)
+    if not len(bad):
+        return data
+    keep = numpy.flatnonzero(need <= t)
+    if not len(keep):
+        raise DataError(f"no label in {settings.data_dir} fits the {t} columns {settings.model} reads at input "
+                        f"width {pp.width}: give a larger --width.")
+    reasons = [(data.paths[i], f"label {data.labels[i]!r} needs {need[i]} columns but {settings.model} reads {t} "
+                               f"at input width {pp.width} (give a larger --width to read it)") for i in bad]
+    kept = data.subset(keep)
+    kept.skipped = sorted(data.skipped + reasons)
+    kept.ignored = data.ignored
+    if settings.length is None:  # lengths inferred from the labels: from those kept
+        found = [len(text) for text in kept.labels]
+        kept.charset = Charset(data.charset.chars, max(found), min(found))
+    return kept
 
 
 # --------------------------------------------------------------------------
@@ -274,10 +333,10 @@ def pregenerate(spec, seed: int, charset: Charset, pp: Preprocess, workers, prog
 
 
 class StreamBatches:
-    """Fresh synthetic batches for the trainer: ``(images uint8, multi-hot uint8 targets)`` forever."""
+    """Fresh synthetic batches for the trainer: ``(images uint8, targets)`` forever."""
 
-    def __init__(self, stream: CaptchaStream, charset: Charset):
-        self.stream, self.charset = stream, charset
+    def __init__(self, stream: CaptchaStream, targets):
+        self.stream, self.targets = stream, targets  # targets: labels -> the head's target array
 
     def close(self):
         """Stop the stream's worker processes."""
@@ -288,7 +347,7 @@ class StreamBatches:
 
     def __next__(self):
         images, labels = next(self.stream)
-        return images, self.charset.encode(labels, numpy.uint8)
+        return images, self.targets(labels)
 
 
 def stream_start(checkpoint_dir) -> int:
@@ -301,4 +360,4 @@ def stream_start(checkpoint_dir) -> int:
 
 __all__ = ["DataPlan", "SyntheticPlan", "FolderPlan", "prepare_data", "prepare_synthetic", "prepare_folder",
            "folder_epochs", "folder_patience", "for_small_folder", "pregenerate", "StreamBatches", "stream_start",
-           "NO_EPOCH_LIMIT"]
+           "NO_EPOCH_LIMIT", "targets_for"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from ..captcha.config import CONFIGS, TrainOptions
+from ..captcha.config import CONFIGS, FIXED_LENGTH_HEAD, HEADS, TrainOptions
 from ..data.folder import cpu_count
 from ..nn import models
 
@@ -45,12 +45,18 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         f"{d['lr']:g} for default, {d['folder']['lr']:g} with --data)")
     p.add_argument("--model", metavar="NAME", default=None,
                    help=f"network, one of {', '.join(models.MODELS)} (default: the configuration's, "
-                        f"{d['model']} for default; captcha_net_bn is stronger but slower)")
+                        f"{d['model']} for the bce head, {d['ctc']['model']} for ctc; captcha_net_bn is stronger "
+                        f"but slower)")
     p.add_argument("--charset", metavar="CS", default=None,
                    help=f"characters of the labels (default: synthetic {d['charset']}; --data: inferred from "
                         "the file names)")
-    p.add_argument("--length", type=int, metavar="L", default=None,
-                   help=f"characters per label (default: synthetic {d['length']}; --data: inferred)")
+    p.add_argument("--length", metavar="L", default=None,
+                   help=f"characters per label, or a range such as 4-6 (read with a CTC head) (default: synthetic "
+                        f"{d['length']}; --data: inferred from the file names, a range when they differ)")
+    p.add_argument("--head", choices=HEADS, default=None,
+                   help="how outputs become texts: ctc (per-column scores, texts of any length; model "
+                        f"{d['ctc']['model']}) or bce (one block of outputs per character position, one length) "
+                        f"(default: ctc for a range of lengths or a mixed-length folder, else {FIXED_LENGTH_HEAD})")
     p.add_argument("--height", type=int, metavar="H", default=None,
                    help=f"model input height in pixels (default: the configuration's, {d['height']})")
     p.add_argument("--width", type=int, metavar="W", default=None,

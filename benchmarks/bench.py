@@ -8,6 +8,9 @@ reference, and PyTorch (CPU, CUDA), side by side on the same networks and inputs
 What is measured
 * training step (forward + fused sigmoid/BCE + backward + plain SGD update) of
   captcha_net and captcha_net_bn at batch 32, 128 and 500;
+* training step of the CRNN reader captcha_crnn (with BatchNorm; input 1x32x80,
+  36 classes + the blank, CTC loss, Adam) at batch 64, against the same network
+  in PyTorch (nn.GRU, nn.CTCLoss on log_softmax, input lengths = T = 20);
 * inference: single-image latency and batch-256 throughput;
 * per op, forward and backward, at batch 128 on captcha_net's shapes: im2col,
   col2im, the three convolutions, the fused conv->ReLU->pool blocks, max pool,
@@ -53,6 +56,13 @@ RESULTS = os.path.join(HERE, "results")
 
 INPUT = (3, 32, 80)
 OUTPUTS = 144  # 4 characters x 36 classes
+# captcha_crnn (built with batchnorm=True): grey 32x80 images, 36 characters + the CTC
+# blank, labels of CRNN_LABEL characters read from T = 80 / 4 = 20 columns.
+CRNN_INPUT = (1, 32, 80)
+CRNN_CLASSES = 36
+CRNN_CHANNELS, CRNN_POOLS, CRNN_HIDDEN = (32, 64, 96), ((2, 2), (2, 2), (2, 1)), 96
+CRNN_LABEL = 5
+CRNN_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # xpnet.data.DIGITS_UPPER; class i + 1 is character i
 LR = 1e-3      # small enough that the weights stay finite over a benchmark's steps
 
 # --------------------------------------------------------------------------- FLOPs
@@ -69,6 +79,17 @@ def step_flops(model: str, n: int, train: bool = True) -> float:
     c, h, w = INPUT
     fwd = 0.0
     first = None
+    if model == "captcha_crnn":
+        c, h, w = CRNN_INPUT
+        for f, (ph, pw) in zip(CRNN_CHANNELS, CRNN_POOLS):
+            fl, (h, w) = conv_flops(n, c, h, w, f, pad=1)
+            first = fl if first is None else first
+            fwd += fl
+            c, h, w = f, h // ph, w // pw
+        t, feat, hid = w, c * h, CRNN_HIDDEN
+        fwd += 2 * (2 * n * t * feat * 3 * hid + 2 * n * t * hid * 3 * hid)  # two directions: input, hidden
+        fwd += 2 * n * t * 2 * hid * (CRNN_CLASSES + 1)
+        return fwd if not train else 3 * fwd - first
     if model == "captcha_net":
         for f in (32, 64, 128):
             fl, (h, w) = conv_flops(n, c, h, w, f)
@@ -144,6 +165,16 @@ def _data(n, dtype, seed=0):
     return x, t
 
 
+def _crnn_data(n, dtype, seed=0):
+    """Images (n, 1, 32, 80) and n random labels of CRNN_LABEL characters (as class indices 1..36)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n,) + CRNN_INPUT).astype(dtype)
+    labels = rng.integers(0, CRNN_CLASSES, (n, CRNN_LABEL))
+    return x, ["".join(CRNN_CHARS[i] for i in row) for row in labels]
+
+
 def _xpnet_tasks(cfg):
     """Tasks for xpnet on NumPy or CuPy: name -> (callable, images per call)."""
     import numpy as np
@@ -159,7 +190,23 @@ def _xpnet_tasks(cfg):
         xpnet.fast_paths(False)
     xpnet.seed(0)
     tasks = {}
-    if cfg["kind"] in ("train", "infer"):
+    if cfg["model"] == "captcha_crnn" and cfg["kind"] == "train":
+        from xpnet.captcha.heads import CTCLoss, ctc_targets
+        from xpnet.data import Charset
+
+        model = xpnet.models.captcha_crnn(n_classes=CRNN_CLASSES, input_shape=CRNN_INPUT, batchnorm=True)
+        n = cfg["batch"]
+        x, texts = _crnn_data(n, cfg["dtype"])
+        x = xpnet.asarray(x)
+        y = xpnet.asarray(ctc_targets(texts, Charset(CRNN_CHARS, CRNN_LABEL)))
+        opt, loss = xpnet.optim.Adam(model, lr=LR), CTCLoss()
+
+        def crnn_step():
+            _, d = loss(model.forward(x, train=True), y)
+            model.backward(d)
+            opt.step()
+        tasks["step"] = (crnn_step, n)
+    elif cfg["kind"] in ("train", "infer"):
         model = xpnet.models.build(cfg["model"])
         n = cfg["batch"]
         x, t = _data(n, cfg["dtype"])
@@ -297,9 +344,36 @@ def _seed_tasks(cfg):
     return tasks
 
 
+def _torch_crnn(torch):
+    """captcha_crnn with BatchNorm in PyTorch: (conv, BN, ReLU, pool) x 3 -> columns -> GRU -> Linear."""
+    nn = torch.nn
+
+    class CRNN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            layers, c = [], CRNN_INPUT[0]
+            for f, pool in zip(CRNN_CHANNELS, CRNN_POOLS):
+                layers += [nn.Conv2d(c, f, 3, padding=1, bias=False), nn.BatchNorm2d(f), nn.ReLU(), nn.MaxPool2d(pool)]
+                c = f
+            self.conv = nn.Sequential(*layers)
+            h = CRNN_INPUT[1] // 8
+            self.gru = nn.GRU(c * h, CRNN_HIDDEN, batch_first=True, bidirectional=True)
+            self.out = nn.Linear(2 * CRNN_HIDDEN, CRNN_CLASSES + 1)
+
+        def forward(self, x):
+            f = self.conv(x)
+            n, c, h, w = f.shape
+            seq = f.permute(0, 3, 1, 2).reshape(n, w, c * h)  # feature c*H + h per column, as xpnet's Columns
+            return self.out(self.gru(seq)[0])  # (N, T, K + 1)
+
+    return CRNN()
+
+
 def _torch_model(torch, name):
     nn = torch.nn
     layers = []
+    if name == "captcha_crnn":
+        return _torch_crnn(torch)
     if name == "captcha_net":
         c = INPUT[0]
         for f in (32, 64, 128):
@@ -329,6 +403,26 @@ def _torch_tasks(cfg):
     dtype = torch.float64 if cfg["dtype"] == "float64" else torch.float32
     torch.manual_seed(0)
     tasks = {}
+    if cfg["model"] == "captcha_crnn" and cfg["kind"] == "train":
+        net = _torch_model(torch, cfg["model"]).to(dev, dtype)
+        n = cfg["batch"]
+        x, texts = _crnn_data(n, np.float32 if dtype == torch.float32 else np.float64)
+        x = torch.from_numpy(x).to(dev)
+        targets = torch.tensor([[CRNN_CHARS.index(ch) + 1 for ch in t] for t in texts], device=dev)  # 0: blank
+        steps = CRNN_INPUT[2] // 4
+        in_lens = torch.full((n,), steps, dtype=torch.long)
+        tg_lens = torch.full((n,), CRNN_LABEL, dtype=torch.long)
+        net.train()
+        opt = torch.optim.Adam(net.parameters(), lr=LR)
+        lossf = torch.nn.CTCLoss(blank=0)  # mean over the batch of per-sample losses / target length
+
+        def crnn_step():
+            opt.zero_grad(set_to_none=True)
+            logp = net(x).log_softmax(-1).transpose(0, 1)  # (T, N, K + 1)
+            lossf(logp, targets, in_lens, tg_lens).backward()
+            opt.step()
+        tasks["step"] = (crnn_step, n)
+        return tasks
     if cfg["kind"] in ("train", "infer"):
         net = _torch_model(torch, cfg["model"]).to(dev, dtype)
         n = cfg["batch"]
@@ -705,6 +799,7 @@ def plan(args):
         g("train", "captcha_net_bn", 128, [x32, th])
         g("infer", "captcha_net", 1, [x32, th])
         g("infer", "captcha_net", 256, [x32, th])
+        g("train", "captcha_crnn", 64, [x32, th])
         g("ops", None, OP_BATCH, [x32, th])
         return groups
     for batch in (32, 128, 500):
@@ -716,6 +811,8 @@ def plan(args):
     g("infer", "captcha_net", 256, [x32, x64, seed, th])
     g("infer", "captcha_net_bn", 1, [x32, th])
     g("infer", "captcha_net_bn", 256, [x32, th])
+    for batch in (64, 128):
+        g("train", "captcha_crnn", batch, [x32, th])
     g("ops", None, OP_BATCH, [x32, x64, seed, th])
     return groups
 
@@ -848,6 +945,10 @@ def targets(groups_out, peak):
     if a5 and b5 and "maxrss_mb" in a5 and "maxrss_mb" in b5:
         add("b500 peak RSS xpnet / PyTorch", a5["maxrss_mb"] / b5["maxrss_mb"], "<= 1.0",
             a5["maxrss_mb"] <= b5["maxrss_mb"])
+    c64 = [find(groups_out, "train", "captcha_crnn", 64, p) for p in (xp32, tdef)]
+    if all(c64):
+        v = ips(c64[0]) / ips(c64[1])
+        add("captcha_crnn b64 train vs PyTorch CPU default", v, ">= 1.5x", v >= 1.5)
     i1 = find(groups_out, "infer", "captcha_net", 1, xp32)
     if i1:
         v = i1["tasks"]["step"]["median_s"] * 1e3
@@ -1014,7 +1115,7 @@ def main(argv=None):
     enrich(groups_out, peak)
     table = fmt_table(groups_out, peak)
     tg = targets(groups_out, peak) if not args.gpu else []
-    tg_lines = ["", "targets (issue 5, captcha_net, float32):"] + [
+    tg_lines = ["", "targets (float32; issue 5: captcha_net, then the CRNN reader):"] + [
         f"  {'MET ' if t['met'] else 'MISS'} {t['target']:<42} {t['value']:.3g} (goal {t['goal']})" for t in tg]
     summary = (f"matmul peak {peak:.0f} GFLOP/s (start {peak_start.get('median_gflops', float('nan')):.0f}, "
                f"end {peak_end.get('median_gflops', float('nan')):.0f})" if peak else "matmul peak not measured")

@@ -5,6 +5,7 @@
 * ``conv_block``     -- conv [BatchNorm] [ReLU] [non-overlapping max pool] as one stage;
 * ``conv_plan``      -- a conv block's per-shard buffers and prebuilt views;
 * ``stages``         -- the other stages (dense, ReLU, flatten, dropout, BatchNorm, pool);
+* ``sequence_stages``-- the stages of CRNN readers (Columns, GRU, TimeDense);
 * ``grouped_im2col`` -- conv-block geometry: pool-grouped im2col rows, kernel taps, phase planes;
 * ``workspace``      -- reusable, cache-line aligned buffers;
 * ``threads``        -- the shard thread pool and BLAS thread control.

@@ -1,7 +1,7 @@
 """The fused path of ``Sequential`` on NumPy: a plan of fused stages run batch-parallel.
 
 Registered with ``xpnet.dispatch`` as the chain executor for NumPy batches of
-models made only of the built-in layers.  ``FusedExecutor(model)`` turns the
+models made only of the built-in layers listed below.  ``FusedExecutor(model)`` turns the
 layer list into stages:
 
 * ``ConvBlock`` -- a ``Conv2D`` with what directly follows it among
@@ -14,7 +14,13 @@ layer list into stages:
   kernel tap at a time.  With BatchNorm the whole-batch statistics are
   all-reduced between shards before the normalisation.
 * one stage per remaining layer (Dense, ReLU, Flatten, Dropout, BatchNorm,
-  MaxPool2D of any kind), each on the same per-shard contract.
+  MaxPool2D of any kind), each on the same per-shard contract;
+* for sequence models (CRNN readers: conv blocks -> ``Columns`` -> ``GRU`` ->
+  ``TimeDense``) one stage per sequence layer (``sequence_stages``), on the
+  layers' own ops; 3-D sequences (N, T, F) travel in the "flat" layout.
+
+Planned layer types (``PLANNED_TYPES``): Conv2D, MaxPool2D, Dense, ReLU, Flatten,
+Dropout, BatchNorm, Columns, GRU, TimeDense.
 
 The batch is split into T contiguous shards (``xpnet.set_num_threads``), one
 thread each with single-threaded BLAS (``threads``).  Per-shard partial

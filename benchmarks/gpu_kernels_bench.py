@@ -7,8 +7,11 @@ row times the generic ``xp`` code (kernels off) and the kernel path with
 ``cupyx.profiler.benchmark`` (GPU time, median of the repeats) and reports
 the largest relative difference between their outputs.  The last rows time
 whole training steps (forward, fused loss, backward, in-place SGD) with the
-generic (``xpnet.reference_paths()``) and with the kernels behind ``xpnet.ops``.  Finishes in well under a
-minute on an H100.  Exits 3 without a GPU.
+generic (``xpnet.reference_paths()``) and with the kernels behind ``xpnet.ops``, then
+training steps of the CRNN reader captcha_crnn with BatchNorm (1x32x80, 36 classes + the
+blank, CTC loss, Adam; batches 64 and 256) on NumPy (this machine's CPU cores) and on
+CuPy (generic and kernels), same weights and batch, in the same run.  Finishes in well
+under a minute on an H100.  Exits 3 without a GPU.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import numpy as np
 
@@ -24,7 +28,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import xpnet  # noqa: E402
 from xpnet import backend, models, ops  # noqa: E402
+from xpnet.captcha.heads import CTCLoss, ctc_targets  # noqa: E402
+from xpnet.data import Charset  # noqa: E402
 from xpnet.testing import max_rel_diff  # noqa: E402
+
+CRNN_CHARS = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 def _first(out):
@@ -115,10 +123,68 @@ def training_step_fn(cp, model, n, rng, lr=1e-4):  # small lr: weights stay sane
     return step
 
 
+def crnn_case(n, rng):
+    """(model, x, y): captcha_crnn with BatchNorm on the current backend, float32 NumPy images
+    (n, 1, 32, 80) and ``ctc_targets`` of n random labels of 4 to 6 characters."""
+    model = models.captcha_crnn(n_classes=len(CRNN_CHARS), batchnorm=True)
+    x = rng.standard_normal((n, 1, 32, 80)).astype(np.float32)
+    texts = ["".join(CRNN_CHARS[i] for i in rng.integers(0, len(CRNN_CHARS), k)) for k in rng.integers(4, 7, n)]
+    return model, x, ctc_targets(texts, Charset(CRNN_CHARS, 6, 4))
+
+
+def crnn_step_fn(model, x, y, lr=1e-4):
+    """One CRNN training step (forward, CTC loss, backward, Adam) on the backend of model, x and y."""
+    opt, loss = xpnet.optim.Adam(model, lr=lr), CTCLoss()
+
+    def step():
+        value, d = loss(model.forward(x, train=True), y)
+        model.backward(d)
+        opt.step()
+        return value
+
+    return step
+
+
+def time_host(fn, max_duration, n_repeat=20, min_repeat=3, n_warmup=1):
+    """Median wall ms of fn() (a NumPy step: no device to wait for), after n_warmup untimed calls."""
+    for _ in range(n_warmup):
+        fn()
+    times, start = [], time.perf_counter()
+    while len(times) < n_repeat and (len(times) < min_repeat or time.perf_counter() - start < max_duration):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1e3
+
+
+def crnn_rows(model, x, y, n, max_duration, timers):
+    """The CRNN step timed on each path from the same weights and batch.
+
+    ``timers`` maps a path name to (backend name, scope factory, timing function(step) -> ms);
+    returns {"op", "path", "batch", "ms", "images_per_s", "vs_numpy", "first_loss"} rows in that
+    order ("vs_numpy": the first path's ms over this one's; "first_loss": the CTC loss of the first
+    step, taken from the shared weights, so it agrees across paths up to rounding).
+    """
+    rows = []
+    for path, (where, scope, timer) in timers.items():
+        m = model.clone(where)
+        xb, yb = (x, y) if where == "numpy" else (backend.cupy.asarray(x), backend.cupy.asarray(y))
+        step = crnn_step_fn(m, xb, yb)
+        with scope():
+            first_loss = float(step())  # from the shared weights: the same on every path
+            ms = timer(step, max_duration)
+        base = rows[0]["ms"] if rows else ms
+        rows.append({"op": "captcha_crnn_bn training step", "path": path, "batch": n, "ms": ms,
+                     "images_per_s": n / ms * 1e3, "vs_numpy": base / ms, "first_loss": first_loss})
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--max-duration", type=float, default=0.5, help="seconds per timing at most")
+    parser.add_argument("--crnn-batches", type=int, nargs="*", default=[64, 256],
+                        help="batches of the CRNN training steps, NumPy vs CuPy (none: skip them)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     if not backend.has_cupy_gpu:
@@ -171,6 +237,27 @@ def main(argv=None) -> int:
                             "host_ms": host_ms, "images_per_s": args.batch / ms * 1e3})
             print(f"{name:<16}{path:<22}{ms:>9.2f}{args.batch / ms * 1e3:>10,.0f}{generic_ms / ms:>11.2f}x"
                   f"{host_ms:>9.2f}")
+
+    if args.crnn_batches:
+        import contextlib
+
+        def gpu_timer(step, max_duration):
+            return time_gpu(benchmark, step, 3 * max_duration, n_repeat=30)[0]
+
+        threads = xpnet.get_num_threads()
+        timers = {f"NumPy, {threads} threads": ("numpy", contextlib.nullcontext, lambda f, d: time_host(f, 3 * d, n_warmup=0)),
+                  "generic CuPy": ("cupy", xpnet.reference_paths, gpu_timer),
+                  "xpnet CUDA kernels": ("cupy", contextlib.nullcontext, gpu_timer)}
+        print(f"\ncaptcha_crnn (BatchNorm) training step (forward, CTC loss, backward, Adam), 1x32x80, "
+              f"36 classes + blank, labels of 4-6, float32, CUPY_TF32={tf32}:")
+        print(f"{'model':<16}{'batch':>6}  {'path':<22}{'ms/step':>9}{'images/s':>10}{'vs NumPy':>10}{'1st loss':>10}")
+        for n in args.crnn_batches:
+            backend.seed(0)
+            model, x, y = crnn_case(n, rng)
+            for row in crnn_rows(model, x, y, n, args.max_duration, timers):
+                results.append(row)
+                print(f"{'captcha_crnn_bn':<16}{n:>6}  {row['path']:<22}{row['ms']:>9.2f}{row['images_per_s']:>10,.0f}"
+                      f"{row['vs_numpy']:>9.2f}x{row['first_loss']:>10.4f}")
     payload = {"device": info.get("name"), "cupy": cp.__version__, "batch": args.batch, "results": results}
     print("RESULT_JSON " + json.dumps(payload))
     if args.json:

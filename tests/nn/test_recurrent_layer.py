@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from xpnet import dispatch
 from xpnet import backend, ops
 from xpnet.errors import ShapeError, UsageError
 from xpnet.nn.optim import Adam
@@ -137,9 +138,14 @@ def test_in_a_sequential_forward_backward_and_parameter_names(rng):
     model = Sequential([GRU(4, name="rnn")], input_shape=(6, 3))
     x = rng.standard_normal((5, 6, 3)).astype(np.float32)
     y = model.forward(x, train=True)
-    assert y.shape == (5, 6, 8) and model.executor is None
+    assert y.shape == (5, 6, 8)
     model.backward(np.ones_like(y))
     assert list(model.gradients()) == list(model.parameters())
+    with dispatch.layer_by_layer():  # the plain path gives the same output and gradients
+        assert np.allclose(model.forward(x, train=True), y, atol=1e-6) and model.executor is None
+        fused = {k: g.copy() for k, g in model.gradients().items()}
+        model.backward(np.ones_like(y))
+    assert all(np.allclose(g, fused[k], atol=1e-5) for k, g in model.gradients().items())
     assert "rnn.Wh_bw" in model.parameters()
 
 

@@ -39,6 +39,7 @@ class Sequential:
         self.compute_input_grad = False  # backward returns dx for the input only when True
         self._executor = None  # a chain executor from xpnet.dispatch, built on first use
         self._executor_impl = None
+        self._chain_ran = False  # whether the last forward ran on the chain executor
         self._name_layers()
         if input_shape is not None:
             self.build(input_shape)
@@ -114,6 +115,7 @@ class Sequential:
             self.build(x.shape[1:])
         self._check_batch(x)
         executor = self._chain_executor(x)
+        self._chain_ran = executor is not None
         if executor is not None:
             if self.compute_input_grad != self.layers[0].needs_input_grad:
                 self._set_input_grad_flags()
@@ -142,7 +144,7 @@ class Sequential:
     @property
     def executor(self):
         """The chain executor that ran the last forward (``xpnet.dispatch``), or None: layer by layer."""
-        return self._executor
+        return self._executor if self._chain_ran else None
 
     __call__ = forward
 

@@ -25,9 +25,10 @@ def test_every_configuration_key_is_a_settings_field():
     names = Settings.field_names()
     for cfg in CONFIGS.values():
         assert set(cfg) <= names
-    assert names - set(CONFIGS["default"]) == {"config", "data_dir", "seed", "train_images_made"}
+    assert names - set(CONFIGS["default"]) == {"config", "data_dir", "seed", "train_images_made", "chosen"}
     # keys newer than the first run.json files have defaults, so those runs still resume
-    old = {k: v for k, v in resolve_settings(TrainOptions()).to_dict().items() if k not in ("min_length", "head", "ctc")}
+    old = {k: v for k, v in resolve_settings(TrainOptions()).to_dict().items()
+           if k not in ("min_length", "head", "ctc", "chosen")}
     assert Settings.from_dict(old).head == "auto"
 
 
@@ -127,7 +128,11 @@ def test_heads_follow_lengths_models_and_options():
     assert (s.head, s.model, s.model_kwargs, s.prior_bias, s.min_length, s.length) == (
         "ctc", "captcha_crnn", {"batchnorm": True}, False, 4, 6)
     s = resolve_settings(TrainOptions(head="ctc", length=5))
-    assert (s.head, s.model, s.min_length, s.length) == ("ctc", "captcha_crnn", None, 5)
+    assert (s.head, s.model, s.min_length, s.length, s.lr) == ("ctc", "captcha_crnn", None, 5, CONFIGS["default"]["ctc"]["lr"])
+    s = resolve_settings(TrainOptions(head="ctc", lr=1e-4, batch_size=16))  # the user's options win
+    assert (s.lr, s.batch_size, s.model) == (1e-4, 16, "captcha_crnn")
+    s = settings_for_head(resolve_settings(TrainOptions(data="somewhere", lr=2e-4)), "ctc")
+    assert (s.lr, s.model) == (2e-4, "captcha_crnn")
     s = resolve_settings(TrainOptions(model="captcha_crnn"))  # the model says its head; its arguments are kept
     assert (s.head, s.model, s.model_kwargs) == ("ctc", "captcha_crnn", {})
     assert resolve_settings(TrainOptions(head="bce")).model == "captcha_net"

@@ -225,6 +225,7 @@ class Settings:
     min_length: int | None = None      # (keys of later versions: older run.json files lack them)
     head: str = "auto"
     ctc: dict = dataclasses.field(default_factory=dict)
+    chosen: list = dataclasses.field(default_factory=list)  # keys the user's options set (they always win)
 
     @classmethod
     def field_names(cls) -> set:
@@ -289,6 +290,8 @@ def resolve_settings(options: TrainOptions) -> Settings:
         s["charset"] = options.charset
     if options.charset is not None:
         make_charset(options.charset, s["length"] or 4)  # checks the characters
+    s["chosen"] = sorted(f.name for f in dataclasses.fields(TrainOptions)
+                         if f.name in s and f.name not in ("config", "data") and getattr(options, f.name) is not None)
     s["head"] = _resolve_head(s, options)
     if s["head"] != "auto":
         s = dict(settings_for_head(Settings.from_dict(s), s["head"]).to_dict())
@@ -341,10 +344,10 @@ def head_for_labels(settings: "Settings", charset) -> str:
 
 def settings_for_head(settings: "Settings", head: str) -> "Settings":
     """``settings`` with its head decided: a CTC run takes the ``ctc`` settings (a CTC model the user
-    chose is kept).  Returns new settings."""
+    chose is kept, and so is every other setting the user's options set).  Returns new settings."""
     changes = {"head": head}
     if head == "ctc":
-        ctc = dict(settings.ctc or {})
+        ctc = {k: v for k, v in (settings.ctc or {}).items() if k not in (settings.chosen or ())}
         if model_head(settings.model) == "ctc":  # the user's own CTC model: keep it and its arguments
             ctc.pop("model", None)
             ctc.pop("model_kwargs", None)

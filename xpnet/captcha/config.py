@@ -155,6 +155,7 @@ class TrainOptions:
 
     config: str = "default"
     data: str | None = None
+    labels: str | None = None          # a CSV of file,label rows for --data (default: labels from file names)
     model: str | None = None
     epochs: int | None = None
     steps: int | None = None
@@ -226,6 +227,7 @@ class Settings:
     head: str = "auto"
     ctc: dict = dataclasses.field(default_factory=dict)
     chosen: list = dataclasses.field(default_factory=list)  # keys the user's options set (they always win)
+    labels_file: str | None = None     # --labels: the folder's labels from a CSV instead of the file names
 
     @classmethod
     def field_names(cls) -> set:
@@ -260,6 +262,10 @@ def resolve_settings(options: TrainOptions) -> Settings:
     s["data_dir"] = os.path.abspath(options.data) if options.data else None
     if s["data_dir"] is not None:
         s.update(s["folder"])
+    if options.labels is not None:
+        if s["data_dir"] is None:
+            raise UsageError("--labels names the labels of a --data folder: give --data DIR as well.")
+        s["labels_file"] = os.path.abspath(options.labels)
     if options.model is not None:
         if options.model not in models.MODELS:
             raise UsageError(f"unknown model {options.model!r}: choose one of {', '.join(models.MODELS)}.")
@@ -291,7 +297,8 @@ def resolve_settings(options: TrainOptions) -> Settings:
     if options.charset is not None:
         make_charset(options.charset, s["length"] or 4)  # checks the characters
     s["chosen"] = sorted(f.name for f in dataclasses.fields(TrainOptions)
-                         if f.name in s and f.name not in ("config", "data") and getattr(options, f.name) is not None)
+                         if f.name in s and f.name not in ("config", "data", "labels")
+                         and getattr(options, f.name) is not None)
     s["head"] = _resolve_head(s, options)
     if s["head"] != "auto":
         s = dict(settings_for_head(Settings.from_dict(s), s["head"]).to_dict())
@@ -369,7 +376,7 @@ def _check_configuration(s: dict, name: str) -> None:
 # Options that define a run: a resumed run must keep them (option name -> settings key).
 _DEFINING = {"model": "model", "height": "height", "width": "width", "channels": "channels",
              "charset": "charset", "length": "length", "batch_size": "batch_size", "lr": "lr", "seed": "seed",
-             "data": "data_dir", "config": "config", "head": "head"}
+             "data": "data_dir", "config": "config", "head": "head", "labels": "labels_file"}
 _OPTION_NAMES = {"data": "--data", "batch_size": "--batch-size"}
 
 
@@ -385,6 +392,8 @@ def merge_resume(settings: Settings, saved: dict, options: TrainOptions, where: 
         value = getattr(options, option)
         if option == "data":
             value = settings.data_dir if options.data else None
+        elif option == "labels":
+            value = settings.labels_file if options.labels else None
         elif option == "length" and value is not None:
             lo, hi = parse_length(value, "--length")
             if (saved.get("min_length") or saved.get("length"), saved.get("length")) == (lo, hi):

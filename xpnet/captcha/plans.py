@@ -169,7 +169,7 @@ def prepare_folder(settings: Settings, out: Path, workers=None, progress=None, l
         pp = Preprocess(height=settings.height, width=settings.width, channels=settings.channels)
     length = None if settings.length is None else (settings.min_length or settings.length, settings.length)
     data = load_folder(folder, charset=settings.charset, length=length, preprocess=pp,
-                       workers=workers, progress=progress)
+                       workers=workers, progress=progress, labels=getattr(settings, "labels_file", None))
     cs = data.charset
     head = head_for_labels(settings, cs)
     if head == "ctc":
@@ -191,7 +191,8 @@ def prepare_folder(settings: Settings, out: Path, workers=None, progress=None, l
     train, val, test = data.subset(rest[tr]), data.subset(rest[va]), data.subset(test_idx)
     log(f"input {pp.channels}x{pp.height}x{pp.width}; split (seed {split_seed}): {len(train):,} train, "
         f"{len(val):,} validation, {len(test):,} test; {time.monotonic() - t:.0f} s")
-    describe = {"kind": "folder", "folder": folder, "images": n, "skipped": len(data.skipped),
+    describe = {"kind": "folder", "folder": folder, "labels": settings.labels_file or "file names",
+                "images": n, "skipped": len(data.skipped),
                 "split_seed": split_seed, "train": len(train), "val": len(val), "test": len(test),
                 "test_fraction": settings.test_fraction, "val_fraction": settings.val_fraction}
     return FolderPlan(

@@ -374,27 +374,41 @@ class Recognizer:
             skipped=list(skipped or []), char_error_rate=cer, length_accuracy=float(same_len.mean()))
 
     def evaluate_folder(self, folder, workers: int | None = None, progress: bool | None = None,
-                        top: int = 10) -> Evaluation:
+                        top: int = 10, labels=None) -> Evaluation:
         """Accuracy on a folder whose file names carry the labels (``xpnet.data.label_from_name``).
 
         Files that cannot be read, or whose label does not fit the reader's
         charset and length (a CTC reader: any length from 1 to its number of
-        columns), are skipped and listed in ``Evaluation.skipped``.
+        columns), are skipped and listed in ``Evaluation.skipped``.  ``labels``: a CSV of
+        ``file,label`` rows to take the labels from instead (``xpnet.data.label_files``).
         """
         if self.head == "ctc":
-            return self._evaluate_folder_ctc(folder, top)
+            return self._evaluate_folder_ctc(folder, top, labels)
         data = load_folder(folder, charset=self.charset, preprocess=self.preprocess, on_error="report",
-                           workers=workers, progress=progress)
+                           workers=workers, progress=progress, labels=labels)
         return self.evaluate(data.images, data.labels, data.paths, data.skipped, top)
 
-    def _evaluate_folder_ctc(self, folder, top) -> Evaluation:
+    def _evaluate_folder_ctc(self, folder, top, labels_file=None) -> Evaluation:
         used, labels, skipped = [], [], []
+        named = None
+        if labels_file is not None:
+            from ..data.label_files import read_labels
+
+            named, lines, skipped = read_labels(labels_file)
+            present = {os.path.basename(p) for p in image_files(folder)}
+            name = os.path.basename(os.fspath(labels_file))
+            skipped += [(f"{name}:{lines[f]}", f"{f} is not an image file in {folder}") for f in named
+                        if f not in present]
         for path in image_files(folder):
-            if self.has_label(path):
+            if named is not None and os.path.basename(path) not in named:
+                skipped.append((path, f"no usable label for it in {os.path.basename(os.fspath(labels_file))}"))
+                continue
+            label = named[os.path.basename(path)] if named is not None else label_from_name(path)
+            if self._can_read(label):
                 used.append(path)
-                labels.append(label_from_name(path))
+                labels.append(label)
             else:
-                skipped.append((path, f"label {label_from_name(path)!r} is not 1 to {self.steps} characters "
+                skipped.append((path, f"label {label!r} is not 1 to {self.steps} characters "
                                       f"of {self.charset.chars!r}"))
         images, read, unread = self.read_files(used, on_error="report")
         keep = set(read)
@@ -406,7 +420,9 @@ class Recognizer:
 
     def has_label(self, path) -> bool:
         """Whether a file name carries a label this reader could produce (length and characters fit)."""
-        label = label_from_name(path)
+        return self._can_read(label_from_name(path))
+
+    def _can_read(self, label: str) -> bool:
         if self.head == "ctc":
             return 1 <= len(label) <= self.steps and all(c in self.charset.chars for c in label)
         return not self.charset.check([label])

@@ -17,6 +17,8 @@ def add_command(sub) -> None:
                     "cannot be read, or whose label does not fit the model, are skipped and listed.")
     p.add_argument("model", metavar="MODEL", help="model file written by xpnet train (model.npz)")
     p.add_argument("folder", metavar="DIR", help="folder of labelled images")
+    p.add_argument("--labels", metavar="FILE", default=None,
+                   help="a CSV of file,label rows giving the labels (default: the file names)")
     p.add_argument("--top", type=int, default=10, metavar="K",
                    help="how many of the most confused character pairs to show (default: 10)")
     p.add_argument("--workers", type=int, default=None, metavar="W",
@@ -36,7 +38,8 @@ def run(args) -> int:
     checks.integer(args.workers, "--workers", 0, optional=True, what="0 or more")
     reader = Recognizer.load(args.model, batch_size=args.batch_size)
     result = reader.evaluate_folder(args.folder, workers=args.workers or None,
-                                    progress=False if args.no_progress else None, top=args.top)
+                                    progress=False if args.no_progress else None, top=args.top,
+                                    labels=args.labels)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
     else:

@@ -22,6 +22,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="train on your own folder of labelled images (label = file name up to '_' or '.', e.g. "
                         "2A2X.png, 2A2X_17.png); split 80/20 into train/test, 10%% of train for validation "
                         "(default: generate synthetic CAPTCHAs)")
+    p.add_argument("--labels", metavar="FILE", default=None,
+                   help="with --data: a CSV of file,label rows (a header row file,label is optional) giving the "
+                        "labels instead of the file names; images without a row, rows without an image, empty and "
+                        "conflicting labels are listed in skipped.txt and the rest is used (default: file names)")
     p.add_argument("--out", metavar="DIR", default=None,
                    help="output folder for the model, history, plot and checkpoints; an existing run is never "
                         "overwritten (default: runs/captcha-<date>-<time>, a new folder)")

@@ -147,11 +147,16 @@ def split_indices(n: int, val_fraction: float = 0.2, seed: int = 0):
 
 
 def load_folder(path, charset=None, length=None, preprocess: Preprocess | None = None,
-                on_error: str = "report", workers: int | None = None, progress: bool | None = None
-                ) -> LabelledImages:
+                on_error: str = "report", workers: int | None = None, progress: bool | None = None,
+                labels=None) -> LabelledImages:
     """Load every labelled image in a folder (not its sub-folders).
 
     path        the folder; labels come from file names (``label_from_name``)
+                unless ``labels`` is given
+    labels      a CSV file of ``file,label`` rows (``xpnet.data.label_files``):
+                images without a row, rows without an image, empty labels and
+                conflicting rows are listed in ``.skipped`` (where: the file, or
+                ``labels.csv:LINE``) and the rest is used
     charset     a ``Charset``, a string of characters, or None to infer the
                 sorted set of characters used by the labels
     length      label length (4) or range of lengths ("4-6", (4, 6)); None: the
@@ -176,9 +181,12 @@ def load_folder(path, charset=None, length=None, preprocess: Preprocess | None =
     skipped: list[tuple[str, str]] = []
 
     chars, length = _charset_args(charset, length)
+    named = _labels_from_file(labels, candidates, folder, skipped) if labels is not None else None
     keep = []
     for p in candidates:
-        label = label_from_name(p)
+        if named is not None and p not in named:
+            continue  # listed by _labels_from_file
+        label = named[p] if named is not None else label_from_name(p)
         reason = _label_problem(label, chars, length)
         if reason:
             skipped.append((p, reason))
@@ -202,6 +210,22 @@ def load_folder(path, charset=None, length=None, preprocess: Preprocess | None =
     skipped.sort()
     return LabelledImages(images=images, labels=labels, charset=cs, preprocess=pp,
                           paths=[p for p, _ in used], skipped=skipped, ignored=ignored)
+
+
+def _labels_from_file(path, candidates, folder, skipped) -> dict:
+    """{image path: label} from the CSV at ``path``; what cannot be used goes to ``skipped``."""
+    from .label_files import read_labels
+
+    table, lines, problems = read_labels(path)
+    skipped += problems
+    by_name = {os.path.basename(p): p for p in candidates}
+    name = os.path.basename(os.fspath(path))
+    for file in sorted(set(table) - set(by_name), key=lambda f: lines[f]):
+        skipped.append((f"{name}:{lines[file]}", f"{file} is not an image file in {folder}"))
+    for p in candidates:
+        if os.path.basename(p) not in table:
+            skipped.append((p, f"no usable label for it in {name}"))
+    return {by_name[f]: label for f, label in table.items() if f in by_name}
 
 
 def _scan(folder: str):

@@ -1,0 +1,84 @@
+"""xpnet train --data DIR --labels labels.csv: labels from a CSV beside the images."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from xpnet.captcha import job
+from xpnet.captcha.config import TrainOptions, resolve_settings
+from xpnet.data import write_captcha_pngs
+from xpnet.data.folder import label_from_name
+from xpnet.errors import UsageError
+
+
+def test_a_folder_with_a_labels_file_trains_and_lists_what_it_skipped(tmp_path):
+    made = tmp_path / "made"
+    write_captcha_pngs(made, 60, seed=4, charset="ABCD", length=2, workers=0, progress=False)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rows = ["file,label"]
+    for i, p in enumerate(sorted(made.glob("*.png"))):  # anonymous names, labels only in the CSV
+        (imgs / f"{i:04d}.png").write_bytes(p.read_bytes())
+        rows.append(f"{i:04d}.png,{label_from_name(p)}")
+    rows[5] = rows[5].split(",")[0] + ","          # an empty label
+    rows.append("0999.png,AB")                     # no such image
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    options = TrainOptions(data=str(imgs), labels=str(tmp_path / "labels.csv"), model="simple_convnet", epochs=1,
+                           height=24, width=48, seed=0)
+    results = job.run(resolve_settings(options), tmp_path / "run", workers=0, progress=False, log=lambda m: None)
+    run_doc = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run_doc["data"]["images"] == 59 and run_doc["data"]["skipped"] == 3
+    assert run_doc["data"]["labels"] == os.path.abspath(tmp_path / "labels.csv")
+    skipped = (tmp_path / "run" / "skipped.txt").read_text()
+    assert "labels.csv:6\tthe row gives 0004.png an empty label" in skipped
+    assert "0004.png\tno usable label for it in labels.csv" in skipped
+    assert "labels.csv:62\t0999.png is not an image file in" in skipped
+    assert results["test"]["n"] == 12 and run_doc["settings"]["charset"] == "ABCD"
+
+
+def test_labels_need_a_folder():
+    with pytest.raises(UsageError, match="--labels names the labels of a --data folder"):
+        resolve_settings(TrainOptions(labels="labels.csv"))
+
+
+@pytest.mark.parametrize("head", ["bce", "ctc"])
+def test_eval_takes_labels_from_a_file(tmp_path, head):
+    import xpnet
+    from xpnet.captcha import Recognizer, metadata_for
+    from xpnet.captcha.heads import ctc_metadata
+    from xpnet.data import Charset, Preprocess
+
+    pp = Preprocess(32, 48, channels=1)
+    cs = Charset("ABCD", 2)
+    xpnet.seed(0)
+    if head == "ctc":
+        model = xpnet.models.build("captcha_crnn", n_classes=4, input_shape=pp.shape, channels=(4, 4, 4), hidden=4)
+        meta = ctc_metadata(cs, pp)
+    else:
+        model = xpnet.models.build("simple_convnet", n_classes=cs.n_outputs, input_shape=pp.shape)
+        meta = metadata_for(cs, pp)
+    reader = Recognizer(model, cs, pp, meta)
+    made = tmp_path / "made"
+    write_captcha_pngs(made, 6, seed=1, charset="ABCD", length=2, workers=0, progress=False)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    truth = {}
+    for i, p in enumerate(sorted(made.glob("*.png"))):
+        (imgs / f"{i}.png").write_bytes(p.read_bytes())
+        truth[f"{i}.png"] = label_from_name(p)
+    rows = [f"{f},{t}" for f, t in truth.items() if f != "5.png"] + ["7.png,AB"]
+    (tmp_path / "l.csv").write_text("\n".join(rows) + "\n")
+    result = reader.evaluate_folder(imgs, labels=tmp_path / "l.csv")
+    assert result.n == 5
+    reasons = {os.path.basename(p): r for p, r in result.skipped}
+    assert reasons["5.png"] == "no usable label for it in l.csv" and reasons["l.csv:6"].startswith("7.png is not")
+    by_name = reader.evaluate(*_read(reader, imgs, truth))
+    assert result.string_accuracy == pytest.approx(by_name.string_accuracy)
+
+
+def _read(reader, folder, truth):
+    names = sorted(f for f in truth if f != "5.png")
+    images = np.stack([reader.read_files([str(folder / f)])[0][0] for f in names])
+    return images, [truth[f] for f in names]

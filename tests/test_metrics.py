@@ -106,3 +106,19 @@ def test_metrics_on_cupy_logits_match_numpy(rng):
         assert fn(cp.asarray(z), y, 2) == fn(z, y, 2)  # host labels with device logits
     assert metrics.decode_text(cp.asarray(z), CS) == metrics.decode_text(z, CS)
     np.testing.assert_array_equal(metrics.confusion_matrix(cp.asarray(z), y, 2), metrics.confusion_matrix(z, y, 2))
+
+
+def test_wilson_interval_against_a_reference_and_edge_cases():
+    from xpnet.metrics import wilson_interval
+
+    # Published values (Newcombe 1998, table I, method 3): 81 of 263 -> 0.2553-0.3662; 15 of 148 -> 0.0624-0.1605
+    assert wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=5e-5)
+    assert wilson_interval(15, 148) == pytest.approx((0.0624, 0.1605), abs=5e-5)
+    lo, hi = wilson_interval(200, 200)
+    assert hi == 1.0 and 0.98 < lo < 0.99            # all right: still an interval below 1
+    assert wilson_interval(0, 10)[0] == 0.0
+    lo90, hi90 = wilson_interval(180, 200, confidence=0.90)
+    lo95, hi95 = wilson_interval(180, 200)
+    assert lo95 < lo90 < 0.9 < hi90 < hi95
+    with pytest.raises(ShapeError):
+        wilson_interval(5, 4)

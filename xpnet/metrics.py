@@ -143,6 +143,28 @@ def most_confused(logits, y, charset, top: int = 10) -> list[tuple[str, str, int
     return [(charset.chars[t], charset.chars[p], n) for (t, p), n in ordered[:top]]
 
 
+def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval for a proportion k / n (e.g. images read right of n tested).
+
+    Small test sets are noisy: 180 of 200 right is 90% with a 95% interval of about 85-93%.
+    Unlike the normal approximation it stays inside [0, 1] and is sound at 0 or n successes.
+    """
+    import statistics
+
+    k, n = int(k), int(n)
+    if n < 1 or not 0 <= k <= n:
+        raise ShapeError(f"wilson_interval needs 0 <= k <= n and n >= 1, got k={k}, n={n}.")
+    if not 0 < confidence < 1:
+        raise ShapeError(f"confidence must be between 0 and 1, got {confidence}.")
+    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5 / denom
+    # at 0 or n successes the bound is exactly 0 or 1 (the formula leaves rounding residue)
+    return (0.0 if k == 0 else max(0.0, centre - half)), (1.0 if k == n else min(1.0, centre + half))
+
+
 def multilabel_metrics(length: int) -> dict:
     """``{"char_accuracy": f, "string_accuracy": f}`` with ``f(logits, y) -> float``, for a Trainer."""
     def char_acc(logits, y):
@@ -156,4 +178,4 @@ def multilabel_metrics(length: int) -> dict:
 
 
 __all__ = ["decode", "decode_text", "true_indices", "char_accuracy", "string_accuracy", "accuracy",
-           "confusion_matrix", "most_confused", "multilabel_metrics"]
+           "confusion_matrix", "most_confused", "multilabel_metrics", "wilson_interval"]

@@ -34,6 +34,7 @@ from ..data.images import Preprocess, read_image
 from ..data.labels import Charset
 from ..errors import DataError, ModelFileError, UsageError
 from ..memory import oom_guard
+from ..metrics import wilson_interval
 from .heads import HEADS, ctc_decode, edit_distances, head_of
 from .onnx_reader import is_onnx_path, load_reader
 
@@ -96,6 +97,7 @@ class Evaluation:
     char_error_rate    CTC readers: the summed edit distances between readings and labels over the
                        summed label lengths (None for a fixed-length reader)
     length_accuracy    CTC readers: fraction of readings as long as their label (None otherwise)
+    string_accuracy_interval  the 95% Wilson interval of string_accuracy (small test sets are noisy)
 
     For a CTC reader ``char_accuracy`` is max(0, 1 - char_error_rate), ``position_accuracy``
     is empty and ``confused`` counts the substitutions in readings of the right length.
@@ -112,14 +114,23 @@ class Evaluation:
     char_error_rate: float | None = None
     length_accuracy: float | None = None
 
+    @property
+    def string_accuracy_interval(self) -> tuple[float, float]:
+        """(low, high): the 95% Wilson interval of ``string_accuracy`` over the n images."""
+        return wilson_interval(round(self.string_accuracy * self.n), self.n)
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["string_accuracy_interval"] = list(self.string_accuracy_interval) if self.n else None
+        return d
 
     def report(self, top: int = 10, show_mistakes: int = 10) -> str:
         """A few readable lines: accuracies, most confused characters, some mistakes."""
+        lo, hi = self.string_accuracy_interval if self.n else (0.0, 0.0)
         lines = [f"{self.n} images: whole-string accuracy {self.string_accuracy * 100:.2f}%, "
                  f"per-character accuracy {self.char_accuracy * 100:.2f}% "
-                 f"({round(self.string_accuracy * self.n)} of {self.n} read right)"]
+                 f"({round(self.string_accuracy * self.n)} of {self.n} read right; 95% interval of the "
+                 f"whole-string accuracy {lo * 100:.1f}-{hi * 100:.1f}%)"]
         if self.char_error_rate is not None:
             lines.append(f"character error rate {self.char_error_rate * 100:.2f}%, length accuracy "
                          f"{self.length_accuracy * 100:.2f}%")

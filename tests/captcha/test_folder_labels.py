@@ -82,3 +82,31 @@ def _read(reader, folder, truth):
     names = sorted(f for f in truth if f != "5.png")
     images = np.stack([reader.read_files([str(folder / f)])[0][0] for f in names])
     return images, [truth[f] for f in names]
+
+
+def test_init_loads_the_layers_that_fit_and_keeps_a_new_output_layer(tmp_path):
+    import xpnet
+    from xpnet.nn import serialization as xio
+
+    xpnet.seed(1)
+    donor = xpnet.models.build("simple_convnet", n_classes=2 * 4, input_shape=(1, 24, 48))
+    xio.save(donor, tmp_path / "donor.npz", {"task": "captcha"})
+    imgs = tmp_path / "imgs"
+    write_captcha_pngs(imgs, 40, seed=2, charset="ABCDE", length=2, workers=0, progress=False)
+    options = TrainOptions(data=str(imgs), init=str(tmp_path / "donor.npz"), model="simple_convnet", epochs=1,
+                           height=24, width=48, seed=0, lr=1e-9)
+    logged = []
+    job.run(resolve_settings(options), tmp_path / "run", workers=0, progress=False, log=logged.append)
+    said = next(m for m in logged if m.startswith("started from"))
+    model, _ = xio.load(tmp_path / "run" / "model.npz")
+    params, old = model.parameters(), donor.parameters()
+    out_layer = list(params)[-1].split(".")[0]     # 2 x 5 classes now, 2 x 4 in the donor: a new layer
+    assert f"new: {out_layer}.W, {out_layer}.b (shapes differ)" in said
+    for name, value in params.items():            # the rest starts from the donor (lr 1e-9: barely moved)
+        if not name.startswith(out_layer):
+            assert np.allclose(value, old[name], atol=1e-6), name
+    with pytest.raises(UsageError, match="no such model file"):
+        resolve_settings(TrainOptions(init=str(tmp_path / "none.npz")))
+    xio.save(xpnet.models.build("simple_convnet", n_classes=3, input_shape=(3, 8, 8)), tmp_path / "other.npz")
+    with pytest.raises(UsageError, match="none of the arrays of .*other.npz fits"):
+        xio.load_matching(xpnet.models.build("captcha_crnn", n_classes=3), tmp_path / "other.npz")

@@ -156,6 +156,7 @@ class TrainOptions:
     config: str = "default"
     data: str | None = None
     labels: str | None = None          # a CSV of file,label rows for --data (default: labels from file names)
+    init: str | None = None            # a model file to start from where the networks agree
     model: str | None = None
     epochs: int | None = None
     steps: int | None = None
@@ -228,6 +229,7 @@ class Settings:
     ctc: dict = dataclasses.field(default_factory=dict)
     chosen: list = dataclasses.field(default_factory=list)  # keys the user's options set (they always win)
     labels_file: str | None = None     # --labels: the folder's labels from a CSV instead of the file names
+    init: str | None = None            # --init: the model file whose matching layers start the run
 
     @classmethod
     def field_names(cls) -> set:
@@ -266,6 +268,10 @@ def resolve_settings(options: TrainOptions) -> Settings:
         if s["data_dir"] is None:
             raise UsageError("--labels names the labels of a --data folder: give --data DIR as well.")
         s["labels_file"] = os.path.abspath(options.labels)
+    if options.init is not None:
+        if not os.path.isfile(options.init):
+            raise UsageError(f"--init {options.init}: no such model file.")
+        s["init"] = os.path.abspath(options.init)
     if options.model is not None:
         if options.model not in models.MODELS:
             raise UsageError(f"unknown model {options.model!r}: choose one of {', '.join(models.MODELS)}.")
@@ -297,7 +303,7 @@ def resolve_settings(options: TrainOptions) -> Settings:
     if options.charset is not None:
         make_charset(options.charset, s["length"] or 4)  # checks the characters
     s["chosen"] = sorted(f.name for f in dataclasses.fields(TrainOptions)
-                         if f.name in s and f.name not in ("config", "data", "labels")
+                         if f.name in s and f.name not in ("config", "data", "labels", "init")
                          and getattr(options, f.name) is not None)
     s["head"] = _resolve_head(s, options)
     if s["head"] != "auto":

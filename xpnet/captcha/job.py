@@ -72,7 +72,7 @@ def run(settings: Settings, out, resume: bool = False, workers: int | None = Non
         write_json(out / RUN_FILE, {"settings": settings.to_dict(), "data": plan.describe, "started": now(),
                                     "python": platform.python_version(), "backend": backend.current()},
                    "run description")
-    model, opt, schedule = _build_network(settings, plan)
+    model, opt, schedule = _build_network(settings, plan, log, fresh=not resume)
     batch_size = _batch_size(settings, plan, log)
     train_budget = _training_budget(settings, t0)
     spe = plan.steps_per_epoch(batch_size)
@@ -101,12 +101,17 @@ def _log_start(settings: Settings, out: Path, log) -> None:
         + f"; backend {backend.current()} ({backend.reason()}), {data_folder.cpu_count()} CPU core(s)")
 
 
-def _build_network(settings: Settings, plan: DataPlan):
-    """(model, optimizer, schedule), the weights drawn from the run's seed."""
+def _build_network(settings: Settings, plan: DataPlan, log=print, fresh: bool = True):
+    """(model, optimizer, schedule), the weights drawn from the run's seed, or (``--init``) loaded
+    from another reader where the networks agree."""
     backend.seed(settings.seed)
     model = build_model(settings.model, plan.charset, plan.preprocess, **(settings.model_kwargs or {}))
     if settings.prior_bias and plan.head == "bce":
         set_prior_bias(model, plan.charset)
+    if settings.init and fresh:  # a resumed run's checkpoint holds the weights
+        loaded, kept, _ = xio.load_matching(model, settings.init)
+        log(f"started from {settings.init}: {len(loaded)} of {len(loaded) + len(kept)} arrays loaded"
+            + (f"; new: {', '.join(kept)} (shapes differ)" if kept else ""))
     opt, schedule = build_optimizer(settings, model)
     return model, opt, schedule
 

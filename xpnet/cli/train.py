@@ -26,6 +26,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="with --data: a CSV of file,label rows (a header row file,label is optional) giving the "
                         "labels instead of the file names; images without a row, rows without an image, empty and "
                         "conflicting labels are listed in skipped.txt and the rest is used (default: file names)")
+    p.add_argument("--init", metavar="MODEL", default=None,
+                   help="start from a saved reader (model.npz): its layers whose names and shapes match are "
+                        "loaded, the others (an output layer for another charset or length) start fresh "
+                        "(default: fresh weights from --seed)")
     p.add_argument("--out", metavar="DIR", default=None,
                    help="output folder for the model, history, plot and checkpoints; an existing run is never "
                         "overwritten (default: runs/captcha-<date>-<time>, a new folder)")

@@ -262,6 +262,32 @@ def load_weights(model, path) -> dict:
     return doc.get("metadata") or {}
 
 
+def load_matching(model, path) -> tuple[list, list, dict]:
+    """Start ``model`` from another model file where they agree: transfer to a new task.
+
+    Every parameter and buffer of ``model`` whose name and shape (and dtype) match an array
+    of ``path`` is copied; the others keep their fresh values (for example a new output layer
+    for another charset, or a dense layer after an input of another width).  Returns
+    ``(loaded names, kept names, the file's metadata)``.  A file of another dtype, or one of
+    whose arrays none fits, is a UsageError naming it.
+    """
+    doc, arrays = read_file(path)
+    state = {k[len(STATE_PREFIX):]: v for k, v in arrays.items() if k.startswith(STATE_PREFIX)}
+    own = model.state_dict()
+    if state and doc.get("dtype") != numpy.dtype(model.dtype).name:
+        raise UsageError(f"{path} holds {doc.get('dtype')} weights but the model is {numpy.dtype(model.dtype).name}:"
+                         f" use the same XPNET_DTYPE for both (xpnet never casts silently).")
+    fits = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
+    if not fits:
+        raise UsageError(f"none of the arrays of {path} fits model '{model.name}' (names and shapes differ): "
+                         f"start from a model file of the same network.")
+    for key, value in fits.items():
+        target = own[key]
+        xp = backend.get_array_module(target)
+        target[...] = xp.asarray(value) if xp is not numpy else value
+    return sorted(fits), [k for k in own if k not in fits], doc.get("metadata") or {}
+
+
 def _check_architecture(path, doc, model) -> None:
     if not getattr(model, "built", False):
         raise UsageError("load_weights needs a built model: give input_shape or run a batch through it first.")

@@ -236,6 +236,12 @@ class Settings:
         return {f.name for f in dataclasses.fields(cls)}
 
     @classmethod
+    def required_names(cls) -> set:
+        """The fields without a default: every ``run.json`` has them."""
+        return {f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+
+    @classmethod
     def from_dict(cls, values: dict) -> "Settings":
         """Settings from plain data (a configuration with its run keys, or ``run.json``'s settings)."""
         return cls(**copy.deepcopy(dict(values)))

@@ -50,7 +50,7 @@ def read_saved_settings(out: Path) -> dict:
         keys = set(saved)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise DataError(f"{Path(out) / RUN_FILE} is damaged ({type(exc).__name__}): cannot resume this run.") from None
-    required = {f for f in Settings.field_names() if f != "train_images_made"}
+    required = Settings.required_names()  # keys added later have defaults: older runs still resume
     if not required <= keys <= Settings.field_names():
         raise DataError(f"{Path(out) / RUN_FILE} is damaged (KeyError): cannot resume this run.")
     return saved

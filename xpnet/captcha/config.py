@@ -225,7 +225,7 @@ class Settings:
     seed: int = 0
     train_images_made: int | None = None
     min_length: int | None = None      # (keys of later versions: older run.json files lack them)
-    head: str = "auto"
+    head: str = "bce"                  # runs of versions before heads were bce runs (configurations say "auto")
     ctc: dict = dataclasses.field(default_factory=dict)
     chosen: list = dataclasses.field(default_factory=list)  # keys the user's options set (they always win)
     labels_file: str | None = None     # --labels: the folder's labels from a CSV instead of the file names

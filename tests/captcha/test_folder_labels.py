@@ -110,3 +110,37 @@ def test_init_loads_the_layers_that_fit_and_keeps_a_new_output_layer(tmp_path):
     xio.save(xpnet.models.build("simple_convnet", n_classes=3, input_shape=(3, 8, 8)), tmp_path / "other.npz")
     with pytest.raises(UsageError, match="none of the arrays of .*other.npz fits"):
         xio.load_matching(xpnet.models.build("captcha_crnn", n_classes=3), tmp_path / "other.npz")
+
+
+def test_k_fold_tests_every_image_once_and_reports_mean_spread_and_pooled_interval(tmp_path):
+    from xpnet.data import fold_indices
+
+    parts = [fold_indices(23, k, 4, seed=3) for k in range(4)]
+    assert sorted(np.concatenate([t for _, t in parts]).tolist()) == list(range(23))   # each item tested once
+    assert all(len(np.intersect1d(r, t)) == 0 and len(r) + len(t) == 23 for r, t in parts)
+    assert [len(t) for _, t in parts] == [6, 6, 6, 5]
+    with pytest.raises(UsageError, match="2 or more folds"):
+        fold_indices(10, 0, 1)
+
+    imgs = tmp_path / "imgs"
+    write_captcha_pngs(imgs, 45, seed=6, charset="ABC", length=2, workers=0, progress=False)
+    options = TrainOptions(data=str(imgs), folds=3, model="simple_convnet", epochs=1, height=24, width=48, seed=0)
+    logged = []
+    summary = job.train(options, out=tmp_path / "cv", workers=0, progress=False, log=logged.append)
+    assert summary["folds"] == 3 and summary["images"] == 45
+    tested = []
+    for k in (1, 2, 3):
+        run_doc = json.loads((tmp_path / "cv" / f"fold-{k}" / "run.json").read_text())
+        assert run_doc["data"]["fold"] == k and run_doc["data"]["test"] == 15
+        tested.append(json.loads((tmp_path / "cv" / f"fold-{k}" / "results.json").read_text())["test"])
+    acc = [t["string_accuracy"] for t in tested]
+    assert summary["string_accuracy"]["per_fold"] == acc
+    assert summary["string_accuracy"]["mean"] == pytest.approx(np.mean(acc))
+    lo, hi = summary["pooled_interval_95"]
+    assert lo <= summary["pooled_string_accuracy"] <= hi
+    assert json.loads((tmp_path / "cv" / "folds.json").read_text())["images"] == 45
+    assert any(m.startswith("3-fold cross-validation over 45 images") for m in logged)
+    with pytest.raises(UsageError, match="--folds cross-validates a --data folder"):
+        resolve_settings(TrainOptions(folds=3))
+    with pytest.raises(UsageError, match="--folds must be at least 2"):
+        resolve_settings(TrainOptions(data=str(imgs), folds=1))

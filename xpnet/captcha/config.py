@@ -157,6 +157,7 @@ class TrainOptions:
     data: str | None = None
     labels: str | None = None          # a CSV of file,label rows for --data (default: labels from file names)
     init: str | None = None            # a model file to start from where the networks agree
+    folds: int | None = None           # k-fold cross-validation over a --data folder
     model: str | None = None
     epochs: int | None = None
     steps: int | None = None
@@ -230,6 +231,8 @@ class Settings:
     chosen: list = dataclasses.field(default_factory=list)  # keys the user's options set (they always win)
     labels_file: str | None = None     # --labels: the folder's labels from a CSV instead of the file names
     init: str | None = None            # --init: the model file whose matching layers start the run
+    folds: int | None = None           # --folds K: K runs, each testing on one K-th of the folder ...
+    fold: int | None = None            # ... this run's (0-based)
 
     @classmethod
     def field_names(cls) -> set:
@@ -274,6 +277,10 @@ def resolve_settings(options: TrainOptions) -> Settings:
         if s["data_dir"] is None:
             raise UsageError("--labels names the labels of a --data folder: give --data DIR as well.")
         s["labels_file"] = os.path.abspath(options.labels)
+    if options.folds is not None:
+        if s["data_dir"] is None:
+            raise UsageError("--folds cross-validates a --data folder: give --data DIR as well.")
+        s["folds"] = checks.integer(options.folds, "--folds", 2, what="at least 2")
     if options.init is not None:
         if not os.path.isfile(options.init):
             raise UsageError(f"--init {options.init}: no such model file.")
@@ -309,7 +316,7 @@ def resolve_settings(options: TrainOptions) -> Settings:
     if options.charset is not None:
         make_charset(options.charset, s["length"] or 4)  # checks the characters
     s["chosen"] = sorted(f.name for f in dataclasses.fields(TrainOptions)
-                         if f.name in s and f.name not in ("config", "data", "labels", "init")
+                         if f.name in s and f.name not in ("config", "data", "labels", "init", "folds")
                          and getattr(options, f.name) is not None)
     s["head"] = _resolve_head(s, options)
     if s["head"] != "auto":

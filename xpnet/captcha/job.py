@@ -15,10 +15,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy
+
 from .. import backend, checks
 from ..data import folder as data_folder
 from ..errors import UsageError
-from ..metrics import multilabel_metrics
+from ..metrics import multilabel_metrics, wilson_interval
 from ..ops.loss import sigmoid_bce_with_logits
 from ..nn import serialization as xio
 from ..training.trainer import Trainer
@@ -28,6 +30,8 @@ from .network import build_model, make_transforms, set_prior_bias
 from .plans import NO_EPOCH_LIMIT, DataPlan, for_small_folder, prepare_data, stream_start
 from .recognizer import Recognizer, metadata_for
 from .run_folder import RESULTS_FILE, RUN_FILE, default_out, now, prepare_out, read_saved_settings, write_json
+
+FOLDS_FILE = "folds.json"
 from .schedule import build_optimizer
 
 
@@ -48,10 +52,50 @@ def train(options: TrainOptions | None = None, out=None, resume: bool = False, w
     workers = checks.integer(workers, "--workers", 0, optional=True, what="0 (in this process) or more")
     if resume and not out:
         raise UsageError("--resume needs --out DIR, the folder of the run to continue.")
+    if resume and settings.folds:
+        raise UsageError("--resume continues one run: resume a fold of a k-fold run with --out DIR/fold-N "
+                         "--resume (without --folds).")
     out = prepare_out(Path(out or default_out()), resume)
     if resume:
         settings = merge_resume(settings, read_saved_settings(out), options, where=str(out / RUN_FILE))
+    if settings.folds:
+        return cross_validate(settings, out, workers=workers, progress=progress, log=log)
     return run(settings, out, resume=resume, workers=workers, progress=progress, log=log, t0=t0)
+
+
+def cross_validate(settings: Settings, out, workers=None, progress=None, log=print) -> dict:
+    """K runs (``settings.folds``), run k testing on fold k of the folder, each in ``out/fold-<k>``.
+
+    Every image is tested exactly once.  Returns (and writes to ``out/folds.json``) each fold's
+    test results, the mean and spread of the whole-string accuracy over the folds, and the pooled
+    accuracy over all images with its 95% interval.
+    """
+    out = Path(out)
+    runs = []
+    for k in range(settings.folds):
+        log(f"--- fold {k + 1} of {settings.folds} ---")
+        results = run(settings.replace(fold=k), out / f"fold-{k + 1}", workers=workers, progress=progress,
+                      log=log)
+        runs.append(results["test"])
+    acc = numpy.array([r["string_accuracy"] for r in runs])
+    n = numpy.array([r["n"] for r in runs])
+    right = int(numpy.round(acc * n).sum())
+    lo, hi = wilson_interval(right, int(n.sum()))
+    summary = {
+        "folds": settings.folds, "images": int(n.sum()),
+        "string_accuracy": {"mean": float(acc.mean()), "std": float(acc.std(ddof=1)), "min": float(acc.min()),
+                            "max": float(acc.max()), "per_fold": acc.tolist()},
+        "pooled_string_accuracy": right / int(n.sum()), "pooled_interval_95": [lo, hi],
+        "char_accuracy_mean": float(numpy.mean([r["char_accuracy"] for r in runs])),
+        "fold_results": runs, "finished": now(),
+    }
+    write_json(out / FOLDS_FILE, summary, "k-fold results")
+    log(f"{settings.folds}-fold cross-validation over {int(n.sum()):,} images: whole-string accuracy mean "
+        f"{acc.mean() * 100:.2f}%, standard deviation {acc.std(ddof=1) * 100:.2f}% (folds: "
+        + ", ".join(f"{a * 100:.1f}%" for a in acc) + f"); all images pooled: {right / n.sum() * 100:.2f}% "
+        f"(95% interval {lo * 100:.1f}-{hi * 100:.1f}%)")
+    log(f"k-fold results: {out / FOLDS_FILE}")
+    return summary
 
 
 def run(settings: Settings, out, resume: bool = False, workers: int | None = None, progress: bool | None = None,
@@ -226,4 +270,4 @@ def _device_data_bytes() -> int:
         return 2 * 1024 ** 3
 
 
-__all__ = ["train", "run"]
+__all__ = ["train", "run", "cross_validate", "FOLDS_FILE"]

@@ -18,7 +18,7 @@ import numpy
 
 from .. import checks
 from ..data.captcha import CaptchaStream, check_seed, generate_captchas, make_charset
-from ..data.folder import LabelledImages, load_folder, split_indices, suggest_preprocess
+from ..data.folder import LabelledImages, fold_indices, load_folder, split_indices, suggest_preprocess
 from ..data.images import Preprocess
 from ..data.labels import Charset
 from ..errors import DataError, UsageError
@@ -186,7 +186,11 @@ def prepare_folder(settings: Settings, out: Path, workers=None, progress=None, l
         raise DataError(f"only {n} usable labelled image(s) in {folder}: at least 10 are needed to train, "
                         f"validate and test.")
     split_seed = derive_seed(settings.seed, "split")
-    rest, test_idx = split_indices(n, settings.test_fraction, split_seed)
+    folds = getattr(settings, "folds", None)
+    if folds:  # cross-validation: this run tests on its fold, one K-th of the folder
+        rest, test_idx = fold_indices(n, settings.fold or 0, folds, split_seed)
+    else:
+        rest, test_idx = split_indices(n, settings.test_fraction, split_seed)
     tr, va = split_indices(len(rest), settings.val_fraction, split_seed + 1)
     train, val, test = data.subset(rest[tr]), data.subset(rest[va]), data.subset(test_idx)
     log(f"input {pp.channels}x{pp.height}x{pp.width}; split (seed {split_seed}): {len(train):,} train, "
@@ -195,10 +199,13 @@ def prepare_folder(settings: Settings, out: Path, workers=None, progress=None, l
                 "images": n, "skipped": len(data.skipped),
                 "split_seed": split_seed, "train": len(train), "val": len(val), "test": len(test),
                 "test_fraction": settings.test_fraction, "val_fraction": settings.val_fraction}
+    if folds:
+        describe.update(fold=(settings.fold or 0) + 1, folds=folds, test_fraction=len(test) / n)
     return FolderPlan(
         charset=cs, preprocess=pp, n_train=len(train), describe=describe,
         val=(val.images, targets_for(head, val.labels, cs)), test=(test.images, test.labels, test.paths),
-        test_name=f"{len(test):,} held-out images of {folder} ({settings.test_fraction:.0%} split)",
+        test_name=(f"{len(test):,} held-out images of {folder} (fold {(settings.fold or 0) + 1} of {folds})" if folds
+                   else f"{len(test):,} held-out images of {folder} ({settings.test_fraction:.0%} split)"),
         learned={"width": pp.width, "charset": cs.chars, "length": cs.length,
                  "min_length": None if cs.fixed else cs.min_length, "head": head},
         head=head, train=train)

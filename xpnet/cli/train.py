@@ -26,6 +26,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="with --data: a CSV of file,label rows (a header row file,label is optional) giving the "
                         "labels instead of the file names; images without a row, rows without an image, empty and "
                         "conflicting labels are listed in skipped.txt and the rest is used (default: file names)")
+    p.add_argument("--folds", type=int, metavar="K", default=None,
+                   help="with --data: K-fold cross-validation, K runs each testing on one K-th of the folder "
+                        "(every image tested once; runs in --out/fold-1 .. fold-K), reporting the mean and "
+                        "spread of the test accuracy and the pooled accuracy with its 95%% interval (default: one "
+                        "run with a 20%% test split)")
     p.add_argument("--init", metavar="MODEL", default=None,
                    help="start from a saved reader (model.npz): its layers whose names and shapes match are "
                         "loaded, the others (an output layer for another charset or length) start fresh "

@@ -142,6 +142,22 @@ def split_indices(n: int, val_fraction: float = 0.2, seed: int = 0):
     return numpy.sort(perm[n_val:]).astype(numpy.int64), numpy.sort(perm[:n_val]).astype(numpy.int64)
 
 
+def fold_indices(n: int, fold: int, folds: int, seed: int = 0):
+    """Deterministic (rest_idx, test_idx) of fold ``fold`` of ``folds``: sorted int64 arrays.
+
+    One seeded permutation of range(n) is cut into ``folds`` nearly equal parts; part
+    ``fold`` is the test set.  Over the folds every item is tested exactly once.
+    """
+    n, fold, folds = int(n), int(fold), int(folds)
+    if folds < 2 or not 0 <= fold < folds:
+        raise UsageError(f"fold {fold} of {folds}: need 2 or more folds and 0 <= fold < folds.")
+    if n < folds:
+        raise UsageError(f"cannot cut {n} items into {folds} folds.")
+    parts = numpy.array_split(numpy.random.default_rng(int(seed)).permutation(n), folds)
+    rest = numpy.concatenate([p for i, p in enumerate(parts) if i != fold])
+    return numpy.sort(rest).astype(numpy.int64), numpy.sort(parts[fold]).astype(numpy.int64)
+
+
 # --------------------------------------------------------------------------
 # Loading a folder
 

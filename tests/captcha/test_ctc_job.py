@@ -16,7 +16,7 @@ SMALL_CRNN = {"channels": [8, 16, 16], "hidden": 16, "batchnorm": True}
 TINY = dict(config="default", data_dir=None, seed=0, charset="ABCD", length=3, min_length=2, head="ctc",
             model="captcha_crnn", model_kwargs=SMALL_CRNN, prior_bias=False, height=32, width=48, channels=1,
             train_images=600, val_images=60, test_images=120, time_budget=None, epochs=10, batch_size=32, lr=5e-3,
-            final_reserve=0)
+            final_reserve=0, pretrain={})
 
 
 def tiny_settings(**changes):
@@ -57,7 +57,7 @@ def test_a_mixed_length_folder_trains_ctc_and_lists_what_it_cannot_read(tmp_path
     (folder / "AAAAAAA_1.png").write_bytes(some)   # needs 13 columns (6 blanks between repeats): 12 are read
     (folder / "_2.png").write_bytes(some)           # an empty label
     (folder / "ABXD_3.png").write_bytes(some)       # X is outside --charset
-    settings = resolve_settings(TrainOptions(data=str(folder), charset="ABCD", epochs=1, seed=0))
+    settings = resolve_settings(TrainOptions(data=str(folder), charset="ABCD", epochs=1, seed=0, pretrain=0))
     settings = settings.replace(**{k: TINY[k] for k in ("model_kwargs", "height", "width", "channels",
                                                         "batch_size")})
     logged = []
@@ -85,7 +85,8 @@ def test_a_folder_of_one_length_keeps_the_bce_head_unless_asked(tmp_path):
     write_captcha_pngs(folder, 30, seed=5, charset="ABCD", length=2, workers=0, progress=False)
     settings = resolve_settings(TrainOptions(data=str(folder), epochs=1, seed=0, model="simple_convnet"))
     assert settings.head == "bce"  # the model says so
-    auto = resolve_settings(TrainOptions(data=str(folder), epochs=1, seed=0)).replace(height=24, width=48)
+    auto = resolve_settings(TrainOptions(data=str(folder), epochs=1, seed=0, pretrain=0)).replace(
+        height=24, width=48)
     results = job.run(auto, tmp_path / "run", workers=0, progress=False, log=quiet)
     assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["head"] == "bce"
     assert "char_error_rate" not in results["test"] or results["test"]["char_error_rate"] is None

@@ -88,6 +88,10 @@ _DEFAULT = {
         "batchnorm": True,         # captcha_net with BatchNorm (unless --model is given)
         "max_shift": 3, "max_scale": 0.1,
     },
+    "pretrain": {                  # folders with fewer training images than "below": first train on look-alikes
+        "below": 5000,             # (xpnet.captcha.pretrain) for "seconds", then fine-tune on the folder
+        "images": 20000, "seconds": 240, "lr": 3e-3,
+    },
     "test_fraction": 0.2,          # held out, reported at the end, never used to choose anything
     "val_fraction": 0.1,           # of the rest: early stopping and the best checkpoint
     "folder_samples": 300_000,     # training samples to see in total (sets the number of epochs)
@@ -158,6 +162,7 @@ class TrainOptions:
     labels: str | None = None          # a CSV of file,label rows for --data (default: labels from file names)
     init: str | None = None            # a model file to start from where the networks agree
     folds: int | None = None           # k-fold cross-validation over a --data folder
+    pretrain: float | None = None      # seconds of pretraining on look-alikes of a small folder (0: none)
     model: str | None = None
     epochs: int | None = None
     steps: int | None = None
@@ -233,6 +238,7 @@ class Settings:
     init: str | None = None            # --init: the model file whose matching layers start the run
     folds: int | None = None           # --folds K: K runs, each testing on one K-th of the folder ...
     fold: int | None = None            # ... this run's (0-based)
+    pretrain: dict = dataclasses.field(default_factory=dict)  # look-alike pretraining of small folders
 
     @classmethod
     def field_names(cls) -> set:
@@ -281,6 +287,9 @@ def resolve_settings(options: TrainOptions) -> Settings:
         if s["data_dir"] is None:
             raise UsageError("--folds cross-validates a --data folder: give --data DIR as well.")
         s["folds"] = checks.integer(options.folds, "--folds", 2, what="at least 2")
+    if options.pretrain is not None:
+        seconds = checks.number(options.pretrain, "--pretrain", allow_zero=True)
+        s["pretrain"] = {**s["pretrain"], "seconds": seconds}
     if options.init is not None:
         if not os.path.isfile(options.init):
             raise UsageError(f"--init {options.init}: no such model file.")
@@ -316,7 +325,7 @@ def resolve_settings(options: TrainOptions) -> Settings:
     if options.charset is not None:
         make_charset(options.charset, s["length"] or 4)  # checks the characters
     s["chosen"] = sorted(f.name for f in dataclasses.fields(TrainOptions)
-                         if f.name in s and f.name not in ("config", "data", "labels", "init", "folds")
+                         if f.name in s and f.name not in ("config", "data", "labels", "init", "folds", "pretrain")
                          and getattr(options, f.name) is not None)
     s["head"] = _resolve_head(s, options)
     if s["head"] != "auto":

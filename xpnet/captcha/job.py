@@ -26,6 +26,7 @@ from ..nn import serialization as xio
 from ..training.trainer import Trainer
 from .config import Settings, TrainOptions, merge_resume, resolve_settings, settings_for_head
 from .heads import CTCLoss, ctc_metrics
+from .pretrain import pretrain, wants_pretraining
 from .network import build_model, make_transforms, set_prior_bias
 from .plans import NO_EPOCH_LIMIT, DataPlan, for_small_folder, prepare_data, stream_start
 from .recognizer import Recognizer, metadata_for
@@ -112,10 +113,10 @@ def run(settings: Settings, out, resume: bool = False, workers: int | None = Non
     settings, said = for_small_folder(settings, plan.n_train)
     if said:
         log(said)
+    run_doc = {"settings": settings.to_dict(), "data": plan.describe, "started": now(),
+               "python": platform.python_version(), "backend": backend.current()}
     if not resume:
-        write_json(out / RUN_FILE, {"settings": settings.to_dict(), "data": plan.describe, "started": now(),
-                                    "python": platform.python_version(), "backend": backend.current()},
-                   "run description")
+        write_json(out / RUN_FILE, run_doc, "run description")
     model, opt, schedule = _build_network(settings, plan, log, fresh=not resume)
     batch_size = _batch_size(settings, plan, log)
     train_budget = _training_budget(settings, t0)
@@ -127,6 +128,11 @@ def run(settings: Settings, out, resume: bool = False, workers: int | None = Non
                             settings=settings.to_dict(), data=plan.describe)
     if plan.head == "ctc":
         metadata["head"] = "ctc"  # texts of any length, decoded from per-column scores (captcha.heads)
+    if wants_pretraining(settings, plan, resume):
+        def make(m, o, folder, s, p, budget):
+            return _make_trainer(m, o, folder, s, p, batch_size, None, budget, metadata, progress, log)
+        run_doc["data"] = {**plan.describe, "pretrain": pretrain(model, settings, plan, out, make, log)}
+        write_json(out / RUN_FILE, run_doc, "run description")
     trainer = _make_trainer(model, opt, out, settings, plan, batch_size, patience, train_budget, metadata,
                             progress, log)
     schedule.progress = trainer.fraction_done

@@ -31,6 +31,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         "(every image tested once; runs in --out/fold-1 .. fold-K), reporting the mean and "
                         "spread of the test accuracy and the pooled accuracy with its 95%% interval (default: one "
                         "run with a 20%% test split)")
+    p.add_argument("--pretrain", type=float, metavar="SECONDS", default=None,
+                   help=f"with --data: seconds of pretraining on synthetic look-alikes of a folder with fewer than "
+                        f"{d['pretrain']['below']:,} training images (its charset, lengths, aspect and grey levels, "
+                        f"local fonts), before fine-tuning on it; 0: none (default: {d['pretrain']['seconds']})")
     p.add_argument("--init", metavar="MODEL", default=None,
                    help="start from a saved reader (model.npz): its layers whose names and shapes match are "
                         "loaded, the others (an output layer for another charset or length) start fresh "

@@ -1,4 +1,4 @@
-"""xpnet train --data DIR --labels labels.csv: labels from a CSV beside the images."""
+"""Small labelled folders: labels from a CSV (--labels), transfer (--init), k-fold (--folds), look-alike pretraining."""
 
 import json
 import os
@@ -26,7 +26,7 @@ def test_a_folder_with_a_labels_file_trains_and_lists_what_it_skipped(tmp_path):
     rows.append("0999.png,AB")                     # no such image
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
     options = TrainOptions(data=str(imgs), labels=str(tmp_path / "labels.csv"), model="simple_convnet", epochs=1,
-                           height=24, width=48, seed=0)
+                           height=24, width=48, seed=0, pretrain=0)
     results = job.run(resolve_settings(options), tmp_path / "run", workers=0, progress=False, log=lambda m: None)
     run_doc = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run_doc["data"]["images"] == 59 and run_doc["data"]["skipped"] == 3
@@ -124,7 +124,8 @@ def test_k_fold_tests_every_image_once_and_reports_mean_spread_and_pooled_interv
 
     imgs = tmp_path / "imgs"
     write_captcha_pngs(imgs, 45, seed=6, charset="ABC", length=2, workers=0, progress=False)
-    options = TrainOptions(data=str(imgs), folds=3, model="simple_convnet", epochs=1, height=24, width=48, seed=0)
+    options = TrainOptions(data=str(imgs), folds=3, model="simple_convnet", epochs=1, height=24, width=48, seed=0,
+                           pretrain=0)
     logged = []
     summary = job.train(options, out=tmp_path / "cv", workers=0, progress=False, log=logged.append)
     assert summary["folds"] == 3 and summary["images"] == 45
@@ -144,3 +145,34 @@ def test_k_fold_tests_every_image_once_and_reports_mean_spread_and_pooled_interv
         resolve_settings(TrainOptions(folds=3))
     with pytest.raises(UsageError, match="--folds must be at least 2"):
         resolve_settings(TrainOptions(data=str(imgs), folds=1))
+
+
+def test_a_small_folder_pretrains_on_lookalikes_then_fine_tunes(tmp_path):
+    imgs = tmp_path / "imgs"
+    write_captcha_pngs(imgs, 40, seed=8, charset="ABCD", length=2, workers=0, progress=False)
+    options = TrainOptions(data=str(imgs), model="simple_convnet", epochs=1, height=24, width=48, seed=0, pretrain=2)
+    settings = resolve_settings(options)
+    settings = settings.replace(pretrain={**settings.pretrain, "images": 64})
+    logged = []
+    job.run(settings, tmp_path / "run", workers=0, progress=False, log=logged.append)
+    run_doc = json.loads((tmp_path / "run" / "run.json").read_text())
+    done = run_doc["data"]["pretrain"]
+    assert done["images"] == 64 and done["steps"] >= 1 and 0 <= done["val_string_accuracy"] <= 1
+    assert done["style"]["fonts"] and done["style"]["width"] / done["style"]["height"] == pytest.approx(2, rel=0.05)
+    assert any(m.startswith("pretraining on 64 look-alikes") for m in logged)
+    from xpnet.captcha import Recognizer
+
+    pre = Recognizer.load(tmp_path / "run" / "pretrained.npz")   # a reader, for --init elsewhere
+    assert pre.charset.chars == "ABCD" and pre.metadata["pretrained_on"] == "lookalikes"
+    # no pretraining for large folders, resumed runs, runs started from --init, or --pretrain 0
+    from xpnet.captcha.pretrain import wants_pretraining
+    from xpnet.captcha.plans import FolderPlan
+
+    plan = FolderPlan(charset=None, preprocess=None, n_train=30, describe={}, val=(), test=(), test_name="",
+                      learned={})
+    assert wants_pretraining(settings, plan, resume=False)
+    assert not wants_pretraining(settings, plan, resume=True)
+    assert not wants_pretraining(settings.replace(init="x.npz"), plan, resume=False)
+    assert not wants_pretraining(resolve_settings(TrainOptions(data=str(imgs), pretrain=0)), plan, resume=False)
+    plan.n_train = 10_000
+    assert not wants_pretraining(settings, plan, resume=False)

@@ -1,0 +1,71 @@
+"""Pretraining a small folder's reader on synthetic look-alikes of it (``xpnet.data.lookalike``).
+
+A few hundred labelled images are too few to learn glyph shapes from; generated images of
+the same charset, lengths, aspect ratio and grey levels, drawn with many fonts, teach them
+first.  ``pretrain`` trains the run's own network (same head, same input) on look-alikes for
+a time budget, keeping the weights that read the folder's *validation* part best, and saves
+them as ``pretrained.npz`` (a reader: ``--init`` starts other runs from it).  The folder run
+then fine-tunes those weights.  The style is matched to the training part only.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..data.lookalike import lookalikes, style_of
+from ..nn import serialization as xio
+from .config import Settings
+from .plans import NO_EPOCH_LIMIT, FolderPlan, SyntheticPlan
+from .recognizer import metadata_for
+from .schedule import build_optimizer
+
+PRETRAINED_FILE = "pretrained.npz"
+
+
+def wants_pretraining(settings: Settings, plan, resume: bool) -> bool:
+    """Pretrain when the run is a fresh folder run with fewer training images than ``pretrain["below"]``,
+    not started from ``--init``, and the budget is above 0."""
+    p = settings.pretrain or {}
+    return (isinstance(plan, FolderPlan) and not resume and not settings.init and bool(p)
+            and float(p.get("seconds") or 0) > 0 and plan.n_train < int(p.get("below", 0)))
+
+
+def pretrain(model, settings: Settings, plan: FolderPlan, out: Path, make_trainer, log=print) -> dict:
+    """Train ``model`` in place on look-alikes of ``plan``'s folder; returns a summary for ``run.json``.
+
+    ``make_trainer(model, optimizer, out_dir, settings, plan, time_budget)`` builds the trainer (the
+    job's, so that the head, loss, metrics and transforms are the run's).
+    """
+    p = settings.pretrain
+    t0 = time.monotonic()
+    style = style_of(plan.train)
+    count = int(p["images"])
+    data = lookalikes(count, settings.seed, plan.charset, plan.preprocess, style)
+    made = time.monotonic() - t0
+    log(f"pretraining on {count:,} look-alikes of the folder ({len(style.fonts)} fonts, background grey "
+        f"{style.background[0]}-{style.background[1]}, ink {style.ink[0]}-{style.ink[1]}; made in {made:.0f} s) "
+        f"for {float(p['seconds']):.0f} s, keeping the weights that read the validation part best")
+    synthetic = SyntheticPlan(charset=plan.charset, preprocess=plan.preprocess, n_train=count, describe={},
+                              val=plan.val, test=plan.test, test_name="", learned={}, head=plan.head, train=data)
+    pre_settings = settings.replace(lr=float(p.get("lr", settings.lr)), epochs=None, steps=None)
+    opt, schedule = build_optimizer(pre_settings, model)
+    folder = Path(out) / "pretrain"
+    trainer = make_trainer(model, opt, folder, pre_settings, synthetic, float(p["seconds"]))
+    schedule.progress = trainer.fraction_done
+    trainer.fit(synthetic.train_source(trainer.batch_size), epochs=NO_EPOCH_LIMIT, val=plan.val)
+    xio.load_weights(model, folder / "model.npz")  # the best by validation
+    metadata = metadata_for(plan.charset, plan.preprocess, model=settings.model, pretrained_on="lookalikes",
+                            style=style.to_dict())
+    if plan.head == "ctc":
+        metadata["head"] = "ctc"
+    xio.save(model, Path(out) / PRETRAINED_FILE, metadata)
+    h = trainer.history
+    best = max((r.get("val_string_accuracy") or 0) for r in h.epochs) if len(h) else None
+    log(f"pretrained: validation whole-string accuracy {best * 100:.1f}% before fine-tuning "
+        f"({time.monotonic() - t0:.0f} s); weights in {Path(out) / PRETRAINED_FILE}")
+    return {"images": count, "seconds": round(time.monotonic() - t0, 1), "val_string_accuracy": best,
+            "style": style.to_dict(), "steps": h[-1]["step"] if len(h) else 0}
+
+
+__all__ = ["wants_pretraining", "pretrain", "PRETRAINED_FILE"]

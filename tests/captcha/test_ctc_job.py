@@ -30,6 +30,7 @@ def quiet(msg):
 def test_a_range_of_lengths_trains_a_ctc_reader(tmp_path):
     results = job.run(tiny_settings(), tmp_path, workers=0, progress=False, log=quiet)
     test = results["test"]
+    assert results["stuck"] is False
     # chance reads whole strings of 2-3 characters over 4 classes at under 5% (seeds 0, 1, 2 gave 0.70, 0.53, 0.57)
     assert test["n"] == 120 and test["string_accuracy"] >= 0.3 and test["char_error_rate"] < 0.4
     assert 0 <= test["length_accuracy"] <= 1

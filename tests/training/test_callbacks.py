@@ -319,3 +319,54 @@ def test_the_keyword_arguments_build_the_default_callbacks(tmp_path):
     assert [type(c).__name__ for c in with_bar.callbacks][1] == "ProgressBar" and with_bar.callbacks[-1] is mine
     assert (with_bar.checkpoint_dir, with_bar.best_path, with_bar.last_checkpoint) == (None, None, None)
     assert (with_bar.elapsed(), with_bar.fraction_done(), with_bar.best_epoch, len(with_bar.history)) == (0, 0, None, 0)
+
+
+# ---------------------------------------------------------------- StuckWatch
+
+
+def _stuck_run(targets_from_inputs, seed=0):
+    """A small dense model on 2-feature data: targets that follow the inputs (learnable) or random ones."""
+    from xpnet.training.callbacks import StuckWatch
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((512, 2)).astype(np.float32)
+    y = ((x[:, :1] > 0) if targets_from_inputs else (rng.random((512, 1)) > 0.5)).astype(np.float32)
+    xpnet.seed(seed)
+    model = xpnet.Sequential([xpnet.Dense(16), xpnet.ReLU(), xpnet.Dense(1)],
+                             input_shape=(2,))
+    watch = StuckWatch(monitor="val_right", floor=0.65, min_steps=40, window=16, min_fraction=0.0,
+                       advice="try another learning rate")
+    t = Trainer(model, xpnet.Adam(model, lr=1e-2), batch_size=32, progress=False, plot=False, log=None,
+                metrics={"right": lambda logits, yy: float(((np.asarray(logits) > 0) == (np.asarray(yy) > 0.5)).mean())},
+                callbacks=[watch])
+    t.fit((x[:384], y[:384]), epochs=30, val=(x[384:], y[384:]))
+    return t, watch
+
+
+def test_stuck_watch_stops_a_run_that_learns_nothing_and_leaves_a_learning_one_alone():
+    t, watch = _stuck_run(targets_from_inputs=False)     # random labels: flat loss, chance on validation
+    assert watch.stuck and len(t.history) < 30
+    t, watch = _stuck_run(targets_from_inputs=True)      # a learnable task runs to the end
+    assert not watch.stuck and len(t.history) == 30
+
+
+def test_stuck_watch_message_names_what_it_saw_and_the_advice():
+    from xpnet.training.callbacks import StuckWatch
+
+    trainer = StandIn(step=500)
+    trainer.fraction_done = lambda: 0.5
+    trainer.history.epochs.append({"val_string_accuracy": 0.0})
+    watch = StuckWatch(window=2, advice="try --head ctc")
+    watch.on_losses(trainer, 1, np.array([9.0, 5.0, 3.0, 3.0]))   # from the initial weights to the prior ...
+    watch.on_losses(trainer, 400, np.array([2.9, 2.95, 2.9, 2.95]))  # ... then flat
+    watch.on_epoch_end(trainer, {})
+    assert watch.stuck and trainer.stops == [
+        "stopping: nothing is being learned after 500 steps (training loss 2.925, 3 half-way; best val "
+        "string accuracy 0); try --head ctc"]
+    trainer2 = StandIn(step=500)
+    trainer2.fraction_done = lambda: 0.5
+    trainer2.history.epochs.append({"val_string_accuracy": 0.2})      # something is read: not stuck
+    watch2 = StuckWatch(window=2)
+    watch2.on_losses(trainer2, 1, np.array([3.0, 3.0, 3.0, 3.0]))
+    watch2.on_epoch_end(trainer2, {})
+    assert not watch2.stuck and trainer2.stops == []

@@ -23,6 +23,7 @@ from ..errors import UsageError
 from ..metrics import multilabel_metrics, wilson_interval
 from ..ops.loss import sigmoid_bce_with_logits
 from ..nn import serialization as xio
+from ..training.callbacks import StuckWatch
 from ..training.trainer import Trainer
 from .config import Settings, TrainOptions, merge_resume, resolve_settings, settings_for_head
 from .heads import CTCLoss, ctc_metrics
@@ -201,7 +202,15 @@ def _make_trainer(model, opt, out, settings, plan, batch_size, patience, train_b
                    seed=settings.seed, log_every=10,
                    progress=sys.stderr.isatty() if progress is None else bool(progress), log=log,
                    metadata=metadata, time_budget=train_budget, max_steps=settings.steps, restore_best=True,
-                   plot=60.0, device_data_bytes=_device_data_bytes())
+                   plot=60.0, device_data_bytes=_device_data_bytes(), callbacks=[_stuck_watch(plan)])
+
+
+def _stuck_watch(plan: DataPlan) -> StuckWatch:
+    """Ends a run stuck at the class prior (BCE) or at all-blank (CTC) after 15% of its work."""
+    other = "--head bce" if plan.head == "ctc" else "--head ctc"
+    return StuckWatch(monitor="val_string_accuracy", floor=0.0, advice=(
+        f"try {other}, half the learning rate (--lr), a wider input (--width) if the characters are narrow, "
+        f"or more labelled images"))
 
 
 def _log_plan(model, settings, plan, batch_size, spe, epochs, patience, train_budget, log) -> None:
@@ -248,6 +257,7 @@ def _evaluate_and_save(model, trainer, plan: DataPlan, metadata, out: Path, t0: 
         "best_epoch": trainer.best_epoch,     # the weights evaluated (ties broken by validation loss)
         "val_string_accuracy": max((r.get("val_string_accuracy") or 0) for r in h.epochs) if len(h) else None,
         "finished": now(),
+        "stuck": any(isinstance(c, StuckWatch) and c.stuck for c in trainer.callbacks),
     }
     metadata["results"] = {"test_string_accuracy": evaluation.string_accuracy,
                            "test_char_accuracy": evaluation.char_accuracy, "test_set": plan.test_name}

@@ -10,6 +10,7 @@ from .history_files import HistoryFiles
 from .limits import Limits
 from .nan_guard import NanGuard
 from .progress import ProgressBar, ProgressLog
+from .stuck import StuckWatch
 
 __all__ = ["Callback", "Checkpointer", "EarlyStopping", "HistoryFiles", "Limits", "NanGuard", "ProgressBar",
-           "ProgressLog"]
+           "ProgressLog", "StuckWatch"]

@@ -6,7 +6,7 @@ import json
 import pytest
 
 import xpnet
-from xpnet.captcha.config import (CONFIGS, FIXED_LENGTH_HEAD, Settings, TrainOptions, derive_seed, get_config,
+from xpnet.captcha.config import (CONFIGS, Settings, TrainOptions, derive_seed, get_config,
                                   head_for_labels, merge_resume, resolve_settings, settings_for_head)
 from xpnet.data import Charset
 from xpnet.errors import UsageError
@@ -124,7 +124,7 @@ def test_resume_refuses_options_that_would_change_the_run(options, message):
 
 def test_heads_follow_lengths_models_and_options():
     s = resolve_settings(TrainOptions())
-    assert (s.head, s.model, s.min_length) == (FIXED_LENGTH_HEAD, "captcha_net", None)
+    assert (s.head, s.min_length) == (CONFIGS["default"]["fixed_length_head"], None)
     s = resolve_settings(TrainOptions(length="4-6"))   # a range: CTC, with the configuration's ctc settings
     assert (s.head, s.model, s.model_kwargs, s.prior_bias, s.min_length, s.length) == (
         "ctc", "captcha_crnn", {"batchnorm": True}, False, 4, 6)
@@ -151,7 +151,7 @@ def test_heads_follow_lengths_models_and_options():
 
 def test_head_for_labels_of_a_folder():
     auto = resolve_settings(TrainOptions(data="somewhere"))
-    assert head_for_labels(auto, Charset("AB", 4)) == FIXED_LENGTH_HEAD
+    assert head_for_labels(auto, Charset("AB", 4)) == CONFIGS["default"]["folder"]["fixed_length_head"]
     assert head_for_labels(auto, Charset("AB", 6, 4)) == "ctc"
     bce = resolve_settings(TrainOptions(data="somewhere", head="bce"))
     with pytest.raises(UsageError, match="the labels have 4-6 characters, which the bce head cannot read.*--head ctc"):

@@ -40,8 +40,9 @@ _DEFAULT = {
     "min_length": None,            # the shortest label of a range (--length 4-6); None: one length
     # how outputs become texts: "bce" (one block of sigmoid units per character position, one length),
     # "ctc" (per-column scores, any length) or "auto": CTC for a range of lengths or a mixed-length folder,
-    # else FIXED_LENGTH_HEAD
+    # else fixed_length_head
     "head": "auto",
+    "fixed_length_head": "bce",    # the head that read better at one length in the same budget (README)
     "ctc": {                       # these settings replace the ones above when the head is CTC
         "model": "captcha_crnn", "model_kwargs": {"batchnorm": True},  # a user's CTC model is kept
         "prior_bias": False,       # the prior is for per-position sigmoid blocks
@@ -81,6 +82,7 @@ _DEFAULT = {
     "folder": {                    # these settings replace the ones above for --data runs (options still win)
         "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "pct_start": 0.03,
         "max_shift": 2, "max_scale": 0.05,   # real sets are small: a little more variety
+        "fixed_length_head": "bce",          # on development folders (README)
         "time_budget": None,                 # the epochs rule (plans.folder_epochs) decides
     },
     "folder_small": {              # folders with fewer training images than "below" get, on top of "folder":
@@ -127,9 +129,6 @@ CONFIGS: dict[str, dict] = {
 SEED_PURPOSES = {"validation": 1, "test": 2, "split": 3}
 OPTIMIZERS = ("adamw", "adam", "sgd")
 HEADS = ("bce", "ctc")
-# The head of a fixed-length reader when none is asked for (benchmarks/results/captcha_heads_cpu/: the two
-# heads side by side at the same budget).
-FIXED_LENGTH_HEAD = "bce"
 
 
 def get_config(name: str) -> dict:
@@ -232,6 +231,7 @@ class Settings:
     train_images_made: int | None = None
     min_length: int | None = None      # (keys of later versions: older run.json files lack them)
     head: str = "bce"                  # runs of versions before heads were bce runs (configurations say "auto")
+    fixed_length_head: str = "bce"
     ctc: dict = dataclasses.field(default_factory=dict)
     chosen: list = dataclasses.field(default_factory=list)  # keys the user's options set (they always win)
     labels_file: str | None = None     # --labels: the folder's labels from a CSV instead of the file names
@@ -360,16 +360,16 @@ def _resolve_head(s: dict, options: TrainOptions) -> str:
         raise UsageError(f"--length {s['min_length']}-{s['length']} is a range of lengths, which the bce head "
                          f"cannot read (one block of outputs per character position): use --head ctc.")
     if head == "auto" and (s["data_dir"] is None or s["length"] is not None):
-        head = "ctc" if ranged else FIXED_LENGTH_HEAD
+        head = "ctc" if ranged else s["fixed_length_head"]
     return head
 
 
 def head_for_labels(settings: "Settings", charset) -> str:
     """The head of a run once its labels are known: the settings' unless "auto"; then CTC for a range
-    of lengths, else FIXED_LENGTH_HEAD.  UsageError for a bce head asked to read a range."""
+    of lengths, else the settings' ``fixed_length_head``.  UsageError for a bce head asked to read a range."""
     head = settings.head
     if head == "auto":
-        head = FIXED_LENGTH_HEAD if charset.fixed else "ctc"
+        head = settings.fixed_length_head if charset.fixed else "ctc"
     if head == "bce" and not charset.fixed:
         raise UsageError(f"the labels have {charset.lengths} characters, which the bce head cannot read (one "
                          f"block of outputs per character position): use --head ctc, or --length N to keep the "
@@ -440,6 +440,6 @@ def merge_resume(settings: Settings, saved: dict, options: TrainOptions, where: 
     return Settings.from_dict(merged)
 
 
-__all__ = ["CONFIGS", "SEED_PURPOSES", "OPTIMIZERS", "HEADS", "FIXED_LENGTH_HEAD", "model_head", "head_for_labels",
+__all__ = ["CONFIGS", "SEED_PURPOSES", "OPTIMIZERS", "HEADS", "model_head", "head_for_labels",
            "settings_for_head", "get_config", "derive_seed", "TrainOptions", "Settings",
            "resolve_settings", "merge_resume"]

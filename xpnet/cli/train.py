@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from ..captcha.config import CONFIGS, FIXED_LENGTH_HEAD, HEADS, TrainOptions
+from ..captcha.config import CONFIGS, HEADS, TrainOptions
 from ..data.folder import cpu_count
 from ..nn import models
 
@@ -73,7 +73,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--head", choices=HEADS, default=None,
                    help="how outputs become texts: ctc (per-column scores, texts of any length; model "
                         f"{d['ctc']['model']}) or bce (one block of outputs per character position, one length) "
-                        f"(default: ctc for a range of lengths or a mixed-length folder, else {FIXED_LENGTH_HEAD})")
+                        f"(default: ctc for a range of lengths or a mixed-length folder; for one length "
+                        f"{d['fixed_length_head']}, with --data {d['folder']['fixed_length_head']})")
     p.add_argument("--height", type=int, metavar="H", default=None,
                    help=f"model input height in pixels (default: the configuration's, {d['height']})")
     p.add_argument("--width", type=int, metavar="W", default=None,

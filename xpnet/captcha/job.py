@@ -206,7 +206,7 @@ def _make_trainer(model, opt, out, settings, plan, batch_size, patience, train_b
 
 
 def _stuck_watch(plan: DataPlan) -> StuckWatch:
-    """Ends a run stuck at the class prior (BCE) or at all-blank (CTC) after 15% of its work."""
+    """Ends a run stuck at the class prior (BCE) or at all-blank (CTC) after a quarter of its work."""
     other = "--head bce" if plan.head == "ctc" else "--head ctc"
     return StuckWatch(monitor="val_string_accuracy", floor=0.0, advice=(
         f"try {other}, half the learning rate (--lr), a wider input (--width) if the characters are narrow, "

@@ -5,7 +5,8 @@ the same charset, lengths, aspect ratio and grey levels, drawn with many fonts, 
 first.  ``pretrain`` trains the run's own network (same head, same input) on look-alikes for
 a time budget, keeping the weights that read the folder's *validation* part best, and saves
 them as ``pretrained.npz`` (a reader: ``--init`` starts other runs from it).  The folder run
-then fine-tunes those weights.  The style is matched to the training part only.
+then fine-tunes those weights -- unless they read none of the validation images, when it starts
+from its fresh weights as without pretraining.  The style is matched to the training part only.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def pretrain(model, settings: Settings, plan: FolderPlan, out: Path, make_traine
     """
     p = settings.pretrain
     t0 = time.monotonic()
+    fresh = {k: v.copy() for k, v in model.state_dict().items()}  # to go back to if pretraining reads nothing
     style = style_of(plan.train)
     count = int(p["images"])
     data = lookalikes(count, settings.seed, plan.charset, plan.preprocess, style)
@@ -54,18 +56,26 @@ def pretrain(model, settings: Settings, plan: FolderPlan, out: Path, make_traine
     trainer = make_trainer(model, opt, folder, pre_settings, synthetic, float(p["seconds"]))
     schedule.progress = trainer.fraction_done
     trainer.fit(synthetic.train_source(trainer.batch_size), epochs=NO_EPOCH_LIMIT, val=plan.val)
+    h = trainer.history
+    best = max((r.get("val_string_accuracy") or 0) for r in h.epochs) if len(h) else 0.0
+    summary = {"images": count, "val_string_accuracy": best, "style": style.to_dict(),
+               "steps": h[-1]["step"] if len(h) else 0}
+    if not best:
+        # Weights that read none of the folder's validation images are no better a start than fresh ones
+        # (and a run stuck at the class prior can leave them worse): fine-tune from the fresh weights.
+        model.load_state_dict(fresh)
+        log(f"pretraining read none of the validation images ({time.monotonic() - t0:.0f} s): fine-tuning "
+            f"starts from fresh weights")
+        return {**summary, "used": False, "seconds": round(time.monotonic() - t0, 1)}
     xio.load_weights(model, folder / "model.npz")  # the best by validation
     metadata = metadata_for(plan.charset, plan.preprocess, model=settings.model, pretrained_on="lookalikes",
                             style=style.to_dict())
     if plan.head == "ctc":
         metadata["head"] = "ctc"
     xio.save(model, Path(out) / PRETRAINED_FILE, metadata)
-    h = trainer.history
-    best = max((r.get("val_string_accuracy") or 0) for r in h.epochs) if len(h) else None
     log(f"pretrained: validation whole-string accuracy {best * 100:.1f}% before fine-tuning "
         f"({time.monotonic() - t0:.0f} s); weights in {Path(out) / PRETRAINED_FILE}")
-    return {"images": count, "seconds": round(time.monotonic() - t0, 1), "val_string_accuracy": best,
-            "style": style.to_dict(), "steps": h[-1]["step"] if len(h) else 0}
+    return {**summary, "used": True, "seconds": round(time.monotonic() - t0, 1)}
 
 
 __all__ = ["wants_pretraining", "pretrain", "PRETRAINED_FILE"]

@@ -23,7 +23,7 @@ class StuckWatch(Callback):
     """
 
     def __init__(self, monitor: str = "val_string_accuracy", floor: float = 0.0, ratio: float = 0.9,
-                 min_fraction: float = 0.15, min_steps: int = 300, window: int = 50, advice: str = ""):
+                 min_fraction: float = 0.25, min_steps: int = 500, window: int = 50, advice: str = ""):
         self.monitor, self.floor, self.ratio = monitor, float(floor), float(ratio)
         self.min_fraction, self.min_steps, self.window = float(min_fraction), int(min_steps), int(window)
         self.advice = advice

@@ -40,8 +40,9 @@ def test_derived_seeds_differ_and_repeat():
 
 
 def test_data_runs_take_the_folder_settings_and_options_still_win(tmp_path):
-    synthetic = resolve_settings(TrainOptions())
+    synthetic = resolve_settings(TrainOptions(head="bce"))
     assert (synthetic.optimizer, synthetic.lr, synthetic.max_scale) == ("adam", 3e-3, 0.0)
+    assert resolve_settings(TrainOptions()).lr == CONFIGS["default"]["ctc"]["lr"]  # the default head is ctc
     assert synthetic.time_budget == CONFIGS["default"]["time_budget"] and synthetic.channels == 1
     folder = resolve_settings(TrainOptions(data=str(tmp_path)))
     assert (folder.lr, folder.max_scale, folder.time_budget) == (1e-3, 0.05, None)
@@ -110,7 +111,7 @@ def test_resume_merge_keeps_the_saved_run_and_changes_neither_input():
 
 
 @pytest.mark.parametrize("options, message", [
-    (TrainOptions(lr=0.5), "--lr 0.5 differs from the run's 0.003 in run.json: drop it"),
+    (TrainOptions(lr=0.5), "--lr 0.5 differs from the run's 0.005 in run.json: drop it"),
     (TrainOptions(batch_size=8), "--batch-size 8 differs from the run's 64"),
     (TrainOptions(config="quick"), "--config quick differs from the run's 'default'"),
     (TrainOptions(data="somewhere"), "--data "),

@@ -23,7 +23,7 @@ from tests.system import _train_worker as W
 # cheap seed MNIST network, so that a few epochs run in seconds.
 TINY = dict(config="default", data_dir=None, seed=0, model="simple_convnet", model_kwargs={}, charset="ABCD",
             length=2, height=24, width=48, channels=1, train_images=400, val_images=60, test_images=150,
-            time_budget=None, epochs=5, batch_size=32, lr=1e-2, final_reserve=0, pretrain={})
+            time_budget=None, epochs=5, batch_size=32, lr=1e-2, final_reserve=0, pretrain={}, head="bce")
 
 
 def tiny_settings(**changes):

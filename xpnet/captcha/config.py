@@ -42,7 +42,8 @@ _DEFAULT = {
     # "ctc" (per-column scores, any length) or "auto": CTC for a range of lengths or a mixed-length folder,
     # else fixed_length_head
     "head": "auto",
-    "fixed_length_head": "bce",    # the head that read better at one length in the same budget (README)
+    "fixed_length_head": "ctc",    # the head that read better at one length in the same budget: 96.70% against
+                                   # 92.15% whole-string for 4 characters in 15 minutes (README)
     "ctc": {                       # these settings replace the ones above when the head is CTC
         "model": "captcha_crnn", "model_kwargs": {"batchnorm": True},  # a user's CTC model is kept
         "prior_bias": False,       # the prior is for per-position sigmoid blocks

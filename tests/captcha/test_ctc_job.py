@@ -81,14 +81,17 @@ def test_labels_too_long_for_the_columns_are_refused_before_any_work(tmp_path):
     assert not (tmp_path / "run.json").exists()
 
 
-def test_a_folder_of_one_length_keeps_the_bce_head_unless_asked(tmp_path):
+def test_a_folder_of_one_length_takes_the_folder_default_head_unless_told(tmp_path):
+    from xpnet.captcha.config import CONFIGS
+
     folder = tmp_path / "imgs"
     write_captcha_pngs(folder, 30, seed=5, charset="ABCD", length=2, workers=0, progress=False)
     settings = resolve_settings(TrainOptions(data=str(folder), epochs=1, seed=0, model="simple_convnet"))
     assert settings.head == "bce"  # the model says so
     auto = resolve_settings(TrainOptions(data=str(folder), epochs=1, seed=0, pretrain=0)).replace(
-        height=24, width=48)
+        height=32, width=48)
     results = job.run(auto, tmp_path / "run", workers=0, progress=False, log=quiet)
-    assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["head"] == "bce"
-    assert "char_error_rate" not in results["test"] or results["test"]["char_error_rate"] is None
+    want = CONFIGS["default"]["folder"]["fixed_length_head"]
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["settings"]["head"] == want
+    assert (results["test"]["char_error_rate"] is None) == (want == "bce")
     assert np.isfinite(results["test"]["string_accuracy"])

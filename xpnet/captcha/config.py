@@ -83,7 +83,8 @@ _DEFAULT = {
     "folder": {                    # these settings replace the ones above for --data runs (options still win)
         "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "pct_start": 0.03,
         "max_shift": 2, "max_scale": 0.05,   # real sets are small: a little more variety
-        "fixed_length_head": "bce",          # on development folders (README)
+        "fixed_length_head": "ctc",          # on a 1,000-image development folder of real images, validation
+                                             # whole-string 86.3% bce, 100% ctc with look-alike pretraining
         "time_budget": None,                 # the epochs rule (plans.folder_epochs) decides
     },
     "folder_small": {              # folders with fewer training images than "below" get, on top of "folder":

@@ -147,7 +147,9 @@ def run(settings: Settings, out, resume: bool = False, workers: int | None = Non
 def _log_start(settings: Settings, out: Path, log) -> None:
     budget = settings.time_budget
     log(f"output folder: {out.resolve()}")
-    log(f"configuration {settings.config!r}: model {settings.model}, "
+    model = (f"model {settings.model} ({settings.head} head)" if settings.head != "auto" else
+             "the head and model as the labels say")
+    log(f"configuration {settings.config!r}: {model}, "
         + (f"time budget {budget:.0f} s for the whole job" if budget else "no time budget")
         + f"; backend {backend.current()} ({backend.reason()}), {data_folder.cpu_count()} CPU core(s)")
 

@@ -58,8 +58,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, metavar="B", default=None,
                    help=f"images per training step (default: the configuration's, {d['batch_size']} for default)")
     p.add_argument("--lr", type=float, metavar="LR", default=None,
-                   help=f"peak learning rate of the one-cycle schedule (default: the configuration's, "
-                        f"{d['lr']:g} for default, {d['folder']['lr']:g} with --data)")
+                   help=f"peak learning rate of the one-cycle schedule (default: the configuration's: "
+                        f"{d['ctc']['lr']:g} for the ctc head; bce: {d['lr']:g}, {d['folder']['lr']:g} with --data)")
     p.add_argument("--model", metavar="NAME", default=None,
                    help=f"network, one of {', '.join(models.MODELS)} (default: the configuration's, "
                         f"{d['model']} for the bce head, {d['ctc']['model']} for ctc; captcha_net_bn is stronger "

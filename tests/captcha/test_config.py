@@ -26,10 +26,11 @@ def test_every_configuration_key_is_a_settings_field():
     for cfg in CONFIGS.values():
         assert set(cfg) <= names
     assert names - set(CONFIGS["default"]) == {"config", "data_dir", "seed", "train_images_made", "chosen",
-                                               "labels_file", "init", "folds", "fold"}
+                                               "labels_file", "init", "folds", "fold", "unlabelled_dir"}
     # keys newer than the first run.json files have defaults, so those runs still resume
     old = {k: v for k, v in resolve_settings(TrainOptions()).to_dict().items()
-           if k not in ("min_length", "head", "ctc", "chosen", "labels_file", "init", "folds", "fold", "pretrain")}
+           if k not in ("min_length", "head", "ctc", "chosen", "labels_file", "init", "folds", "fold", "pretrain",
+                         "pseudo", "unlabelled_dir")}
     assert Settings.from_dict(old).head == "bce"  # earlier versions trained bce readers only
 
 

@@ -176,3 +176,36 @@ def test_a_small_folder_pretrains_on_lookalikes_then_fine_tunes(tmp_path):
     assert not wants_pretraining(resolve_settings(TrainOptions(data=str(imgs), pretrain=0)), plan, resume=False)
     plan.n_train = 10_000
     assert not wants_pretraining(settings, plan, resume=False)
+
+
+def test_confidence_threshold_is_the_lowest_with_the_asked_precision():
+    from xpnet.captcha.pseudo import confidence_threshold
+
+    conf = np.array([0.99, 0.98, 0.97, 0.96, 0.95, 0.50, 0.40])
+    right = np.array([True, True, True, True, False, True, False])
+    assert confidence_threshold(conf, right, precision=1.0, min_count=2) == 0.96
+    assert confidence_threshold(conf, right, precision=0.8, min_count=2) == 0.50   # 5 of 6 right
+    assert confidence_threshold(conf, right, precision=1.0, min_count=5) is None
+
+
+def test_unlabelled_images_add_pseudo_labels_in_rounds(tmp_path):
+    imgs, extra = tmp_path / "imgs", tmp_path / "extra"
+    write_captcha_pngs(imgs, 60, seed=11, charset="ABC", length=2, workers=0, progress=False)
+    write_captcha_pngs(extra, 40, seed=12, charset="ABC", length=2, workers=0, progress=False)
+    (extra / "broken.png").write_bytes(b"not a png")
+    options = TrainOptions(data=str(imgs), unlabelled=str(extra), model="simple_convnet", epochs=8, height=24,
+                           width=48, seed=0, pretrain=0, lr=1e-2)
+    settings = resolve_settings(options)
+    settings = settings.replace(pseudo={**settings.pseudo, "rounds": 2, "precision": 0.0, "min_count": 1,
+                                        "epochs": 2})
+    logged = []
+    job.run(settings, tmp_path / "run", workers=0, progress=False, log=logged.append)
+    rounds = json.loads((tmp_path / "run" / "run.json").read_text())["data"]["pseudo_labels"]
+    # precision 0: every reading that fits the task is taken (the mechanics; real runs ask 99%)
+    assert rounds and rounds[0]["round"] == 1 and rounds[0]["unlabelled"] == 40 and 0 < rounds[0]["added"] <= 40
+    assert all(r["kept"] == (r["val_after"] >= r["val_before"]) for r in rounds)
+    assert any("could not be read" in m for m in logged) and any(m.startswith("pseudo-labels, round 1") for m in logged)
+    with pytest.raises(UsageError, match="--unlabelled adds pseudo-labelled images to a --data folder"):
+        resolve_settings(TrainOptions(unlabelled=str(extra)))
+    with pytest.raises(UsageError, match="no such folder"):
+        resolve_settings(TrainOptions(data=str(imgs), unlabelled=str(tmp_path / "nope")))

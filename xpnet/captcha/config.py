@@ -96,6 +96,10 @@ _DEFAULT = {
         "below": 5000,             # (xpnet.captcha.pretrain) for "seconds", then fine-tune on the folder
         "images": 20000, "seconds": 240, "lr": 3e-3,
     },
+    "pseudo": {                    # --unlabelled DIR: rounds of pseudo-labels (xpnet.captcha.pseudo); the
+        "rounds": 2,               # confidence threshold is where validation readings are right >= precision
+        "precision": 0.99, "min_count": 10, "epochs": 30, "lr": 1e-3,
+    },
     "test_fraction": 0.2,          # held out, reported at the end, never used to choose anything
     "val_fraction": 0.1,           # of the rest: early stopping and the best checkpoint
     "folder_samples": 300_000,     # training samples to see in total (sets the number of epochs)
@@ -164,6 +168,7 @@ class TrainOptions:
     init: str | None = None            # a model file to start from where the networks agree
     folds: int | None = None           # k-fold cross-validation over a --data folder
     pretrain: float | None = None      # seconds of pretraining on look-alikes of a small folder (0: none)
+    unlabelled: str | None = None      # a folder of unlabelled images of the same kind, for pseudo-labels
     model: str | None = None
     epochs: int | None = None
     steps: int | None = None
@@ -241,6 +246,8 @@ class Settings:
     folds: int | None = None           # --folds K: K runs, each testing on one K-th of the folder ...
     fold: int | None = None            # ... this run's (0-based)
     pretrain: dict = dataclasses.field(default_factory=dict)  # look-alike pretraining of small folders
+    pseudo: dict = dataclasses.field(default_factory=dict)    # rounds of pseudo-labels (--unlabelled)
+    unlabelled_dir: str | None = None
 
     @classmethod
     def field_names(cls) -> set:
@@ -289,6 +296,12 @@ def resolve_settings(options: TrainOptions) -> Settings:
         if s["data_dir"] is None:
             raise UsageError("--folds cross-validates a --data folder: give --data DIR as well.")
         s["folds"] = checks.integer(options.folds, "--folds", 2, what="at least 2")
+    if options.unlabelled is not None:
+        if s["data_dir"] is None:
+            raise UsageError("--unlabelled adds pseudo-labelled images to a --data folder's run: give --data DIR.")
+        if not os.path.isdir(options.unlabelled):
+            raise UsageError(f"--unlabelled {options.unlabelled}: no such folder.")
+        s["unlabelled_dir"] = os.path.abspath(options.unlabelled)
     if options.pretrain is not None:
         seconds = checks.number(options.pretrain, "--pretrain", allow_zero=True)
         s["pretrain"] = {**s["pretrain"], "seconds": seconds}
@@ -327,7 +340,8 @@ def resolve_settings(options: TrainOptions) -> Settings:
     if options.charset is not None:
         make_charset(options.charset, s["length"] or 4)  # checks the characters
     s["chosen"] = sorted(f.name for f in dataclasses.fields(TrainOptions)
-                         if f.name in s and f.name not in ("config", "data", "labels", "init", "folds", "pretrain")
+                         if f.name in s and f.name not in ("config", "data", "labels", "init", "folds", "pretrain",
+                                                           "unlabelled")
                          and getattr(options, f.name) is not None)
     s["head"] = _resolve_head(s, options)
     if s["head"] != "auto":

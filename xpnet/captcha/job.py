@@ -28,8 +28,9 @@ from ..training.trainer import Trainer
 from .config import Settings, TrainOptions, merge_resume, resolve_settings, settings_for_head
 from .heads import CTCLoss, ctc_metrics
 from .pretrain import pretrain, wants_pretraining
+from .pseudo import pseudo_label_rounds
 from .network import build_model, make_transforms, set_prior_bias
-from .plans import NO_EPOCH_LIMIT, DataPlan, for_small_folder, prepare_data, stream_start
+from .plans import NO_EPOCH_LIMIT, DataPlan, FolderPlan, for_small_folder, prepare_data, stream_start
 from .recognizer import Recognizer, metadata_for
 from .run_folder import RESULTS_FILE, RUN_FILE, default_out, now, prepare_out, read_saved_settings, write_json
 
@@ -141,6 +142,12 @@ def run(settings: Settings, out, resume: bool = False, workers: int | None = Non
     _fit(trainer, plan, batch_size, spe, epochs, resume, out, log)
     # The model file holds the best weights (also when a resumed run had nothing left to do).
     xio.load_weights(model, out / "model.npz")
+    if settings.unlabelled_dir and isinstance(plan, FolderPlan):
+        def make(m, o, folder, s, p, n_epochs):
+            return _make_trainer(m, o, folder, s, p, batch_size, None, None, metadata, progress, log)
+        run_doc["data"] = {**run_doc["data"], "pseudo_labels": pseudo_label_rounds(model, settings, plan, metadata,
+                                                                                     out, make, log)}
+        write_json(out / RUN_FILE, run_doc, "run description")
     return _evaluate_and_save(model, trainer, plan, metadata, out, t0, log)
 
 

@@ -56,6 +56,7 @@ class DataPlan:
     learned: dict
     streams: bool = False
     head: str = "bce"
+    val_labels: list | None = None        # the validation texts (for choosing pseudo-label thresholds)
 
     def targets(self, labels):
         """The training targets of text ``labels`` for this plan's head (NumPy)."""
@@ -208,7 +209,7 @@ def prepare_folder(settings: Settings, out: Path, workers=None, progress=None, l
                    else f"{len(test):,} held-out images of {folder} ({settings.test_fraction:.0%} split)"),
         learned={"width": pp.width, "charset": cs.chars, "length": cs.length,
                  "min_length": None if cs.fixed else cs.min_length, "head": head},
-        head=head, train=train)
+        head=head, train=train, val_labels=list(val.labels))
 
 
 def targets_for(head: str, labels, charset: Charset):

@@ -35,6 +35,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help=f"with --data: seconds of pretraining on synthetic look-alikes of a folder with fewer than "
                         f"{d['pretrain']['below']:,} training images (its charset, lengths, aspect and grey levels, "
                         f"local fonts), before fine-tuning on it; 0: none (default: {d['pretrain']['seconds']})")
+    p.add_argument("--unlabelled", metavar="DIR", default=None,
+                   help=f"with --data: a folder of unlabelled images of the same kind; after training, "
+                        f"{d['pseudo']['rounds']} rounds add those read with a confidence at which the validation "
+                        f"readings are >= {d['pseudo']['precision'] * 100:g}%% right, and train on them too (a round that "
+                        f"lowers the validation accuracy is undone) (default: none)")
     p.add_argument("--init", metavar="MODEL", default=None,
                    help="start from a saved reader (model.npz): its layers whose names and shapes match are "
                         "loaded, the others (an output layer for another charset or length) start fresh "

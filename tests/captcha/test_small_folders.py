@@ -162,8 +162,14 @@ def test_a_small_folder_pretrains_on_lookalikes_then_fine_tunes(tmp_path):
     assert any(m.startswith("pretraining on 64 look-alikes") for m in logged)
     from xpnet.captcha import Recognizer
 
-    pre = Recognizer.load(tmp_path / "run" / "pretrained.npz")   # a reader, for --init elsewhere
-    assert pre.charset.chars == "ABCD" and pre.metadata["pretrained_on"] == "lookalikes"
+    # 2 s of pretraining may or may not read a validation image, depending on the machine's speed
+    assert done["used"] == (done["val_string_accuracy"] > 0)
+    if done["used"]:
+        pre = Recognizer.load(tmp_path / "run" / "pretrained.npz")   # a reader, for --init elsewhere
+        assert pre.charset.chars == "ABCD" and pre.metadata["pretrained_on"] == "lookalikes"
+    else:  # weights that read nothing are dropped: fine-tuning starts from the fresh ones
+        assert not (tmp_path / "run" / "pretrained.npz").exists()
+        assert any("fine-tuning starts from fresh weights" in m for m in logged)
     # no pretraining for large folders, resumed runs, runs started from --init, or --pretrain 0
     from xpnet.captcha.pretrain import wants_pretraining
     from xpnet.captcha.plans import FolderPlan

@@ -105,14 +105,20 @@ def columns_needed(text: str) -> int:
 def best_path(logits):
     """(N, T) charset indices of the greedy reading, left-aligned and padded with -1, and the (N,)
     lengths: argmax per column, repeats merged, blanks dropped (no probabilities: for metrics)."""
-    best = backend.to_numpy(logits.argmax(axis=2)).astype(numpy.int64)
+    indices, lengths, _ = _collapse(backend.to_numpy(logits.argmax(axis=2)).astype(numpy.int64))
+    return indices, lengths
+
+
+def _collapse(best):
+    """Best-path classes (N, T) -> (indices (N, T) padded with -1, lengths (N,), starts (N, T) bool:
+    the columns where a character begins)."""
     n, t = best.shape
     starts = best != BLANK
     starts[:, 1:] &= best[:, 1:] != best[:, :-1]
     lengths = starts.sum(axis=1)
     indices = numpy.full((n, t), -1, dtype=numpy.int64)
     indices[numpy.arange(t)[None, :] < lengths[:, None]] = best[starts] - 1
-    return indices, lengths
+    return indices, lengths, starts
 
 
 def ctc_metrics(charset: Charset) -> dict:
@@ -166,15 +172,11 @@ def ctc_decode(logits, charset: Charset):
     best = probs.argmax(axis=2)
     p_best = numpy.take_along_axis(probs, best[:, :, None], axis=2)[:, :, 0]
     chars = best != BLANK
-    starts = chars.copy()
-    starts[:, 1:] &= best[:, 1:] != best[:, :-1]
-    lengths = starts.sum(axis=1)
+    indices, lengths, starts = _collapse(best)
     run = numpy.cumsum(starts.ravel()) - 1  # the character (over the whole batch) each column belongs to
     peaks = numpy.zeros(int(lengths.sum()), dtype=numpy.float64)
     numpy.maximum.at(peaks, run[chars.ravel()], p_best.ravel()[chars.ravel()])
     slot = numpy.arange(t)[None, :] < lengths[:, None]  # (N, T): the filled slots of the padded outputs
-    indices = numpy.full((n, t), -1, dtype=numpy.int64)
-    indices[slot] = best[starts] - 1
     char_conf = numpy.full((n, t), numpy.nan, dtype=numpy.float64)
     char_conf[slot] = peaks
     conf = numpy.where(slot, char_conf, 1.0).prod(axis=1)

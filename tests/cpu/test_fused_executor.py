@@ -94,14 +94,20 @@ def test_batchnorm_blocks_whole_batch_statistics_across_shards():
         return [Conv2D(5, 3, pad="same", bias=False), BatchNorm(), ReLU(), Conv2D(6, 3, pad=1), BatchNorm(), ReLU(),
                 MaxPool2D(2), Conv2D(4, 3), BatchNorm(), ReLU(), MaxPool2D(2),  # odd map: pool not fused
                 Flatten(), Dense(8), BatchNorm(), ReLU(), Dropout(0.3), Dense(4)]
+    def pooled_first(model):  # per training plan of a pooled BatchNorm block: did it pool raw z first?
+        return [p.bn_stats[-1] for sh in model.executor.shards for p in sh.plans.values()
+                if p.train and p.z_pooled is not None]
+
     fast = assert_paths_agree(layers, (3, 14, 16), n=11, threads=3)
     names = [type(s).__name__ for s in fast.executor.stages]
+    assert pooled_first(fast) and all(pooled_first(fast))  # gamma > 0: max commutes with BatchNorm
 
     def some_negative_gammas(model):  # BatchNorm then no longer commutes with the pool
         for layer in model.layers:
             if isinstance(layer, BatchNorm):
                 layer.params["gamma"][::2] *= -0.5
-    assert_paths_agree(layers, (3, 14, 16), n=11, threads=3, prepare=some_negative_gammas)
+    fast = assert_paths_agree(layers, (3, 14, 16), n=11, threads=3, prepare=some_negative_gammas)
+    assert pooled_first(fast) and not any(pooled_first(fast))
     assert names[:4] == ["ConvBlock", "ConvBlock", "ConvBlock", "PoolStage"]
     assert "BatchNormStage" in names and "DropoutStage" in names
 

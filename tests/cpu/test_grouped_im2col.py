@@ -124,6 +124,12 @@ def test_pool_blocks_max_and_routing_with_ties_to_the_first(rng, k):
     pool_ops.pool_blocks_backward(dy, gt, douts, *scratch)
     for j in range(k):
         np.testing.assert_array_equal(douts[j], np.where(winner == j, dy, 0.0))
+    # accumulate=True adds the routed gradient to what is there (BatchNorm pooled first)
+    base = [rng.standard_normal(shape) for _ in range(k)]
+    douts = [b.copy() for b in base]
+    pool_ops.pool_blocks_backward(dy, gt, douts, *scratch, accumulate=True)
+    for j in range(k):
+        np.testing.assert_array_equal(douts[j], base[j] + np.where(winner == j, dy, 0.0))
     pool_ops.pool_blocks_forward(blocks, out)  # evaluation: no record of winners
     np.testing.assert_array_equal(out, stack.max(axis=0))
 

@@ -192,14 +192,23 @@ class ConvBlock(Stage):
         scale, shift = norm.scale_and_shift(mean_dt, inv_std, bn.params["gamma"], bn.params["beta"])
         if sh.k == 0:
             bn_update_running(bn, mean, var, m_total)
+        # The max commutes with a per-channel affine map whose scale is positive (the
+        # usual case: gamma > 0): pool the raw z, then normalise the K times smaller
+        # pooled map.  Backward then also works on the pooled map, except for dz.
+        pool_first = self.pool is not None and bool(numpy.all(scale > 0))
         for group in plan.groups:
-            numpy.multiply(group.z, scale, out=group.u)
-            numpy.add(group.u, shift, out=group.u)
-            if self.pool is not None:
-                pool_blocks_forward(group.u_blocks, group.y, group.winner_records)
+            if pool_first:
+                pool_blocks_forward(group.z_blocks, group.z_pooled, group.winner_records)
+                numpy.multiply(group.z_pooled, scale, out=group.y)
+                numpy.add(group.y, shift, out=group.y)
+            else:
+                numpy.multiply(group.z, scale, out=group.u)
+                numpy.add(group.u, shift, out=group.u)
+                if self.pool is not None:
+                    pool_blocks_forward(group.u_blocks, group.y, group.winner_records)
             if self.relu is not None:
                 numpy.maximum(group.y, 0, out=group.y)
-        plan.bn_stats = (mean_dt, inv_std, scale, m_total)
+        plan.bn_stats = (mean_dt, inv_std, scale, m_total, pool_first)
 
     # -- backward
     def backward(self, dy, sh, step, need_dx):
@@ -228,11 +237,18 @@ class ConvBlock(Stage):
         dx_by_im2col = need_dx and self.dx_by_im2col
         for group in plan.groups:
             if bn_terms is not None:
-                c_u, c_z, c_0 = bn_terms  # dz = du*c_u + z*c_z + c_0 per channel
-                numpy.multiply(group.du, c_u, out=group.dz)
-                numpy.multiply(group.z, c_z, out=group.scratch)
-                add(group.dz, group.scratch, out=group.dz)
-                add(group.dz, c_0, out=group.dz)
+                c_u, c_z, c_0, pool_first = bn_terms  # dz = du*c_u + z*c_z + c_0 per channel
+                if pool_first:  # du is dpooled routed by the pool: scale the smaller map, then route
+                    numpy.multiply(group.z, c_z, out=group.dz)
+                    add(group.dz, c_0, out=group.dz)
+                    numpy.multiply(group.dpooled, c_u, out=group.dpooled)
+                    pool_blocks_backward(group.dpooled, group.winner_records, group.dz_blocks, *group.pool_scratch,
+                                         accumulate=True)
+                else:
+                    numpy.multiply(group.du, c_u, out=group.dz)
+                    numpy.multiply(group.z, c_z, out=group.scratch)
+                    add(group.dz, group.scratch, out=group.dz)
+                    add(group.dz, c_0, out=group.dz)
                 if db is not None:
                     db += column_sums(group.dz)
             elif pooled:
@@ -264,13 +280,24 @@ class ConvBlock(Stage):
         return convert(dx, NHWC, step.layouts[self.index])
 
     def _bn_backward_terms(self, plan, sh, step):
-        """Gradient through the pool and BatchNorm, as dz = du*c_u + z*c_z + c_0 per channel."""
+        """Gradient through the pool and BatchNorm, as dz = du*c_u + z*c_z + c_0 per channel.
+
+        Returns (c_u, c_z, c_0, pooled first).  Pooled first, du is zero but where
+        dpooled was routed, so its sums run over dpooled and the pooled z.
+        """
         geom = self.geom
-        mean, inv_std, scale, m_total = plan.bn_stats
+        mean, inv_std, scale, m_total, pool_first = plan.bn_stats
         dt = plan.dpooled.dtype
         dbeta = numpy.zeros(geom.f, numpy.float64)
         du_zc = numpy.zeros(geom.f, numpy.float64)  # sum of du * (z - mean)
         for group in plan.groups:
+            if pool_first:
+                dp = group.dpooled.reshape(-1, geom.f)
+                centred = group.pool_scratch[2].reshape(dp.shape)  # free until the routing
+                numpy.subtract(group.z_pooled.reshape(dp.shape), mean, out=centred)
+                dbeta += column_sums(dp)
+                du_zc += numpy.einsum("ij,ij->j", dp, centred)
+                continue
             if self.pool is not None:
                 pool_blocks_backward(group.dpooled, group.winner_records, group.du_blocks, *group.pool_scratch)
             dbeta += column_sums(group.du)
@@ -285,4 +312,4 @@ class ConvBlock(Stage):
             sh.grads[(self.bn, "beta")] = dbeta.astype(dt)
         c_z, c_0 = norm.input_grad_coefficients(scale.astype(numpy.float64), inv_std64, mean.astype(numpy.float64),
                                                 dgamma, dbeta, m_total)
-        return scale, c_z.astype(dt), c_0.astype(dt)
+        return scale, c_z.astype(dt), c_0.astype(dt), pool_first

@@ -73,8 +73,9 @@ class GroupViews:
     z: numpy.ndarray                             # conv output rows (with BatchNorm in training: kept for backward)
     chunks: list                                 # the ChunkViews items, in order
     winner_records: numpy.ndarray | None = None  # (K-1, images, QH, QW, F) bool: the pool's "beat the max"
-    z_blocks: list | None = None                 # pool input without BatchNorm in training
+    z_blocks: list | None = None                 # pool input (with BatchNorm in training: when pooled first)
     # BatchNorm in training
+    z_pooled: numpy.ndarray | None = None        # (images, QH, QW, F) the pooled raw z, when pooled first
     u: numpy.ndarray | None = None               # z normalised (the pool input; y itself without a pool)
     u_blocks: list | None = None
     scratch: numpy.ndarray | None = None         # rows: centred z, then a term of dz
@@ -106,6 +107,7 @@ class ShardPlan:
         self.bn_stats = None  # with BatchNorm in training: (mean, inv_std, scale, values per channel)
         # Shard-wide buffers of training (None where the block does not need them):
         self.z_shard = self.du_shard = None         # (n*rows, F) with BatchNorm: z and du, kept whole
+        self.z_pooled = None                        # (n, QH, QW, F) with BatchNorm and a pool: max of raw z
         self.dpooled = self.relu_positive = None    # (n, QH, QW, F): gradient, and the ReLU's y > 0
         self.dweight_matrix = self.dweight_chunk = None  # (KH*KW*C, F): the sum, one chunk's part
         self.dz_padded = self.dz_col = None         # input gradient by im2col: per chunk
@@ -133,6 +135,7 @@ class ShardPlan:
         u = scratch = dz = pool_scratch = None
         if bn_train:
             self.z_shard = empty((n * geom.rows, geom.f), dt)
+            self.z_pooled = empty((n, geom.qh, geom.qw, geom.f), dt) if pooled else None
             u = empty((group_rows, geom.f), dt) if pooled else None
             scratch = empty((group_rows, geom.f), dt)
         if train:
@@ -179,9 +182,11 @@ class ShardPlan:
 
         y = self.y[start:stop]
         records = self.winner_records[:, start:stop] if self.winner_records is not None else None
-        z_blocks = u = u_blocks = scratch = None
+        z_blocks = z_pooled = u = u_blocks = scratch = None
         if bn_train:
             z = self.z_shard[whole_rows]  # the products go to z, kept whole
+            z_blocks = blocks(z, self.forward_plain)
+            z_pooled = self.z_pooled[start:stop] if pooled else None
             u = u_buffer[:rows] if pooled else y.reshape(rows, geom.f)
             u_blocks, scratch = blocks(u, self.forward_plain), scratch_buffer[:rows]
         else:
@@ -198,7 +203,7 @@ class ShardPlan:
                 du = self.du_shard[whole_rows]
                 du_blocks = blocks(du, self.backward_plain)
         chunks = [self._chunk(blk, z, dz, start, a, min(stop, a + chunk)) for a in range(start, stop, chunk)]
-        return GroupViews(y=y, z=z, chunks=chunks, winner_records=records, z_blocks=z_blocks, u=u,
+        return GroupViews(y=y, z=z, chunks=chunks, winner_records=records, z_blocks=z_blocks, z_pooled=z_pooled, u=u,
                           u_blocks=u_blocks, scratch=scratch, dpooled=dpooled, dz=dz, dz_blocks=dz_blocks,
                           du=du, du_blocks=du_blocks, pool_scratch=pool_scratch)
 

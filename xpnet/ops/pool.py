@@ -96,17 +96,21 @@ def pool_blocks_forward(blocks, out, gt=None):
     return out
 
 
-def pool_blocks_backward(dy, gt, douts, later, mask, fmask):
+def pool_blocks_backward(dy, gt, douts, later, mask, fmask, accumulate=False):
     """Route dy to each window's winning block: douts[k] = dy where block k won, else 0.
 
     Block k won when it beat the blocks before it (gt[k-1]; block 0 trivially)
     and no later block beat it.  ``later``/``mask`` (bool) and ``fmask`` (dy's
-    dtype) are scratch arrays of dy's shape.
+    dtype) are scratch arrays of dy's shape.  ``accumulate=True`` adds the routed
+    gradient to what douts hold instead of overwriting it.
     """
     xp = get_array_module(dy)
     k_last = len(douts) - 1
     if k_last == 0:
-        xp.copyto(douts[0], dy)
+        if accumulate:
+            xp.add(douts[0], dy, out=douts[0])
+        else:
+            xp.copyto(douts[0], dy)
         return douts
     beaten = gt[k_last - 1]  # "a block after k beat the running max": a view until the first OR
     for k in range(k_last, -1, -1):
@@ -118,7 +122,11 @@ def pool_blocks_backward(dy, gt, douts, later, mask, fmask):
         else:
             won = xp.logical_not(beaten, out=mask)
         xp.copyto(fmask, won)  # bool -> float once; a mixed-type multiply is slower
-        xp.multiply(dy, fmask, out=douts[k])
+        if accumulate:
+            xp.multiply(dy, fmask, out=fmask)
+            xp.add(douts[k], fmask, out=douts[k])
+        else:
+            xp.multiply(dy, fmask, out=douts[k])
     return douts
 
 

@@ -59,3 +59,30 @@ def test_crnn_runs_on_the_fused_executor():
     y = m.forward(x, train=False)
     assert isinstance(m.executor, fuse.FusedExecutor) and y.shape == (8, 20, 37)
     assert fuse.plannable(m)
+
+
+def test_stacked_gru_equals_the_reference_op_per_direction():
+    # direction 1 of the stack reads the reversed sequence: the reference op with reverse=True
+    from xpnet.cpu.stacked_gru import stacked_gru_backward, stacked_gru_forward, time_major
+    from xpnet.ops.recurrent import gru_backward, gru_forward
+    rng = np.random.default_rng(8)
+    n, t_len, f, h = 3, 5, 4, 2
+    x = rng.standard_normal((n, t_len, f))
+    wx, wh = rng.standard_normal((2, f, 3 * h)), rng.standard_normal((2, h, 3 * h))
+    bx, bh = rng.standard_normal((2, 3 * h)), rng.standard_normal((2, 3 * h))
+    dy = rng.standard_normal((2, n, t_len, h))  # batch-major, time order, per direction
+    states, cache = stacked_gru_forward(time_major(x, 2), wx, wh, bx, bh)
+    dys = np.stack([dy[0].transpose(1, 0, 2), dy[1][:, ::-1].transpose(1, 0, 2)])
+    dxs, dwx, dwh, dbx, dbh = stacked_gru_backward(dys, cache)
+    dx_total = dxs[0].transpose(1, 0, 2) + dxs[1][::-1].transpose(1, 0, 2)
+    dx_ref = np.zeros_like(x)
+    for d, reverse in ((0, False), (1, True)):
+        y, c = gru_forward(x, wx[d], wh[d], bx[d], bh[d], reverse=reverse)
+        mine = states[d, 1:][::-1] if reverse else states[d, 1:]
+        np.testing.assert_allclose(mine.transpose(1, 0, 2), y, rtol=1e-12, atol=1e-12)
+        ref = gru_backward(dy[d], c)
+        dx_ref += ref[0]
+        for got, want in zip((dwx[d], dwh[d], dbx[d], dbh[d]), ref[1:]):
+            np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(dx_total, dx_ref, rtol=1e-10, atol=1e-12)
+    assert stacked_gru_backward(dys, cache, need_dx=False)[0] is None

@@ -4,8 +4,8 @@ Each follows the per-shard contract of ``stages`` (forward(x, shard, step) /
 backward(dy, shard, step, need_dx), caches in ``shard.cache``, per-shard partial
 gradients as fresh arrays in ``shard.grads[(layer, name)]``).  These layers treat
 every sample on its own, so a shard of the batch is a smaller batch of the same
-computation.  The arithmetic is that of the reference ops (``xpnet.ops.recurrent``,
-``xpnet.ops.dense``); the layer objects are never called from the shards' threads,
+computation.  The arithmetic is that of the reference ops (``xpnet.ops.recurrent``, here with
+both directions in one loop (``stacked_gru``), and ``xpnet.ops.dense``); the layer objects are never called from the shards' threads,
 as they keep their cache on themselves.
 
 Shapes (n: the shard's samples): Columns (n, C, H, W) -> (n, W, C*H) with feature
@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy
 
 from ..ops.dense import dense_backward, dense_forward
-from ..ops.recurrent import gru_backward, gru_forward
+from .stacked_gru import stacked_gru_backward, stacked_gru_forward, time_major
 from .stages import FLAT, NCHW, NHWC, Stage, convert
 
 
@@ -50,46 +50,54 @@ class ColumnsStage(Stage):
         return convert(dx, NCHW, step.layouts[self.index])
 
 
-def gru_weights(layer, d):
-    """(Wx, Wh, bx, bh) of direction ``d`` ("fw" or "bw") of a GRU layer."""
-    p = layer.params
-    return p[f"Wx_{d}"], p[f"Wh_{d}"], p[f"bx_{d}"], p[f"bh_{d}"]
-
-
 class GRUStage(Stage):
-    """A GRU layer, one ``gru_forward``/``gru_backward`` per direction on the shard's samples."""
+    """A GRU layer with its directions stacked (``stacked_gru``): one loop over time for both.
+
+    The shard's (n, T, F) input is copied time-major per direction, the reverse
+    direction's reversed; outputs and input gradients are copied back.
+    """
 
     accepts = (FLAT,)
 
+    def prepare(self, step):
+        # the directions' weights stacked (D, ...), once per step for every shard
+        layer = self.layers[0]
+        p = layer.params
+        step.data[self.key("weights")] = tuple(numpy.stack([p[f"{name}_{d}"] for d in layer.directions])
+                                               for name in ("Wx", "Wh", "bx", "bh"))
+
     def forward(self, x, sh, step):
         layer = self.layers[0]
-        dirs = layer.directions
-        hid = layer.hidden_size
+        hid, d_count = layer.hidden_size, len(layer.directions)
         n, t_len, _ = x.shape
-        out = numpy.empty((n, t_len, len(dirs) * hid), dtype=x.dtype)
-        caches = []
-        for i, d in enumerate(dirs):
-            y, cache = gru_forward(x, *gru_weights(layer, d), reverse=(d == "bw"))
-            out[:, :, i * hid:(i + 1) * hid] = y  # both directions side by side, as the layer does
-            caches.append(cache)
+        states, cache = stacked_gru_forward(time_major(x, d_count), *step.data[self.key("weights")])
+        out = numpy.empty((n, t_len, d_count * hid), dtype=x.dtype)
+        out[:, :, :hid] = states[0, 1:].transpose(1, 0, 2)  # both directions side by side, as the layer does
+        if d_count == 2:
+            out[:, :, hid:] = states[1, 1:][::-1].transpose(1, 0, 2)  # back in time order
         if step.train:
-            sh.cache[self.index] = caches
+            sh.cache[self.index] = cache
         return out
 
     def backward(self, dy, sh, step, need_dx):
         layer = self.layers[0]
-        hid = layer.hidden_size
-        caches = sh.cache.pop(self.index)
-        dx = None
-        for i, (d, cache) in enumerate(zip(layer.directions, caches)):
-            dxd, dwx, dwh, dbx, dbh = gru_backward(dy[:, :, i * hid:(i + 1) * hid], cache, need_dx=need_dx)
-            sh.grads[(layer, f"Wx_{d}")], sh.grads[(layer, f"Wh_{d}")] = dwx, dwh
-            sh.grads[(layer, f"bx_{d}")], sh.grads[(layer, f"bh_{d}")] = dbx, dbh
-            if dxd is not None:
-                if dx is None:
-                    dx = dxd
-                else:
-                    dx += dxd  # dxd is the op's fresh array: add in place
+        hid, dirs = layer.hidden_size, layer.directions
+        cache = sh.cache.pop(self.index)
+        n, t_len, _ = dy.shape
+        dys = numpy.empty((len(dirs), t_len, n, hid), dtype=dy.dtype)
+        dys[0] = dy[:, :, :hid].transpose(1, 0, 2)
+        if len(dirs) == 2:
+            dys[1] = dy[:, ::-1, hid:].transpose(1, 0, 2)  # in the reverse direction's reading order
+        dxs, dwx, dwh, dbx, dbh = stacked_gru_backward(dys, cache, need_dx=need_dx)
+        for i, d in enumerate(dirs):
+            sh.grads[(layer, f"Wx_{d}")], sh.grads[(layer, f"Wh_{d}")] = dwx[i], dwh[i]
+            sh.grads[(layer, f"bx_{d}")], sh.grads[(layer, f"bh_{d}")] = dbx[i], dbh[i]
+        if dxs is None:
+            return None
+        dx = numpy.empty((n, t_len, dxs.shape[3]), dtype=dy.dtype)
+        numpy.copyto(dx, dxs[0].transpose(1, 0, 2))
+        if len(dirs) == 2:
+            numpy.add(dx, dxs[1][::-1].transpose(1, 0, 2), out=dx)
         return dx
 
 

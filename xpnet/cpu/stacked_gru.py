@@ -1,0 +1,130 @@
+"""Both directions of a GRU layer in one loop, time-major: the CPU executor's GRU arithmetic.
+
+The reverse direction of a bidirectional GRU is the forward recurrence run over the
+time-reversed sequence.  So the D directions (1 or 2) are stacked on a leading axis,
+each reading its own copy of the input in its reading order, and every step does one
+batched (D, N, H) @ (D, H, 3H) product and one set of element-wise calls for all
+directions -- half the calls of running ``xpnet.ops.recurrent`` once per direction.
+Time-major storage (D, T, N, .) makes every step's slice contiguous.
+
+The equations, gate order (r, z, n) and the backward's factorisation are those of
+``xpnet.ops.recurrent`` (its docstrings derive them); that module stays the reference,
+and the fused-path tests hold this one to it.
+
+Shapes: xs (D, T, N, F); wx (D, F, 3H); wh (D, H, 3H); bx, bh (D, 3H);
+states (D, T + 1, N, H) with states[:, 0] = 0 and states[:, t + 1] the state after
+reading step t of each direction's sequence.
+"""
+
+from __future__ import annotations
+
+import numpy
+
+
+def _sigmoid_(a):
+    """In place, as ``xpnet.ops.recurrent``: 0.5 * tanh(a / 2) + 0.5 (no overflow)."""
+    a *= 0.5
+    numpy.tanh(a, out=a)
+    a *= 0.5
+    a += 0.5
+
+
+def time_major(x, directions: int):
+    """(N, T, F) batch-major -> (D, T, N, F): direction 0 reads t = 0..T-1, direction 1 backwards."""
+    n, t_len, f = x.shape
+    xs = numpy.empty((directions, t_len, n, f), dtype=x.dtype)
+    seq = x.transpose(1, 0, 2)
+    xs[0] = seq
+    if directions == 2:
+        xs[1] = seq[::-1]
+    return xs
+
+
+def stacked_gru_forward(xs, wx, wh, bx, bh):
+    """Returns (states (D, T + 1, N, H), cache)."""
+    d_count, t_len, n, f = xs.shape
+    h = wh.shape[1]
+    dt = xs.dtype
+    # gx for every step of every direction: one batched product
+    gates = numpy.matmul(xs.reshape(d_count, t_len * n, f), wx).reshape(d_count, t_len, n, 3 * h)
+    gates += bx[:, None, None, :]
+    gates[..., :2 * h] += bh[:, None, None, :2 * h]  # bh_r, bh_z add like bx; bh_n stays with gh_n
+    bh_n = bh[:, None, 2 * h:]
+    hn_all = numpy.empty((d_count, t_len, n, h), dtype=dt)  # gh_n, which backward needs
+    states = numpy.empty((d_count, t_len + 1, n, h), dtype=dt)
+    states[:, 0] = 0
+    gh = numpy.empty((d_count, n, 3 * h), dtype=dt)
+    tmp = numpy.empty((d_count, n, h), dtype=dt)
+    for t in range(t_len):
+        hp = states[:, t]
+        numpy.matmul(hp, wh, out=gh)
+        g = gates[:, t]
+        rz = g[..., :2 * h]
+        rz += gh[..., :2 * h]
+        _sigmoid_(rz)
+        r, z, nn = g[..., :h], g[..., h:2 * h], g[..., 2 * h:]
+        hn = hn_all[:, t]
+        numpy.add(gh[..., 2 * h:], bh_n, out=hn)
+        numpy.multiply(r, hn, out=tmp)
+        nn += tmp
+        numpy.tanh(nn, out=nn)
+        hnew = states[:, t + 1]
+        numpy.subtract(hp, nn, out=hnew)
+        hnew *= z
+        hnew += nn
+    return states, (xs, wx, wh, gates, hn_all, states)
+
+
+def stacked_gru_backward(dys, cache, need_dx: bool = True):
+    """Gradients (dxs (D, T, N, F) or None, dwx (D, F, 3H), dwh (D, H, 3H), dbx (D, 3H), dbh (D, 3H)).
+
+    dys (D, T, N, H): the loss gradient at states[:, 1:], in each direction's reading order.
+    """
+    xs, wx, wh, gates, hn_all, states = cache
+    d_count, t_len, n, f = xs.shape
+    h = wh.shape[1]
+    dt = wh.dtype
+    r, z, nn = gates[..., :h], gates[..., h:2 * h], gates[..., 2 * h:]
+    prev_states = states[:, :t_len]
+    # per-step factors (D, T, N, H); coef_h holds (a_n gh_n r (1-r), a_z, a_n r) as (D, T, N, 3, H)
+    one_minus_z = 1 - z
+    a_n = nn * nn
+    numpy.subtract(1, a_n, out=a_n)
+    a_n *= one_minus_z
+    coef_h = numpy.empty((d_count, t_len, n, 3, h), dtype=dt)
+    c_r, c_z, c_n = coef_h[..., 0, :], coef_h[..., 1, :], coef_h[..., 2, :]
+    numpy.subtract(1, r, out=c_r)
+    c_r *= r
+    c_r *= hn_all
+    c_r *= a_n
+    numpy.subtract(prev_states, nn, out=c_z)
+    c_z *= z
+    c_z *= one_minus_z
+    numpy.multiply(a_n, r, out=c_n)
+    dgh = numpy.empty((d_count, t_len, n, 3, h), dtype=dt)  # hidden-side pre-activation gradients
+    dh_all = numpy.empty((d_count, t_len, n, h), dtype=dt)
+    carry = numpy.zeros((d_count, n, h), dtype=dt)  # gradient reaching the state from later steps
+    tmp = numpy.empty((d_count, n, h), dtype=dt)
+    wh_t = wh.transpose(0, 2, 1)
+    for t in range(t_len - 1, -1, -1):
+        dh = dh_all[:, t]
+        numpy.add(carry, dys[:, t], out=dh)
+        dgh_t = dgh[:, t]
+        numpy.multiply(dh[:, :, None, :], coef_h[:, t], out=dgh_t)
+        if t == 0:
+            break  # the state before the first step is a constant
+        numpy.multiply(dh, z[:, t], out=carry)
+        numpy.matmul(dgh_t.reshape(d_count, n, 3 * h), wh_t, out=tmp)
+        carry += tmp
+    rows = t_len * n
+    dgh2 = dgh.reshape(d_count, rows, 3 * h)
+    dgx = numpy.empty((d_count, t_len, n, 3 * h), dtype=dt)  # the x side: dgh with dn_pre in the n block
+    dgx[..., :2 * h] = dgh[..., :2, :].reshape(d_count, t_len, n, 2 * h)
+    numpy.multiply(dh_all, a_n, out=dgx[..., 2 * h:])
+    dgx2 = dgx.reshape(d_count, rows, 3 * h)
+    dwx = numpy.matmul(xs.reshape(d_count, rows, f).transpose(0, 2, 1), dgx2)
+    dwh = numpy.matmul(prev_states.reshape(d_count, rows, h).transpose(0, 2, 1), dgh2)
+    dbx = dgx2.sum(axis=1)
+    dbh = dgh2.sum(axis=1)
+    dxs = numpy.matmul(dgx2, wx.transpose(0, 2, 1)).reshape(d_count, t_len, n, f) if need_dx else None
+    return dxs, dwx, dwh, dbx, dbh

@@ -7,7 +7,7 @@ reference, and PyTorch (CPU, CUDA), side by side on the same networks and inputs
 
 What is measured
 * training step (forward + fused sigmoid/BCE + backward + plain SGD update) of
-  captcha_net and captcha_net_bn at batch 32, 128 and 500;
+  captcha_net at batch 32, 128 and 500, captcha_net_bn at 32, 64, 128 and 500;
 * training step of the CRNN reader captcha_crnn (with BatchNorm; input 1x32x80,
   36 classes + the blank, CTC loss, Adam) at batch 64, against the same network
   in PyTorch (nn.GRU, nn.CTCLoss on log_softmax, input lengths = T = 20);

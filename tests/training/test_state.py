@@ -37,7 +37,7 @@ def test_the_dict_keeps_the_checkpoint_format():
     assert list(d) == ["step", "epoch", "batch_in_epoch", "epochs_planned", "steps_per_epoch", "epoch_rng_state",
                        "data_rng_state", "xpnet_rng_state", "epoch_loss_sum", "epoch_loss_count", "epoch_images",
                        "epoch_seconds", "best_value", "best_epoch", "bad_epochs", "best_tie", "monitor", "mode",
-                       "stopped_early", "batch_size", "seed", "history", "elapsed"]
+                       "stopped_early", "batch_size", "seed", "history", "elapsed", "epoch_data_wait"]
     assert d["elapsed"] == 20.123 and d["history"] == {"epochs": [{"epoch": 1, "step": 6, "train_loss": 1.0}],
                                                        "steps": [[3, 1.25], [6, 0.75]]}
 

@@ -49,6 +49,7 @@ class TrainState:
     seed: int | None = None
     history: History = field(default_factory=History)
     elapsed: float = 0.0                   # seconds of training in earlier sessions of ``fit``
+    epoch_data_wait: float = 0.0           # seconds of the epoch in progress the loop waited for a batch
 
     @property
     def improved(self) -> bool:
@@ -76,7 +77,11 @@ class TrainState:
                 raise _damaged(path, f"{key} is {v!r}")
         others = {key: d.get(key) for key in ("epochs_planned", "steps_per_epoch", "monitor", "mode",
                                                "batch_size", "seed")}
-        return cls(**required, **others, best_tie=best_tie, history=history, elapsed=float(elapsed))
+        wait = d.get("epoch_data_wait", 0.0)  # absent in checkpoints written before it was kept
+        if isinstance(wait, bool) or not isinstance(wait, (int, float)):
+            raise _damaged(path, f"epoch_data_wait is {wait!r}")
+        return cls(**required, **others, best_tie=best_tie, history=history, elapsed=float(elapsed),
+                   epoch_data_wait=float(wait))
 
     def continued(self, plan: TrainState) -> TrainState:
         """This saved state, going on under ``plan``'s epochs and monitor (a new monitor forgets the best)."""

@@ -22,6 +22,7 @@ from ..ops.loss import sigmoid_bce_with_logits
 from .callbacks import (Callback, Checkpointer, EarlyStopping, HistoryFiles, Limits, NanGuard, ProgressBar,
                         ProgressLog)
 from .history import History
+from .prefetch import Prefetcher
 from .sources import eval_batches, make_source, to_backend
 from .state import TrainState
 
@@ -36,7 +37,8 @@ class Trainer:
     * ``transform`` / ``eval_transform``: ``f(x, y) -> (x, y)`` on each batch, on the device (random
       draws from ``xpnet.backend.rng()``, whose state checkpoints keep, resume exactly);
     * ``seed``: the data-order generator; ``log_every``: steps between loss read-backs (device
-      synchronisations); ``log``: a ``print``-like function (None: silent); ``metadata``: a
+      synchronisations); ``prefetch``: batches fetched ahead and moved to the device in a background
+      thread (``training.prefetch``; 0: in the loop); ``log``: a ``print``-like function (None: silent); ``metadata``: a
       JSON-safe dict stored in every checkpoint and model file; ``device_data_bytes``: host arrays
       up to this size are moved to the device once;
     * settings of the default callbacks: ``monitor`` / ``mode`` / ``patience`` / ``min_delta`` / ``tie_break`` /
@@ -57,7 +59,7 @@ class Trainer:
                  keep_checkpoints: int = 2, progress: bool = True, log=print, plot: bool | float = True,
                  restore_best: bool = True, metadata: dict | None = None,
                  device_data_bytes: int = 2 * 1024 ** 3, time_budget: float | None = None,
-                 max_steps: int | None = None, tie_break: str | None = None, callbacks=()):
+                 max_steps: int | None = None, tie_break: str | None = None, callbacks=(), prefetch: int = 2):
         if not callable(loss):
             raise UsageError("loss must be a function (logits, targets) -> (loss, dlogits).")
         self.model, self.optimizer, self.loss = model, optimizer, loss
@@ -71,6 +73,7 @@ class Trainer:
         self.transform, self.eval_transform = transform, eval_transform
         self.seed = checks.integer(seed, "seed", 0, what="a non-negative integer")
         self.log_every = checks.positive_int(log_every, "log_every")
+        self.prefetch = checks.integer(prefetch, "prefetch", 0, what="0 (no prefetching) or a positive integer")
         self.checkpoints = Checkpointer(out_dir, checkpoint_every, checkpoint_seconds, keep_checkpoints)
         self.out_dir = self.checkpoints.out_dir
         self.log, self.metadata = log, dict(metadata or {})
@@ -236,18 +239,24 @@ class Trainer:
             if s.batch_in_epoch == 0:
                 s.epoch_rng_state = self.data_rng.bit_generator.state
                 s.epoch_loss_sum, s.epoch_loss_count, s.epoch_images, s.epoch_seconds = 0.0, 0, 0, 0.0
+                s.epoch_data_wait = 0.0
             else:  # resumed inside this epoch: replay its shuffle from the saved state
                 self.data_rng.bit_generator.state = s.epoch_rng_state
             source.start_epoch(self.data_rng, skip=s.batch_in_epoch)
             self._call("on_epoch_start")
             self._epoch_clock = time.monotonic()
-            for b in range(s.batch_in_epoch, s.steps_per_epoch):
-                self._step(*source.batch(b), xp)
-                self._call("on_step_end")  # Limits may stop, Checkpointer may write
-                if self.interrupted:
-                    self._interrupt(saved=False)
-                if self.stopping:
-                    break
+            with Prefetcher(source, s.batch_in_epoch, s.steps_per_epoch, xp, self.prefetch) as batches:
+                for _ in range(s.batch_in_epoch, s.steps_per_epoch):
+                    t = time.monotonic()
+                    x, y = next(batches)
+                    s.epoch_data_wait += time.monotonic() - t  # the loop waiting for data
+                    self._step(x, y, xp)
+                    del x, y  # the batch is the prefetcher's again once the next one is taken
+                    self._call("on_step_end")  # Limits may stop, Checkpointer may write
+                    if self.interrupted:
+                        self._interrupt(saved=False)
+                    if self.stopping:
+                        break
             self.flush()
             self._clock_epoch()
             self._say_unsaid()
@@ -298,6 +307,8 @@ class Trainer:
         record["elapsed"] = round(self.elapsed(), 3)
         record["eval_seconds"] = round(time.monotonic() - t_eval, 3)
         record["images_per_s"] = round(s.epoch_images / s.epoch_seconds, 1) if s.epoch_seconds > 0 else None
+        # Share of the epoch's training time spent waiting for batches (an upper bound on a GPU's idle share).
+        record["data_wait"] = round(min(1.0, s.epoch_data_wait / s.epoch_seconds), 4) if s.epoch_seconds > 0 else None
         self.history.epochs.append(record)
         self._call("on_epoch_end", record)
         self._say_unsaid()

@@ -64,7 +64,8 @@ class ProgressBar(Callback):
 
 class ProgressLog(Callback):
     """One line per epoch through the trainer's ``log``: step, losses, validation values, images/s,
-    seconds (and the budget used); ``*`` marks a new best epoch."""
+    the share of the time spent waiting for data, seconds (and the budget used); ``*`` marks a new
+    best epoch."""
 
     def __init__(self, time_budget: float | None = None):
         self.time_budget = time_budget
@@ -81,6 +82,8 @@ class ProgressLog(Callback):
                 parts.append(f"{k.replace('_', ' ')} {v:.4f}")
         if record.get("images_per_s"):
             parts.append(f"{record['images_per_s']:,.0f} img/s")
+        if record.get("data_wait") is not None:
+            parts.append(f"data wait {record['data_wait']:.0%}")
         parts.append(f"{record['seconds']:.1f}s")
         if self.time_budget is not None:
             parts.append(f"({record['elapsed']:.0f}/{self.time_budget:.0f}s of the budget)")

@@ -157,6 +157,10 @@ def test_stream_mode_trains_on_fresh_batches(tmp_path):
     assert [r["step"] for r in history] == [3, 6] and results["test"]["n"] == 30
     assert any("fresh images per epoch" in m for m in logged)
     assert json.loads((tmp_path / "run.json").read_text())["data"]["train_images"] == "stream"
+    # the share of the training time spent waiting for batches, per epoch and for the run
+    assert all(0.0 <= r["data_wait"] <= 1.0 for r in history)
+    assert 0.0 <= results["data_wait"] <= 1.0
+    assert any("waiting for data" in m for m in logged)
 
 
 def test_pregenerate_by_budget_makes_the_first_images_of_the_seed():

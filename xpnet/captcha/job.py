@@ -267,6 +267,7 @@ def _evaluate_and_save(model, trainer, plan: DataPlan, metadata, out: Path, t0: 
         "val_string_accuracy": max((r.get("val_string_accuracy") or 0) for r in h.epochs) if len(h) else None,
         "finished": now(),
         "stuck": any(isinstance(c, StuckWatch) and c.stuck for c in trainer.callbacks),
+        "data_wait": _data_wait(h),  # share of the training time the loop waited for batches
     }
     metadata["results"] = {"test_string_accuracy": evaluation.string_accuracy,
                            "test_char_accuracy": evaluation.char_accuracy, "test_set": plan.test_name}
@@ -275,11 +276,19 @@ def _evaluate_and_save(model, trainer, plan: DataPlan, metadata, out: Path, t0: 
     write_json(out / RESULTS_FILE, results, "results")
     log(f"test ({plan.test_name}):")
     log("  " + evaluation.report(show_mistakes=5).replace("\n", "\n  "))
-    log(f"wall time {results['wall_seconds']:.0f} s (training {train_seconds:.0f} s)")
+    waited = "" if results["data_wait"] is None else f", {results['data_wait']:.0%} of it waiting for data"
+    log(f"wall time {results['wall_seconds']:.0f} s (training {train_seconds:.0f} s{waited})")
     log(f"model: {out / 'model.npz'}   history: {out / 'history.csv'}, {out / 'history.json'}   "
         f"plot: {out / 'history.png'}")
     log(f"output folder: {out.resolve()}")
     return results
+
+
+def _data_wait(history):
+    """The epochs' ``data_wait`` shares weighted by their seconds (None when no epoch recorded one)."""
+    rows = [(r["data_wait"], r["seconds"]) for r in history.epochs if r.get("data_wait") is not None]
+    seconds = sum(sec for _, sec in rows)
+    return round(sum(w * sec for w, sec in rows) / seconds, 4) if seconds > 0 else None
 
 
 def _device_data_bytes() -> int:

@@ -125,7 +125,9 @@ class ShardPlan:
         self.y = empty((n, geom.qh, geom.qw, geom.f), dt)
         self.winner_records = empty((geom.k - 1, n, geom.qh, geom.qw, geom.f), bool) if (pooled and train) else None
         itemsize = numpy.dtype(dt).itemsize
-        chunk = chunk_images(geom.rows * geom.kdim * itemsize, n)
+        # A chunk's im2col block, or its conv output where that is the larger (a first layer of
+        # few input channels), stays near the core's cache: the element-wise passes then read it there.
+        chunk = chunk_images(geom.rows * max(geom.kdim, geom.f) * itemsize, n)
         group = group_images(chunk, geom.rows * geom.f * itemsize, n)
         chunk_rows, group_rows = chunk * geom.rows, group * geom.rows
         # Buffers every chunk (or group) reuses: the im2col block, and for the input

@@ -7,8 +7,8 @@ import numpy
 
 from .. import config
 
-# Conv work is done on chunks of images whose im2col block is about this big:
-# small enough to stay near a core's L2 cache with the conv output next to it.
+# Conv work is done on chunks of images whose im2col block (or conv output, if
+# larger) is about this big: small enough to stay near a core's L2 cache.
 CHUNK_BYTES = 1024 * 1024
 # The element-wise work on a conv block's output (pool, bias, ReLU, their
 # gradients) runs over groups of chunks whose conv output is about this big:
@@ -40,7 +40,7 @@ def aligned_buffer(shape, dtype, zero: bool = False):
 
 
 def chunk_images(bytes_per_image: int, n: int) -> int:
-    """Images per chunk: about CHUNK_BYTES of im2col, never above the im2col budget."""
+    """Images per chunk: about CHUNK_BYTES of im2col (or conv output), never above the im2col budget."""
     budget = min(CHUNK_BYTES, config.get_im2col_budget_bytes())
     return max(1, min(n, budget // max(1, bytes_per_image)))
 

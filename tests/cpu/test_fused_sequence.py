@@ -86,3 +86,14 @@ def test_stacked_gru_equals_the_reference_op_per_direction():
             np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(dx_total, dx_ref, rtol=1e-10, atol=1e-12)
     assert stacked_gru_backward(dys, cache, need_dx=False)[0] is None
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_crnn_without_input_gradient_matches_plain_path(dtype):
+    # no input gradient: the first BatchNorm block forms its weight gradient from the Gram matrix of its im2col rows
+    n = 9
+    rng = np.random.default_rng(6)
+    lengths = rng.integers(1, 4, n)
+    labels = rng.integers(1, 5, (n, 3))
+    assert_paths_agree(small_crnn(True), (1, 16, 24), n=n, dtype=dtype, threads=2, input_grad=False,
+                       loss=ctc(labels, lengths), targets=lengths)

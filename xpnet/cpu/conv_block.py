@@ -235,10 +235,20 @@ class ConvBlock(Stage):
         mm, add = numpy.matmul, numpy.add  # local aliases, as in forward
         pooled = self.pool is not None
         dx_by_im2col = need_dx and self.dx_by_im2col
+        # Without an input gradient (a first block) dz only feeds dW = col^T dz, which is linear
+        # in dz: the z*c_z + c_0 part of it is (col^T col) W * c_z + (col^T 1) c_0, from the
+        # (KH*KW*C)^2 Gram matrix of the im2col rows, so dz holds only the routed part.
+        gram = (bn_terms is not None and bn_terms[3] and not need_dx and not self.conv.bias)
+        if gram:
+            col_gram = numpy.zeros((geom.kdim, geom.kdim), dt)
+            col_sums = numpy.zeros(geom.kdim, dt)
         for group in plan.groups:
             if bn_terms is not None:
                 c_u, c_z, c_0, pool_first = bn_terms  # dz = du*c_u + z*c_z + c_0 per channel
-                if pool_first:  # du is dpooled routed by the pool: scale the smaller map, then route
+                if gram:
+                    numpy.multiply(group.dpooled, c_u, out=group.dpooled)
+                    pool_blocks_backward(group.dpooled, group.winner_records, group.dz_blocks, *group.pool_scratch)
+                elif pool_first:  # du is dpooled routed by the pool: scale the smaller map, then route
                     numpy.multiply(group.z, c_z, out=group.dz)
                     add(group.dz, c_0, out=group.dz)
                     numpy.multiply(group.dpooled, c_u, out=group.dpooled)
@@ -257,6 +267,9 @@ class ConvBlock(Stage):
                 numpy.copyto(chunk.bwd_im2col_dst, chunk.bwd_im2col_src)  # im2col again
                 mm(chunk.bwd_col_t, chunk.dz, out=plan.dweight_chunk)
                 add(plan.dweight_matrix, plan.dweight_chunk, out=plan.dweight_matrix)
+                if gram:
+                    col_gram += chunk.bwd_col_t @ chunk.bwd_col_t.T
+                    col_sums += column_sums(chunk.bwd_col_t.T)
                 if dx_by_im2col:
                     numpy.copyto(chunk.dz_padded_dst, chunk.dz_src)
                     numpy.copyto(chunk.dz_col_dst, chunk.dz_col_src)
@@ -266,6 +279,8 @@ class ConvBlock(Stage):
                     chunk.dx_storage.fill(0)
                     for view, tap in chunk.taps:  # col2im: one strided addition per kernel tap
                         add(view, tap, out=view)
+        if gram:
+            plan.dweight_matrix += (col_gram @ self.weight_matrix[True]) * c_z + numpy.outer(col_sums, c_0)
         sh.grads[(self.conv, "W")] = grouped_im2col.weight_grad_from_matrix(plan.dweight_matrix,
                                                                              self.conv.params["W"].shape)
         if db is not None:

@@ -6,7 +6,8 @@ Two failures get a sentence instead of a traceback:
   ``cupy.cuda.memory.OutOfMemoryError`` (and the CUDA/cuBLAS allocation
   errors, and NumPy's ``MemoryError`` on the CPU) into ``OutOfMemoryError``
   with the batch size that would fit, estimated from the model's layer shapes
-  (``step_memory``) and the memory free on the device::
+  (``step_memory``) for the path that runs (``active_path``: xpnet's CUDA
+  kernels or the generic ops) and the memory free on the device::
 
       with memory.oom_guard(model, batch_size=len(x)):
           logits = model.forward(x, train=True)
@@ -28,8 +29,9 @@ import traceback
 
 import numpy
 
-from . import backend
+from . import backend, config, dispatch
 from .cuda.driver import DriverMismatchError, current_driver_mismatch_message
+from .cuda.ops import KernelOps
 from .errors import BackendError
 
 MiB = 1024 ** 2
@@ -56,31 +58,79 @@ class OutOfMemoryError(BackendError, MemoryError):
 
 # ------------------------------------------------------------ memory estimate
 
+PATHS = ("generic", "kernels", "fused")
+_PATH_WORDS = {"generic": "the generic ops", "kernels": "xpnet's CUDA kernels",
+               "fused": "the fused CPU path (estimated as the generic ops, which need more)"}
+
+
 def _prod(shape) -> int:
     return int(numpy.prod(shape, dtype=numpy.int64)) if shape else 1
 
 
-def step_memory(model, train: bool = True) -> dict:
-    """Analytic bytes of one step of ``model`` (built), for the generic ops.
+def active_path(model) -> str:
+    """The path a step of ``model`` would take, as ``xpnet.dispatch`` decides it now:
+
+    * "fused": a chain executor takes the whole model (the fused CPU path on NumPy; it works on
+      cache-sized chunks, so the generic estimate is an upper bound for it);
+    * "kernels": the convolutions run xpnet's CUDA kernels (``xpnet.cuda.ops``, on CuPy or an
+      emulated runtime registered for a block); the kernels register conv, pooling, ReLU backward
+      and the loss behind one guard, so the convolution decides for all of them;
+    * "generic": the ops of ``xpnet.ops``.
+
+    Asked with the model's own weights and an empty batch of their backend and dtype: the guards
+    a step meets, without allocating anything.
+    """
+    params = [p for layer in model.layers for p in layer.params.values()]
+    if not params:
+        return "generic"
+    probe = params[0].reshape(-1)[:0]  # zero-size: only its backend and dtype matter to the guards
+    if dispatch.chain_for(model, probe) is not None:
+        return "fused"
+    conv = next((layer for layer in model.layers if type(layer).__name__ == "Conv2D" and layer.params), None)
+    if conv is None:
+        return "generic"
+    w, b = conv.params["W"], conv.params.get("b")
+    x = w[:0]
+    name = "cupy" if backend.is_cupy_array(w) else "numpy"
+    forced = config.reference_forced()
+    for impl in dispatch.implementations("conv2d_forward", name):
+        if forced and not impl.follows_cache or impl.available():
+            continue
+        if impl.applies(x, w, b):
+            return "kernels" if isinstance(getattr(impl.fn, "__self__", None), KernelOps) else "generic"
+    return "generic"
+
+
+def step_memory(model, train: bool = True, path: str | None = None) -> dict:
+    """Analytic bytes of one step of ``model`` (built) on ``path``: "generic" (the ops of
+    ``xpnet.ops``) or "kernels" (``xpnet.cuda.ops``); default ``active_path(model)``.
 
     Returns {"per_sample": bytes that grow with the batch, "fixed": bytes that
     do not (parameters, their gradients and two optimizer slots), "layers":
-    [(layer name, per-sample bytes it keeps or needs at its peak)]}.
+    [(layer name, per-sample bytes it keeps or needs at its peak)], "kept":
+    [(layer name, per-sample bytes of its cache until backward)], "path"}.
 
     Training keeps every layer's cache (im2col columns, ReLU outputs, pool
     argmax indices, BatchNorm's normalised input, dropout masks, Dense inputs)
     until backward, plus the largest temporary of any one layer (forward or
     backward: im2col's dcol, col2im's canvas, pooling's window copies).
     Inference keeps nothing: its peak is the largest layer's input, output
-    and temporaries together.
+    and temporaries together.  The kernels differ where they need less: im2col
+    and col2im index the padding instead of copying a padded image, pooling keeps
+    int32 window indices and gathers dx in one pass, ReLU backward is one kernel.
+    Also returned: "path".
     """
     if not model.built:
         raise BackendError(f"model '{model.name}' is not built: give input_shape or run a batch first.")
+    path = active_path(model) if path is None else path
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    kernels = path == "kernels"
     s = numpy.dtype(model.dtype).itemsize
     shape = model.input_shape
     kept_total = 0
     peak_temp = 0
-    rows = []
+    rows, kept_rows = [], []
     prev_output_kept = False  # is the current input already counted as some layer's cache?
     for layer in model.layers:
         kind = type(layer).__name__
@@ -95,20 +145,36 @@ def step_memory(model, train: bool = True) -> dict:
             col = oh * ow * c * kh * kw * s
             padded = c * (h + 2 * ph) * (w + 2 * pw) * s if (ph or pw) else 0
             kept = col if train else 0
-            # im2col (padded copy + col), the product y2, the NCHW copy y.
-            fwd = padded + (0 if train else col) + 2 * out_n * s
-            # dy2 copy, dcol, the padded canvas, the cropped dx.
-            bwd = out_n * s + col + c * (h + 2 * ph) * (w + 2 * pw) * s + in_n * s
+            if kernels:
+                # im2col (no padded copy), the GEMM's output, the batch-first copy y.
+                fwd = (0 if train else col) + 2 * out_n * s
+                # dy transposed, dcol, dx gathered straight from dcol (no canvas).
+                bwd = out_n * s + col + in_n * s
+            else:
+                # im2col (padded copy + col), the product y2, the NCHW copy y.
+                fwd = padded + (0 if train else col) + 2 * out_n * s
+                # dy2 copy, dcol, the padded canvas, the cropped dx.
+                bwd = out_n * s + col + c * (h + 2 * ph) * (w + 2 * pw) * s + in_n * s
         elif kind == "MaxPool2D":
             kh, kw = layer.size
             k = kh * kw
-            kept = out_n * 8 if train else 0  # int64 argmax indices
-            fwd = in_n * s + out_n * (s + 8)  # padded / window copy, max, argmax
-            bwd = out_n * k * (s + 1) + 2 * in_n * s  # compare mask, dwin, canvas, dx
+            if kernels:
+                kept = out_n * 4 if train else 0  # int32 window indices
+                fwd = out_n * (s + 4)  # y and the indices, read straight from x
+                bwd = in_n * s  # dx, each element gathered once
+            elif tuple(layer.stride) == (kh, kw) and tuple(layer.pad) == (0, 0):
+                # Non-overlapping windows: K-1 bool "later block won" records, no window copy.
+                kept = out_n * (k - 1) if train else 0
+                fwd = out_n * (s + k - 1)  # y and the records
+                bwd = in_n * s + out_n * (2 + s)  # dx and three scratch arrays of dy's shape
+            else:
+                kept = out_n * 8 if train else 0  # int64 argmax indices
+                fwd = in_n * s + out_n * (s + 8)  # padded / window copy, max, argmax
+                bwd = out_n * k * (s + 1) + 2 * in_n * s  # compare mask, dwin, canvas, dx
         elif kind == "ReLU":
             kept, out_kept = (out_n * s, True) if train else (0, False)
             fwd = out_n * s
-            bwd = out_n + 2 * in_n * s
+            bwd = in_n * s if kernels else out_n + 2 * in_n * s  # one kernel, or mask + product
         elif kind == "Dense":
             kept = in_n * s if (train and not prev_output_kept) else 0
             fwd = out_n * s
@@ -127,6 +193,7 @@ def step_memory(model, train: bool = True) -> dict:
             kept = out_n * s if train else 0
             fwd = bwd = 2 * out_n * s
         kept_total += kept
+        kept_rows.append((layer.name, kept))
         if train:
             peak_temp = max(peak_temp, fwd, bwd)
             rows.append((layer.name, kept + max(fwd, bwd)))
@@ -139,16 +206,18 @@ def step_memory(model, train: bool = True) -> dict:
     per_sample = kept_total + peak_temp
     param_bytes = sum(int(p.nbytes) for p in model.parameters().values())
     fixed = param_bytes * (4 if train else 1)  # weights, gradients, two optimizer slots (Adam)
-    return {"per_sample": int(per_sample), "fixed": int(fixed), "layers": rows}
+    return {"per_sample": int(per_sample), "fixed": int(fixed), "layers": rows, "kept": kept_rows, "path": path}
 
 
-def suggest_batch_size(model, free_bytes: int, train: bool = True, already_allocated: bool = True) -> int:
+def suggest_batch_size(model, free_bytes: int, train: bool = True, already_allocated: bool = True,
+                       path: str | None = None) -> int:
     """The largest batch whose step should fit in ``free_bytes`` (0 when not even one does).
 
     ``already_allocated``: the model's weights (and, for training, gradients and
     optimizer state) already live on the device, so they are not in ``free_bytes``.
+    ``path``: as in ``step_memory`` (default: the path that would run).
     """
-    est = step_memory(model, train)
+    est = step_memory(model, train, path)
     budget = free_bytes * SAFETY - RESERVE_BYTES
     if not already_allocated:
         budget -= est["fixed"]
@@ -205,9 +274,10 @@ def out_of_memory_message(model, batch_size: int, free_bytes: int, where: str, w
                           train: bool = True) -> str:
     """The one sentence: what ran out, where, and the batch size that should fit."""
     est = step_memory(model, train)
-    fit = suggest_batch_size(model, free_bytes, train)
+    fit = suggest_batch_size(model, free_bytes, train, path=est["path"])
+    on = _PATH_WORDS[est["path"]]
     head = (f"Out of memory on {where} in the {what} of model '{model.name}' at batch size {batch_size} "
-            f"(about {_fmt_bytes(est['per_sample'])} per sample, {_fmt_bytes(free_bytes)} free)")
+            f"(about {_fmt_bytes(est['per_sample'])} per sample with {on}, {_fmt_bytes(free_bytes)} free)")
     if fit >= 1:
         if fit >= batch_size:  # the estimate thinks it fits: memory is held elsewhere
             return (f"{head}: other arrays or processes hold the memory; free them, or use a batch size "

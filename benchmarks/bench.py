@@ -5,6 +5,12 @@ reference, and PyTorch (CPU, CUDA), side by side on the same networks and inputs
     python benchmarks/bench.py --quick    # the subset the speed targets need (~3 min)
     python benchmarks/bench.py --gpu      # on a CUDA machine: CuPy vs PyTorch CUDA vs NumPy (~3 min)
 
+``--gpu``: captcha_net training at batch 128 and 500 (and captcha_net_bn at 500), xpnet
+CuPy against PyTorch CUDA (cuDNN) with TF32 off and on, and xpnet NumPy on the same
+machine's cores at 500; its targets: >= 0.5x PyTorch CUDA without TF32, >= 20x NumPy.
+Rows of a framework that sees no CUDA device here are skipped, with the reason in the
+notes (e.g. a CPU-only PyTorch build); with no GPU row left nothing is measured (exit 3).
+
 What is measured
 * training step (forward + fused sigmoid/BCE + backward + plain SGD update) of
   captcha_net at batch 32, 128 and 500, captcha_net_bn at 32, 64, 128 and 500;
@@ -788,7 +794,8 @@ def plan(args):
         gx = dict(backend="xpnet", dtype="float32", device="cuda")
         gt = dict(backend="torch", dtype="float32", device="cuda", tf32=False)
         gt32 = dict(backend="torch", dtype="float32", device="cuda", tf32=True)
-        g("train", "captcha_net", 500, [gx, gt, gt32, x32, th])
+        g("train", "captcha_net", 128, [gx, gt, gt32])
+        g("train", "captcha_net", 500, [gx, gt, gt32, x32])  # x32: the same machine's CPU cores
         g("train", "captcha_net_bn", 500, [gx, gt, gt32])
         g("infer", "captcha_net", 1, [gx, gt, x32, th])
         g("ops", None, OP_BATCH, [gx, gt])
@@ -961,6 +968,76 @@ def targets(groups_out, peak):
     return out
 
 
+def gpu_targets(groups_out):
+    """The issue's GPU targets on this run's numbers (float32, one device, ratios in one run)."""
+    xcu = lambda c: c["backend"] == "xpnet" and c.get("device") == "cuda"
+    tcu = lambda c: c["backend"] == "torch" and c.get("device") == "cuda" and not c.get("tf32")
+    xcpu = lambda c: c["backend"] == "xpnet" and c.get("device", "cpu") == "cpu" and c["dtype"] == "float32"
+    out = []
+    a, t, n = (find(groups_out, "train", "captcha_net", 500, p) for p in (xcu, tcu, xcpu))
+    ips = lambda r: r["tasks"]["step"]["images_per_s"]
+    if a and t:
+        v = ips(a) / ips(t)
+        out.append({"target": "b500 train CuPy vs PyTorch CUDA (cuDNN, no TF32)", "value": v, "goal": ">= 0.5x",
+                    "met": v >= 0.5})
+    if a and n:
+        v = ips(a) / ips(n)
+        out.append({"target": "b500 train CuPy vs xpnet NumPy (this CPU)", "value": v, "goal": ">= 20x",
+                    "met": v >= 20})
+    return out
+
+
+def _probe(code):
+    """Run ``code`` in a fresh interpreter (this process imports no framework); its last line as JSON."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    if out.returncode:
+        return None, (out.stderr.strip().splitlines() or ["failed"])[-1]
+    return json.loads(out.stdout.strip().splitlines()[-1]), None
+
+
+def torch_cuda_status():
+    """(usable, reason): whether PyTorch here can run on a CUDA device (torch.cuda.is_available())."""
+    got, err = _probe("import json, torch; print(json.dumps([torch.cuda.is_available(), torch.__version__, "
+                      "torch.version.cuda]))")
+    if got is None:
+        return False, f"PyTorch could not be imported ({err})"
+    ok, version, cuda = got
+    if ok:
+        return True, f"PyTorch {version}, CUDA {cuda}"
+    if cuda is None:
+        return False, f"PyTorch {version} is a CPU-only build (torch.version.cuda is None)"
+    return False, f"PyTorch {version} (CUDA {cuda}) sees no usable CUDA device (torch.cuda.is_available() is False)"
+
+
+def cupy_gpu_status():
+    """(usable, reason): whether xpnet's CuPy backend has a usable CUDA device here."""
+    got, err = _probe("import json; from xpnet import backend; "
+                      "print(json.dumps([backend.has_cupy_gpu, backend.device_reason()]))")
+    if got is None:
+        return False, f"xpnet could not be imported ({err})"
+    return bool(got[0]), str(got[1])
+
+
+def gpu_rows(groups, torch_status, cupy_status):
+    """The --gpu groups without the CUDA rows that cannot run here, and a note saying why for each kind.
+
+    ``torch_status`` / ``cupy_status``: (usable, reason) from ``torch_cuda_status`` / ``cupy_gpu_status``.
+    """
+    notes = []
+    drop = set()
+    if not torch_status[0]:
+        drop.add("torch")
+        notes.append(f"PyTorch CUDA rows skipped: {torch_status[1]}.")
+    if not cupy_status[0]:
+        drop.add("xpnet")
+        notes.append(f"xpnet CuPy rows skipped: {cupy_status[1]}.")
+    out = []
+    for kind, model, batch, cfgs in groups:
+        cfgs = [c for c in cfgs if not (c.get("device") == "cuda" and c["backend"] in drop)]
+        out.append((kind, model, batch, cfgs))
+    return out, notes
+
+
 def machine_info():
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()}
     try:
@@ -1080,8 +1157,16 @@ def main(argv=None):
     if not have_torch:
         notes.append("PyTorch not installed (or --no-torch): its rows are skipped.")
     groups = plan(args)
-    if args.gpu and not have_cupy:
-        notes.append("CuPy not importable: xpnet CuPy rows skipped.")
+    if args.gpu:  # CUDA rows only where their framework sees a device; each kind skipped says why
+        groups, gpu_notes = gpu_rows(
+            groups, torch_cuda_status() if have_torch else (False, "PyTorch is not installed (or --no-torch)"),
+            cupy_gpu_status() if have_cupy else (False, "CuPy is not installed"))
+        notes += gpu_notes
+        if not any(c.get("device") == "cuda" for _, _, _, cfgs in groups for c in cfgs):
+            for n in notes:
+                print("note:", n)
+            print("bench.py --gpu: no GPU row can run on this machine, nothing measured.")
+            return 3
     kept = []
     for kind, model, batch, cfgs in groups:
         cfgs = [c for c in cfgs if (c["backend"] != "torch" or have_torch)
@@ -1119,7 +1204,7 @@ def main(argv=None):
     peak = max(peaks) if peaks else None
     enrich(groups_out, peak)
     table = fmt_table(groups_out, peak)
-    tg = targets(groups_out, peak) if not args.gpu else []
+    tg = targets(groups_out, peak) if not args.gpu else gpu_targets(groups_out)
     tg_lines = ["", "targets (float32; captcha_net; the BatchNorm and CRNN readers at batch 64):"] + [
         f"  {'MET ' if t['met'] else 'MISS'} {t['target']:<42} {t['value']:.3g} (goal {t['goal']})" for t in tg]
     summary = (f"matmul peak {peak:.0f} GFLOP/s (start {peak_start.get('median_gflops', float('nan')):.0f}, "

@@ -12,7 +12,9 @@
 #   4  kernel microbenchmark: xpnet's CUDA kernels vs the generic CuPy path; then a captcha_crnn
 #      training step (CTC loss, Adam; batch 64 and 256) on NumPy and CuPy side by side
 #   5  cross-backend benchmark: `benchmarks/bench.py --gpu` (xpnet CuPy vs PyTorch CUDA with
-#      TF32 off and on vs xpnet NumPy on this machine's CPU cores); its JSON is copied to OUT_DIR
+#      TF32 off and on, captcha_net at batch 128 and 500, vs xpnet NumPy on this machine's CPU
+#      cores; PyTorch CUDA rows skipped, with the reason, when torch.cuda is unavailable); its
+#      JSON is copied to OUT_DIR
 #   6  CAPTCHA training: `XPNET_BACKEND=cupy examples/train.py --config long --time-budget 300`
 #      (the 5-minute GPU target), whole-string accuracy on 2,000 held-out images
 #   7  CTC training: `XPNET_BACKEND=cupy xpnet train --length 4-6 --config quick --time-budget 60`

@@ -6,7 +6,9 @@
   registered with ``xpnet.dispatch`` for CuPy arrays;
 * ``source``   -- the CUDA C source, one text for NVRTC, nvcc and g++;
 * ``emulate``  -- ``nvcc_check()`` and the g++/ctypes CPU emulation;
-* ``driver``   -- the sentence for a CuPy built for a newer CUDA than the driver.
+* ``driver``   -- the sentence for a CuPy built for a newer CUDA than the driver;
+* ``transfer`` -- host -> device copies of training batches on a stream of their own
+  (used by ``xpnet.training.prefetch``).
 
 Importable without CuPy: CuPy comes only through ``xpnet.backend``.
 Importing this package registers the kernels (they apply to CuPy arrays only).

@@ -30,7 +30,7 @@ def test_every_configuration_key_is_a_settings_field():
     # keys newer than the first run.json files have defaults, so those runs still resume
     old = {k: v for k, v in resolve_settings(TrainOptions()).to_dict().items()
            if k not in ("min_length", "head", "ctc", "chosen", "labels_file", "init", "folds", "fold", "pretrain",
-                         "pseudo", "unlabelled_dir")}
+                         "pseudo", "unlabelled_dir", "distort")}
     assert Settings.from_dict(old).head == "bce"  # earlier versions trained bce readers only
 
 
@@ -80,6 +80,17 @@ def test_bad_options_are_one_sentence_naming_the_option(options, message):
     with pytest.raises(UsageError) as err:
         resolve_settings(options)
     assert message in str(err.value)
+
+
+def test_distort_option_is_parsed_checked_and_counts_as_chosen(tmp_path):
+    s = resolve_settings(TrainOptions(data=str(tmp_path), distort="rotate=4, noise=6"))
+    assert s.distort == {"rotate": 4.0, "noise": 6.0} and "distort" in s.chosen
+    assert resolve_settings(TrainOptions(distort="none")).distort == {}
+    assert resolve_settings(TrainOptions()).distort == {} and "distort" not in resolve_settings(TrainOptions()).chosen
+    for bad, message in (("rotate", "name=value pairs"), ("spin=3", r"unknown distort setting\(s\) spin"),
+                         ("blur=2", "blur is a probability")):
+        with pytest.raises(UsageError, match=message):
+            resolve_settings(TrainOptions(distort=bad))
 
 
 def test_an_explicit_length_replaces_the_budget_unless_one_is_given_too():

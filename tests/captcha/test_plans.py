@@ -32,6 +32,18 @@ def test_large_folders_synthetic_runs_and_chosen_models_keep_their_network(tmp_p
     assert said == "fewer than 5,000 training images: shifts of up to 3 px and scales of up to 10%"
 
 
+def test_a_small_folder_gets_the_configured_distortions_unless_the_user_chose(tmp_path):
+    extra = {"rotate": 3.0, "noise": 4.0}
+    s = folder_settings(tmp_path)
+    s = s.replace(folder_small={**s.folder_small, "distort": extra})
+    small, said = for_small_folder(s, 1000)
+    assert small.distort == extra and said.endswith("distortions rotate 3, noise 4")
+    mine = folder_settings(tmp_path, distort="blur=0.2")
+    mine = mine.replace(folder_small={**mine.folder_small, "distort": extra})
+    assert for_small_folder(mine, 1000)[0].distort == {"blur": 0.2}
+    assert for_small_folder(s, 5000)[0].distort == s.distort  # large folders: as configured
+
+
 def test_saved_settings_are_read_back_and_damage_is_one_sentence(tmp_path):
     s = resolve_settings(TrainOptions(seed=5)).replace(train_images_made=77)
     (tmp_path / RUN_FILE).write_text(json.dumps({"settings": s.to_dict()}))

@@ -16,6 +16,7 @@ import numpy
 
 from .. import checks
 from ..data.captcha import make_charset
+from ..data.distort import Distort, parse_distort
 from ..data.labels import DIGITS_UPPER, length_text, parse_length
 from ..errors import UsageError
 from ..nn import models
@@ -79,6 +80,8 @@ _DEFAULT = {
     # augmentation, per image, on the device (before normalising)
     "max_shift": 2,                # random shifts of up to this many pixels in x and y
     "max_scale": 0.0,              # random scales in [1 - s, 1 + s] about the centre (0: off)
+    "distort": {},                 # stronger per-image distortions (xpnet.data.distort): rotate, shear,
+                                   # elastic, noise, blur, contrast (none here: synthetic data is plentiful)
     # --data DIR
     "folder": {                    # these settings replace the ones above for --data runs (options still win)
         "optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "pct_start": 0.03,
@@ -182,6 +185,7 @@ class TrainOptions:
     width: int | None = None
     channels: int | None = None
     seed: int | None = None
+    distort: str | None = None         # "rotate=4,shear=0.2,..." or "none" (xpnet.data.distort)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,6 +252,7 @@ class Settings:
     pretrain: dict = dataclasses.field(default_factory=dict)  # look-alike pretraining of small folders
     pseudo: dict = dataclasses.field(default_factory=dict)    # rounds of pseudo-labels (--unlabelled)
     unlabelled_dir: str | None = None
+    distort: dict = dataclasses.field(default_factory=dict)  # xpnet.data.distort settings (empty: none)
 
     @classmethod
     def field_names(cls) -> set:
@@ -327,6 +332,8 @@ def resolve_settings(options: TrainOptions) -> Settings:
         raise UsageError(f"--channels must be 1 (grey) or 3 (RGB), got {options.channels}.")
     if options.lr is not None:
         s["lr"] = checks.number(options.lr, "--lr")
+    if options.distort is not None:
+        s["distort"] = parse_distort(options.distort)
     s["seed"] = checks.integer(options.seed, "--seed", 0, optional=True, what="a non-negative integer") or 0
     if s["data_dir"] is not None:
         # a folder infers its task and input width unless told
@@ -415,6 +422,8 @@ def _check_configuration(s: dict, name: str) -> None:
                          "use adamw, adam or sgd.")
     if s["data"] not in ("pool", "stream"):
         raise UsageError(f"configuration {name!r} has data {s['data']!r}: use 'pool' or 'stream'.")
+    Distort.from_dict(s.get("distort"))
+    Distort.from_dict((s.get("folder_small") or {}).get("distort"))
 
 
 # Options that define a run: a resumed run must keep them (option name -> settings key).

@@ -202,7 +202,7 @@ def _make_trainer(model, opt, out, settings, plan, batch_size, patience, train_b
     """The trainer: best checkpoint by validation whole-string accuracy, ties broken by the lower loss."""
     ctc = plan.head == "ctc"
     train_t, eval_t = make_transforms(plan.preprocess, settings.max_shift, settings.max_scale,
-                                      float_targets=not ctc)
+                                      float_targets=not ctc, distort=settings.distort)
     metrics = ctc_metrics(plan.charset) if ctc else multilabel_metrics(plan.charset.length)
     return Trainer(model, opt, out_dir=out, batch_size=batch_size, eval_batch_size=max(256, 2 * batch_size),
                    loss=CTCLoss() if ctc else sigmoid_bce_with_logits,

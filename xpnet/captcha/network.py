@@ -7,6 +7,7 @@ import math
 
 from .. import backend
 from ..data.augment import augment
+from ..data.distort import Distort
 from ..data.images import Preprocess
 from ..data.labels import Charset
 from ..errors import ShapeError, UsageError
@@ -65,14 +66,18 @@ def set_prior_bias(model, charset: Charset) -> None:
     b[...] = b.dtype.type(math.log(p / (1.0 - p)))
 
 
-def make_transforms(pp: Preprocess, max_shift: int, max_scale: float, float_targets: bool = True):
+def make_transforms(pp: Preprocess, max_shift: int, max_scale: float, float_targets: bool = True,
+                    distort: dict | None = None):
     """(train_transform, eval_transform): uint8 (N, C, H, W) images -> floats, on the device.
 
-    Training batches are shifted/scaled per image first (random numbers from
-    ``xpnet.backend.rng()``, which checkpoints save), then normalised as ``pp`` says.
+    Training batches are shifted/scaled per image first, then distorted as ``distort``
+    says (``xpnet.data.distort`` settings; random numbers from ``xpnet.backend.rng()``,
+    which checkpoints save), then normalised as ``pp`` says.
     Targets become floats of the model's dtype (multi-hot for BCE), or stay as they are
     (``float_targets=False``: CTC's packed integer labels).
     """
+    distortion = Distort.from_dict(distort)
+
     def eval_transform(x, y):
         dtype = backend.get_dtype()
         return pp.normalize_batch(x, dtype), (y.astype(dtype) if float_targets else y)
@@ -80,6 +85,8 @@ def make_transforms(pp: Preprocess, max_shift: int, max_scale: float, float_targ
     def train_transform(x, y):
         if max_shift or max_scale:
             x = augment(x, backend.rng(), max_shift, max_scale, fill="edge")
+        if distortion.active:
+            x = distortion(x, backend.rng())
         return eval_transform(x, y)
 
     return train_transform, eval_transform

@@ -290,6 +290,9 @@ def for_small_folder(settings: Settings, n_train: int):
         return settings, None
     changes = {"max_shift": small["max_shift"], "max_scale": small["max_scale"]}
     said = f"shifts of up to {small['max_shift']} px and scales of up to {small['max_scale']:.0%}"
+    if small.get("distort") and "distort" not in (settings.chosen or ()):
+        changes["distort"] = dict(small["distort"])
+        said += ", distortions " + ", ".join(f"{k} {v:g}" for k, v in small["distort"].items())
     kwargs = settings.model_kwargs or {}
     if small["batchnorm"] and settings.model == "captcha_net" and "batchnorm" not in kwargs:
         changes["model_kwargs"] = {**kwargs, "batchnorm": True}

@@ -40,6 +40,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         f"{d['pseudo']['rounds']} rounds add those read with a confidence at which the validation "
                         f"readings are >= {d['pseudo']['precision'] * 100:g}%% right, and train on them too (a round that "
                         f"lowers the validation accuracy is undone) (default: none)")
+    p.add_argument("--distort", metavar="SPEC", default=None,
+                   help="stronger per-image augmentation of training batches: name=value pairs of rotate "
+                        "(degrees), shear, elastic (pixels), noise (grey levels), blur (probability), contrast "
+                        "(e.g. rotate=4,noise=6), or none (default: the configuration's; none for synthetic "
+                        "data, the small-folder setting below "
+                        f"{d['folder_small']['below']:,} training images)")
     p.add_argument("--init", metavar="MODEL", default=None,
                    help="start from a saved reader (model.npz): its layers whose names and shapes match are "
                         "loaded, the others (an output layer for another charset or length) start fresh "

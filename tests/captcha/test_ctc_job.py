@@ -38,6 +38,7 @@ def test_a_range_of_lengths_trains_a_ctc_reader(tmp_path):
     assert history[-1]["train_loss"] < history[0]["train_loss"] and "val_char_error_rate" in history[0]
     reader = Recognizer.load(tmp_path / "model.npz")
     assert reader.head == "ctc" and reader.charset.lengths == "2-3" and reader.metadata["head"] == "ctc"
+    assert reader.metadata["lengths"] == [2, 3] and reader.lengths == (2, 3)  # readings of 2 or 3 characters
     test_set = generate_captchas(120, derive_seed(0, "test"), "ABCD", "2-3", preprocess=reader.preprocess,
                                  workers=0, progress=False)
     assert {len(t) for t in test_set.labels} == {2, 3}

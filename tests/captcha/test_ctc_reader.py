@@ -214,3 +214,23 @@ def test_training_metrics_agree_with_the_readers_decoding():
     cer = edit_distances(texts, truths).sum() / sum(map(len, truths))
     assert m["char_error_rate"](logits, y.astype(np.float32)) == pytest.approx(cer)  # float targets too
     assert [columns_needed(s) for s in ("", "AB", "AAB", "AAAA")] == [0, 2, 4, 7]
+
+
+def test_a_reader_of_known_lengths_reads_the_best_path_of_such_a_length():
+    # class 1 over three columns reads '2' (merged); a reader of 2-character texts splits it at the
+    # column least sure of being a '2' -- the best path with two characters, not the best path
+    z = np.log(np.array([[[0.03, 0.9] + [0.01] * 7, [0.3, 0.6] + [0.1 / 7] * 7, [0.03, 0.9] + [0.01] * 7]]))
+    z = z.astype(np.float32)
+    plain = Recognizer(_reader(3).model, CHARSET, PP, ctc_metadata(CHARSET, PP))
+    assert plain.lengths is None and plain.decode(z).texts == ["2"]
+    two = Recognizer(_reader(3).model, CHARSET, PP, ctc_metadata(CHARSET, PP, lengths=[2, 2]))
+    pred = two.decode(z)
+    assert two.lengths == (2, 2) and pred.texts == ["22"]
+    np.testing.assert_allclose(pred.confidences, [0.9 * 0.9], rtol=1e-5)
+    # readings that already have an allowed length are the plain best path
+    paths = [[1, 0, 2], [3, 3, 4]]
+    assert Recognizer(_reader(3).model, CHARSET, PP, ctc_metadata(CHARSET, PP, lengths=[2, 3])).decode(
+        _logits(paths, t=3)).texts == plain.decode(_logits(paths, t=3)).texts == ["23", "45"]
+    for bad in ([3, 2], "4", [1]):
+        with pytest.raises(ModelFileError, match="lengths"):
+            Recognizer(_reader(3).model, CHARSET, PP, ctc_metadata(CHARSET, PP, lengths=bad))

@@ -355,6 +355,42 @@ def test_beam_width_one_and_bad_width(rng):
         ops.ctc_greedy_decode(logits, input_lengths=[5, 6])
 
 
+@pytest.mark.parametrize("blank", [0, 2])
+def test_best_path_in_a_length_range_against_every_alignment(rng, blank):
+    # a batch whose rows need the constraint or not, against brute force over all K^T paths
+    n, t, k = 12, 5, 3
+    logits = rng.standard_normal((n, t, k)) * 2
+    lp = _log_softmax64(logits)
+    for lo, hi in ((2, 2), (1, 3), (0, 1), (3, 4)):
+        got = ops.ctc_best_path(logits, blank=blank, min_length=lo, max_length=hi)
+        assert got.shape == (n, t)
+        for i in range(n):
+            best, score = None, -np.inf
+            for path in itertools.product(range(k), repeat=t):
+                if lo <= len(_collapse(path, blank)) <= hi:
+                    s = sum(lp[i, j, c] for j, c in enumerate(path))
+                    if s > score:
+                        best, score = path, s
+            assert lo <= len(_collapse(got[i], blank)) <= hi
+            np.testing.assert_allclose(sum(lp[i, j, c] for j, c in enumerate(got[i])), score, rtol=1e-12)
+
+
+def test_best_path_keeps_the_greedy_path_of_an_allowed_length_and_when_none_fits(rng):
+    logits = rng.standard_normal((6, 9, 4)).astype(np.float32)
+    greedy = logits.argmax(axis=2)
+    np.testing.assert_array_equal(ops.ctc_best_path(logits), greedy)  # no constraint
+    np.testing.assert_array_equal(ops.ctc_best_path(logits, min_length=0, max_length=9), greedy)
+    # 3 steps cannot emit 4 characters, and 1 1 needs a blank between: the plain best path stays
+    short = np.eye(3)[[1, 0, 2]][None] * 5.0
+    np.testing.assert_array_equal(ops.ctc_best_path(short, min_length=4, max_length=4), [[1, 0, 2]])
+    # a merged pair: 1 1 1 read as one character; asked for two, the best split takes a blank or a 2
+    merged = np.log(np.array([[[0.05, 0.9, 0.05], [0.3, 0.6, 0.1], [0.05, 0.9, 0.05]]]))
+    two = ops.ctc_best_path(merged, min_length=2, max_length=2)
+    assert list(_collapse(two[0], 0)) == [1, 1] and two[0].tolist() == [1, 0, 1]
+    with pytest.raises(ShapeError, match="min_length <= max_length"):
+        ops.ctc_best_path(logits, min_length=3, max_length=2)
+
+
 # ------------------------------------------------------------------ backends
 @pytest.mark.parametrize("name", gpu_param())
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

@@ -21,8 +21,8 @@ import numpy
 from .. import backend
 from ..data.images import Preprocess
 from ..data.labels import Charset
-from ..errors import DataError, ShapeError
-from ..ops.ctc import ctc_loss
+from ..errors import DataError, ModelFileError, ShapeError
+from ..ops.ctc import ctc_best_path, ctc_loss
 
 HEADS = ("bce", "ctc")
 BLANK = 0
@@ -37,7 +37,9 @@ def ctc_metadata(charset: Charset, preprocess: Preprocess, **extra) -> dict:
     """The metadata of a CTC reader (``metadata_for`` plus ``"head": "ctc"``).
 
     ``charset.length`` is the longest label the reader was trained on (its texts may be of
-    any length from 0 up to the model's number of columns).
+    any length from 0 up to the model's number of columns).  ``lengths=[lo, hi]`` in ``extra``
+    (``xpnet train`` records its charset's range) makes readings the best path among those of
+    lo to hi characters (``reading_path``).
     """
     return {"task": "captcha", "charset": charset.to_dict(), "length": charset.length,
             "preprocess": preprocess.to_dict(), "input_shape": list(preprocess.shape), **extra, "head": "ctc"}
@@ -102,11 +104,41 @@ def columns_needed(text: str) -> int:
     return len(text) + sum(a == b for a, b in zip(text, text[1:]))
 
 
-def best_path(logits):
-    """(N, T) charset indices of the greedy reading, left-aligned and padded with -1, and the (N,)
-    lengths: argmax per column, repeats merged, blanks dropped (no probabilities: for metrics)."""
-    indices, lengths, _ = _collapse(backend.to_numpy(logits.argmax(axis=2)).astype(numpy.int64))
-    return indices, lengths
+def read_lengths(metadata: dict):
+    """A CTC reader's ``"lengths"`` metadata, [shortest, longest] text it was trained on, as a
+    tuple; None where absent (readings of any length).  ModelFileError when malformed."""
+    value = metadata.get("lengths")
+    if value is None:
+        return None
+    try:
+        lo, hi = (int(v) for v in value)
+        if 0 <= lo <= hi:
+            return lo, hi
+    except (TypeError, ValueError):
+        pass
+    raise ModelFileError(f"the reader's metadata has lengths {value!r}: expected [shortest, longest] text lengths.")
+
+
+def text_lengths(charset: Charset) -> list:
+    """[shortest, longest]: the ``"lengths"`` metadata of a CTC reader trained on ``charset``'s texts."""
+    return [charset.min_length, charset.length]
+
+
+def reading_path(logits, lengths=None):
+    """(N, T) class per column of a reading of (N, T, K + 1) logits.  ``lengths`` None: the best
+    path (argmax per column); (lo, hi): the best path among those whose text has lo to hi
+    characters -- the plain best path unless that has a length the reader never saw, e.g. two
+    equal-looking neighbours merged into one character (``xpnet.ops.ctc_best_path``)."""
+    if lengths is None:
+        return backend.to_numpy(logits.argmax(axis=2))
+    return ctc_best_path(logits, BLANK, lengths[0], lengths[1])
+
+
+def best_path(logits, lengths=None):
+    """(N, T) charset indices of the reading (``reading_path``), left-aligned and padded with -1,
+    and the (N,) lengths: repeats merged, blanks dropped (no probabilities: for metrics)."""
+    indices, counts, _ = _collapse(reading_path(logits, lengths).astype(numpy.int64))
+    return indices, counts
 
 
 def _collapse(best):
@@ -121,27 +153,28 @@ def _collapse(best):
     return indices, lengths, starts
 
 
-def ctc_metrics(charset: Charset) -> dict:
+def ctc_metrics(charset: Charset, lengths=None) -> dict:
     """``{"string_accuracy": f, "char_error_rate": f}``, ``f(logits, y) -> float``, for a Trainer
-    whose targets ``y`` are packed by ``ctc_targets`` (logits (N, T, K + 1), greedy readings)."""
+    whose targets ``y`` are packed by ``ctc_targets`` (logits (N, T, K + 1), read as ``ctc_decode``
+    reads them, with ``lengths``)."""
     def _read(logits, y):
-        indices, lengths = best_path(logits)
+        indices, lengths_read = best_path(logits, lengths)
         y = numpy.rint(backend.to_numpy(y)).astype(numpy.int64)
         width = max(indices.shape[1], y.shape[1] - 1)
         pred = numpy.full((len(y), width), -1, dtype=numpy.int64)
         pred[:, :indices.shape[1]] = indices
         truth = numpy.full_like(pred, -1)
         truth[:, :y.shape[1] - 1] = y[:, 1:] - 1
-        return pred, lengths, truth, y[:, 0]
+        return pred, lengths_read, truth, y[:, 0]
 
     def string_accuracy(logits, y):
         pred, _, truth, _ = _read(logits, y)
         return float((pred == truth).all(axis=1).mean())
 
     def char_error_rate(logits, y):
-        pred, lengths, truth, true_lengths = _read(logits, y)
+        pred, read_lengths_, truth, true_lengths = _read(logits, y)
         table = numpy.array(list(charset.chars))
-        reads = ["".join(table[row[:m]]) for row, m in zip(pred, lengths.tolist())]
+        reads = ["".join(table[row[:m]]) for row, m in zip(pred, read_lengths_.tolist())]
         truths = ["".join(table[row[:m]]) for row, m in zip(truth, true_lengths.tolist())]
         return float(edit_distances(reads, truths).sum() / max(1, int(true_lengths.sum())))
 
@@ -155,8 +188,9 @@ def softmax(logits):
     return z / z.sum(axis=-1, keepdims=True)
 
 
-def ctc_decode(logits, charset: Charset):
-    """Best-path (greedy) reading of (N, T, K + 1) logits.
+def ctc_decode(logits, charset: Charset, lengths=None):
+    """Best-path reading of (N, T, K + 1) logits (``reading_path``: of ``lengths`` (lo, hi) characters
+    when given, a reader's ``read_lengths``).
 
     Returns (texts, confidences (N,), char_confidences (N, T), indices (N, T)):
     * ``indices``: the class indices (into ``charset.chars``) of the characters read, left-aligned,
@@ -169,7 +203,7 @@ def ctc_decode(logits, charset: Charset):
     logits = numpy.asarray(logits)
     n, t, k = logits.shape
     probs = softmax(logits)
-    best = probs.argmax(axis=2)
+    best = reading_path(logits, lengths)
     p_best = numpy.take_along_axis(probs, best[:, :, None], axis=2)[:, :, 0]
     chars = best != BLANK
     indices, lengths, starts = _collapse(best)
@@ -221,4 +255,5 @@ def edit_distances(reads, truths) -> numpy.ndarray:
 
 
 __all__ = ["HEADS", "BLANK", "head_of", "ctc_metadata", "check_texts", "ctc_targets", "CTCLoss", "ctc_decode",
-           "edit_distances", "softmax", "columns_needed", "best_path", "ctc_metrics"]
+           "edit_distances", "softmax", "columns_needed", "best_path", "ctc_metrics",
+           "reading_path", "read_lengths", "text_lengths"]

@@ -26,7 +26,7 @@ from ..nn import serialization as xio
 from ..training.callbacks import StuckWatch
 from ..training.trainer import Trainer
 from .config import Settings, TrainOptions, merge_resume, resolve_settings, settings_for_head
-from .heads import CTCLoss, ctc_metrics
+from .heads import CTCLoss, ctc_metrics, text_lengths
 from .pretrain import pretrain, wants_pretraining
 from .pseudo import pseudo_label_rounds
 from .network import build_model, make_transforms, set_prior_bias
@@ -130,6 +130,7 @@ def run(settings: Settings, out, resume: bool = False, workers: int | None = Non
                             settings=settings.to_dict(), data=plan.describe)
     if plan.head == "ctc":
         metadata["head"] = "ctc"  # texts of any length, decoded from per-column scores (captcha.heads)
+        metadata["lengths"] = text_lengths(plan.charset)  # read as texts of the lengths trained on
     if wants_pretraining(settings, plan, resume):
         def make(m, o, folder, s, p, budget):
             return _make_trainer(m, o, folder, s, p, batch_size, None, budget, metadata, progress, log)
@@ -203,7 +204,7 @@ def _make_trainer(model, opt, out, settings, plan, batch_size, patience, train_b
     ctc = plan.head == "ctc"
     train_t, eval_t = make_transforms(plan.preprocess, settings.max_shift, settings.max_scale,
                                       float_targets=not ctc, distort=settings.distort)
-    metrics = ctc_metrics(plan.charset) if ctc else multilabel_metrics(plan.charset.length)
+    metrics = ctc_metrics(plan.charset, text_lengths(plan.charset)) if ctc else multilabel_metrics(plan.charset.length)
     return Trainer(model, opt, out_dir=out, batch_size=batch_size, eval_batch_size=max(256, 2 * batch_size),
                    loss=CTCLoss() if ctc else sigmoid_bce_with_logits,
                    metrics=metrics, monitor="val_string_accuracy", mode="max",

@@ -17,6 +17,7 @@ from pathlib import Path
 from ..data.lookalike import lookalikes, style_of
 from ..nn import serialization as xio
 from .config import Settings
+from .heads import text_lengths
 from .plans import NO_EPOCH_LIMIT, FolderPlan, SyntheticPlan
 from .recognizer import metadata_for
 from .schedule import build_optimizer
@@ -72,6 +73,7 @@ def pretrain(model, settings: Settings, plan: FolderPlan, out: Path, make_traine
                             style=style.to_dict())
     if plan.head == "ctc":
         metadata["head"] = "ctc"
+        metadata["lengths"] = text_lengths(plan.charset)
     xio.save(model, Path(out) / PRETRAINED_FILE, metadata)
     log(f"pretrained: validation whole-string accuracy {best * 100:.1f}% before fine-tuning "
         f"({time.monotonic() - t0:.0f} s); weights in {Path(out) / PRETRAINED_FILE}")

@@ -35,7 +35,7 @@ from ..data.labels import Charset
 from ..errors import DataError, ModelFileError, UsageError
 from ..memory import oom_guard
 from ..metrics import wilson_interval
-from .heads import HEADS, ctc_decode, edit_distances, head_of
+from .heads import HEADS, ctc_decode, edit_distances, head_of, read_lengths
 from .onnx_reader import is_onnx_path, load_reader
 
 
@@ -199,6 +199,8 @@ class Recognizer:
         self.model, self.charset, self.preprocess = model, charset, preprocess
         self.head = head
         self.metadata = dict(metadata or {})
+        # a CTC reader of known text lengths reads the best path of such a length (heads.reading_path)
+        self.lengths = read_lengths(self.metadata) if head == "ctc" else None
         self.batch_size = batch_size
         self.path = None
 
@@ -272,7 +274,7 @@ class Recognizer:
         n = logits.shape[0]
         if self.head == "ctc":
             texts, conf, char_conf, idx = ctc_decode(
-                logits.reshape(n, self.steps, self.charset.n_classes + 1), self.charset)
+                logits.reshape(n, self.steps, self.charset.n_classes + 1), self.charset, self.lengths)
             return Prediction(texts=texts, confidences=conf, char_confidences=char_conf, indices=idx,
                               paths=list(paths) if paths is not None else [""] * n)
         blocks = logits.reshape(n, self.charset.length, self.charset.n_classes)

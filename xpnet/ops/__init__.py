@@ -4,7 +4,7 @@ NumPy and CuPy.  dtype in = dtype out; inputs are never modified."""
 
 from .activation import relu_backward, relu_forward, sigmoid
 from .conv import conv2d_backward, conv2d_forward
-from .ctc import ctc_beam_decode, ctc_greedy_decode, ctc_loss
+from .ctc import ctc_beam_decode, ctc_best_path, ctc_greedy_decode, ctc_loss
 from .dense import dense_backward, dense_forward
 from .dropout import dropout_backward, dropout_forward, dropout_mask
 from .im2col import col2im, conv_output_size, im2col, im2col_nbytes
@@ -22,6 +22,6 @@ __all__ = [
     "sigmoid_bce_with_logits", "softmax_cross_entropy", "log_softmax",
     "batchnorm_forward", "batchnorm_backward",
     "dropout_mask", "dropout_forward", "dropout_backward",
-    "ctc_loss", "ctc_greedy_decode", "ctc_beam_decode",
+    "ctc_loss", "ctc_greedy_decode", "ctc_beam_decode", "ctc_best_path",
     "gru_forward", "gru_backward",
 ]

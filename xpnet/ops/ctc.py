@@ -1,4 +1,4 @@
-"""Connectionist temporal classification (Graves et al., 2006): the loss and two decoders.
+"""Connectionist temporal classification (Graves et al., 2006): the loss and three decoders.
 
 Notation: N samples, T time steps, K classes (the blank included), S the padded label
 width, L_n <= S the length of sample n's label, T_n <= T its input length, U = 2S + 1
@@ -7,6 +7,7 @@ the extended label (a blank before, between and after the characters).
 * ``ctc_loss``: -log p(label | x) by the log-space forward-backward recursion,
   vectorised over the batch (one Python loop over T for each direction).
 * ``ctc_greedy_decode``: the best path, repeats merged, blanks dropped.
+* ``ctc_best_path``: the best path among those whose label length is in a range.
 * ``ctc_beam_decode``: prefix beam search, for the most probable label rather
   than the most probable path.
 
@@ -241,6 +242,92 @@ def ctc_greedy_decode(logits, blank=0, input_lengths=None):
     keep[:, 1:] &= best[:, 1:] != best[:, :-1]
     keep &= numpy.arange(best.shape[1])[None, :] < in_len[:, None]
     return [row[k].tolist() for row, k in zip(best, keep)]
+
+
+def ctc_best_path(logits, blank=0, min_length=0, max_length=None):
+    """The most probable alignment whose label has between ``min_length`` and ``max_length``
+    characters: (N, T) class per step (collapse it as the greedy decoder does).
+
+    logits (N, T, K) raw scores.  Where the plain best path (``ctc_greedy_decode``) already
+    has an allowed length it is the answer; otherwise, e.g. a reader of 4-character texts
+    that merged two characters into one, this finds the best alignment that does not.
+    A Viterbi recursion on the host in float64, vectorised over the batch and the classes,
+    one Python step per time step, over states (characters emitted so far k, class of the
+    current step s)::
+
+        V[t, k, blank] = lp[t, blank] + max over s' of V[t-1, k, s']
+        V[t, k, c]     = lp[t, c] + max(V[t-1, k, c],                 (the same character goes on)
+                                        max over s' != c of V[t-1, k-1, s'])   (a new one)
+
+    Samples with no alignment of an allowed length (too few steps) keep the plain best path.
+    """
+    _check_logits(logits, "ctc_best_path")
+    blank = _check_blank(blank, logits.shape[2], "ctc_best_path")
+    n, t_len, k = logits.shape
+    hi = t_len if max_length is None else int(max_length)
+    lo = int(min_length)
+    if not 0 <= lo <= hi:
+        raise ShapeError(f"ctc_best_path needs 0 <= min_length <= max_length, got {min_length} and {max_length}.")
+    hi = min(hi, t_len)
+    lp = backend.to_numpy(log_softmax(logits)).astype(numpy.float64)
+    greedy = lp.argmax(axis=2)
+    starts = greedy != blank
+    starts[:, 1:] &= greedy[:, 1:] != greedy[:, :-1]
+    length = starts.sum(axis=1)
+    redo = numpy.flatnonzero((length < lo) | (length > hi))
+    if lo > t_len or redo.size == 0:
+        return greedy
+    greedy[redo] = _viterbi_in_range(lp[redo], blank, lo, hi, greedy[redo])
+    return greedy
+
+
+def _viterbi_in_range(lp, blank, lo, hi, fallback):
+    """``ctc_best_path``'s recursion on lp (N, T, K) float64 log-probabilities -> (N, T) classes."""
+    n, t_len, k = lp.shape
+    neg = -numpy.inf
+    chars = numpy.arange(k) != blank
+    v = numpy.full((n, hi + 1, k), neg)
+    v[:, 0, blank] = lp[:, 0, blank]
+    if hi >= 1:
+        v[:, 1, chars] = lp[:, 0, chars]
+    from_emit = numpy.zeros((t_len, n, hi + 1, k), dtype=bool)  # the step before had k-1 characters
+    from_class = numpy.zeros((t_len, n, hi + 1, k), dtype=numpy.int16)  # its class
+    rows = numpy.arange(n)[:, None]
+    ks = numpy.arange(hi + 1)[None, :]
+    classes = numpy.arange(k, dtype=numpy.int16)
+    for t in range(1, t_len):
+        # the best and second best class of the step before, per k: for "max over s' != c"
+        order = numpy.argsort(-v, axis=2)[:, :, :2]
+        first, second = order[:, :, 0], order[:, :, 1] if k > 1 else order[:, :, 0]
+        v_first = v[rows, ks, first]
+        v_second = v[rows, ks, second]
+        emit = numpy.full((n, hi + 1, k), neg)
+        emit_from = numpy.zeros((n, hi + 1, k), dtype=numpy.int16)
+        taken = first[:, :-1, None] == classes[None, None, :]  # the best class is c itself
+        emit[:, 1:] = numpy.where(taken, v_second[:, :-1, None], v_first[:, :-1, None])
+        emit_from[:, 1:] = numpy.where(taken, second[:, :-1, None], first[:, :-1, None])
+        new_emit = emit > v
+        best = numpy.where(new_emit, emit, v) + lp[:, t, None, :]
+        from_emit[t] = new_emit
+        from_class[t] = numpy.where(new_emit, emit_from, classes[None, None, :])
+        # a blank keeps k and may follow any class
+        best[:, :, blank] = v_first + lp[:, t, blank, None]
+        from_emit[t, :, :, blank] = False
+        from_class[t, :, :, blank] = first
+        v = best
+    allowed = v[:, lo:hi + 1].reshape(n, -1)
+    end = allowed.argmax(axis=1)
+    ok = numpy.isfinite(allowed[numpy.arange(n), end])
+    cur_k, cur_s = end // k + lo, end % k
+    path = numpy.empty((n, t_len), dtype=numpy.int64)
+    every = numpy.arange(n)
+    for t in range(t_len - 1, -1, -1):
+        path[:, t] = cur_s
+        if t:
+            back_emit = from_emit[t, every, cur_k, cur_s]
+            cur_s = from_class[t, every, cur_k, cur_s].astype(numpy.int64)
+            cur_k = cur_k - back_emit
+    return numpy.where(ok[:, None], path, fallback)
 
 
 def ctc_beam_decode(logits, beam_width=8, blank=0, input_lengths=None):

@@ -94,6 +94,9 @@ _DEFAULT = {
         "below": 5000,
         "batchnorm": True,         # captcha_net with BatchNorm (unless --model is given)
         "max_shift": 3, "max_scale": 0.1,
+        "distort": {},             # none: with rotate 4, shear 0.15, elastic 0.8, noise 6, blur 0.2, contrast 0.2
+                                   # a 200-image development folder read 93.05% of 2,000 other images of its set,
+                                   # against 99.75% without (its look-alike pretraining learnt slower)
     },
     "pretrain": {                  # folders with fewer training images than "below": first train on look-alikes
         "below": 5000,             # (xpnet.captcha.pretrain) for "seconds", then fine-tune on the folder

@@ -1,7 +1,7 @@
 """Errors a user understands: out of memory with a batch size that fits, and a
 CuPy/driver mismatch that names the wheel.  The memory estimate is checked
-against NumPy's traced allocations; the GPU test proves on a device that the
-suggested batch size really fits under a memory-pool limit."""
+against NumPy's traced allocations; the GPU test that the suggested batch size
+really fits under a memory-pool limit is in tests/cuda/test_memory_paths.py."""
 
 import tracemalloc
 
@@ -10,7 +10,7 @@ import pytest
 
 import xpnet
 
-from xpnet import backend, memory, models, ops
+from xpnet import memory, models, ops
 from xpnet.cuda.driver import DriverMismatchError, driver_mismatch_message
 from xpnet.errors import BackendError, XpnetError
 from xpnet.memory import (OutOfMemoryError, classify, oom_guard, out_of_memory_message, step_memory,
@@ -154,36 +154,3 @@ def test_errors_are_xpnet_errors():
 
 def test_max_batch_size_on_the_host():
     assert memory.max_batch_size(models.simple_convnet(), train=True) >= 1
-
-
-@pytest.mark.gpu
-def test_suggested_batch_fits_on_the_gpu_under_a_pool_limit(rng):
-    """OOM at batch 500 under a 512 MiB pool limit names a batch size; that batch then runs."""
-    import xpnet
-
-    cp = backend.cupy
-    xpnet.use("cupy")
-    model = models.captcha_net()
-    pool = cp.get_default_memory_pool()
-    pool.free_all_blocks()
-    old_limit = pool.get_limit()
-
-    def step(n):
-        x = cp.asarray(rng.standard_normal((n, 3, 32, 80)).astype(np.float32))
-        t = cp.zeros((n, 144), np.float32)
-        with oom_guard(model, n):
-            logits = model.forward(x, train=True)
-            _, d = ops.sigmoid_bce_with_logits(logits, t)
-            model.backward(d)
-        cp.cuda.get_current_stream().synchronize()
-
-    pool.set_limit(size=pool.used_bytes() + 512 * MiB)
-    try:
-        with pytest.raises(OutOfMemoryError, match=r"use a batch size of \d+ or less") as info:
-            step(500)
-        n = int(str(info.value).rsplit("batch size of ", 1)[1].split()[0])
-        assert 8 <= n < 500
-        step(n)  # the suggestion fits
-    finally:
-        pool.set_limit(size=old_limit)
-        pool.free_all_blocks()

@@ -20,13 +20,7 @@ from __future__ import annotations
 
 import numpy
 
-
-def _sigmoid_(a):
-    """In place, as ``xpnet.ops.recurrent``: 0.5 * tanh(a / 2) + 0.5 (no overflow)."""
-    a *= 0.5
-    numpy.tanh(a, out=a)
-    a *= 0.5
-    a += 0.5
+from ..ops.recurrent import gate_factors, sigmoid_inplace
 
 
 def time_major(x, directions: int):
@@ -61,7 +55,7 @@ def stacked_gru_forward(xs, wx, wh, bx, bh):
         g = gates[:, t]
         rz = g[..., :2 * h]
         rz += gh[..., :2 * h]
-        _sigmoid_(rz)
+        sigmoid_inplace(rz, numpy)
         r, z, nn = g[..., :h], g[..., h:2 * h], g[..., 2 * h:]
         hn = hn_all[:, t]
         numpy.add(gh[..., 2 * h:], bh_n, out=hn)
@@ -87,20 +81,8 @@ def stacked_gru_backward(dys, cache, need_dx: bool = True):
     r, z, nn = gates[..., :h], gates[..., h:2 * h], gates[..., 2 * h:]
     prev_states = states[:, :t_len]
     # per-step factors (D, T, N, H); coef_h holds (a_n gh_n r (1-r), a_z, a_n r) as (D, T, N, 3, H)
-    one_minus_z = 1 - z
-    a_n = nn * nn
-    numpy.subtract(1, a_n, out=a_n)
-    a_n *= one_minus_z
     coef_h = numpy.empty((d_count, t_len, n, 3, h), dtype=dt)
-    c_r, c_z, c_n = coef_h[..., 0, :], coef_h[..., 1, :], coef_h[..., 2, :]
-    numpy.subtract(1, r, out=c_r)
-    c_r *= r
-    c_r *= hn_all
-    c_r *= a_n
-    numpy.subtract(prev_states, nn, out=c_z)
-    c_z *= z
-    c_z *= one_minus_z
-    numpy.multiply(a_n, r, out=c_n)
+    a_n = gate_factors(r, z, nn, hn_all, prev_states, coef_h[..., 0, :], coef_h[..., 1, :], coef_h[..., 2, :])
     dgh = numpy.empty((d_count, t_len, n, 3, h), dtype=dt)  # hidden-side pre-activation gradients
     dh_all = numpy.empty((d_count, t_len, n, h), dtype=dt)
     carry = numpy.zeros((d_count, n, h), dtype=dt)  # gradient reaching the state from later steps

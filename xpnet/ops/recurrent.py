@@ -28,7 +28,7 @@ from ..backend import check_same_backend, get_array_module
 from ..errors import ShapeError
 
 
-def _sigmoid_(a, xp):
+def sigmoid_inplace(a, xp):
     """In place: sigmoid(a) = 0.5 * tanh(a / 2) + 0.5 (no overflow, keeps the dtype)."""
     a *= 0.5
     xp.tanh(a, out=a)
@@ -89,7 +89,7 @@ def gru_forward(x, wx, wh, bx, bh, reverse: bool = False):
         g = gates[:, t]
         rz = g[:, :2 * h]
         rz += gh[:, :2 * h]
-        _sigmoid_(rz, xp)
+        sigmoid_inplace(rz, xp)
         r, z, nn = g[:, :h], g[:, h:2 * h], g[:, 2 * h:]
         hn = hn_all[:, t]
         xp.add(gh[:, 2 * h:], bh_n, out=hn)
@@ -102,6 +102,26 @@ def gru_forward(x, wx, wh, bx, bh, reverse: bool = False):
         hnew += nn
     y = states[:, :t_len] if reverse else states[:, 1:]
     return y, (x2, x.shape, wx, wh, gates, hn_all, states, bool(reverse))
+
+
+def gate_factors(r, z, nn, hn, prev, c_r, c_z, c_n):
+    """The backward's per-step factors (any shape, element-wise; see ``gru_backward``):
+    writes c_r = a_n gh_n r (1 - r), c_z = (h_prev - n) z (1 - z), c_n = a_n r into the given
+    arrays and returns a_n = (1 - n^2)(1 - z)."""
+    xp = get_array_module(r)
+    one_minus_z = 1 - z
+    a_n = nn * nn
+    xp.subtract(1, a_n, out=a_n)
+    a_n *= one_minus_z
+    xp.subtract(1, r, out=c_r)
+    c_r *= r
+    c_r *= hn
+    c_r *= a_n
+    xp.subtract(prev, nn, out=c_z)
+    c_z *= z
+    c_z *= one_minus_z
+    xp.multiply(a_n, r, out=c_n)
+    return a_n
 
 
 @dispatch.op("gru_backward")
@@ -135,20 +155,8 @@ def gru_backward(dy, cache, need_dx: bool = True):
     r, z, nn = gates[:, :, :h], gates[:, :, h:2 * h], gates[:, :, 2 * h:]
     prev_states = states[:, 1:] if reverse else states[:, :t_len]
     # the per-step factors, (N, T, H) each; coef_h holds (a_n gh_n r (1-r), a_z, a_n r) as (N, T, 3, H)
-    one_minus_z = 1 - z
-    a_n = nn * nn
-    xp.subtract(1, a_n, out=a_n)
-    a_n *= one_minus_z
     coef_h = xp.empty((n, t_len, 3, h), dtype=dt)
-    c_r, c_z, c_n = coef_h[:, :, 0], coef_h[:, :, 1], coef_h[:, :, 2]
-    xp.subtract(1, r, out=c_r)
-    c_r *= r
-    c_r *= hn_all
-    c_r *= a_n
-    xp.subtract(prev_states, nn, out=c_z)
-    c_z *= z
-    c_z *= one_minus_z
-    xp.multiply(a_n, r, out=c_n)
+    a_n = gate_factors(r, z, nn, hn_all, prev_states, coef_h[:, :, 0], coef_h[:, :, 1], coef_h[:, :, 2])
     dgh = xp.empty((n, t_len, 3, h), dtype=dt)  # gradients of the hidden-side pre-activations
     dh_all = xp.empty((n, t_len, h), dtype=dt)  # dh at every step
     carry = xp.zeros((n, h), dtype=dt)  # gradient reaching the state from later steps

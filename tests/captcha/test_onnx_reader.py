@@ -206,3 +206,18 @@ def test_without_the_packages_loading_says_how_to_install_them(exported, tmp_pat
     # onnx without onnxruntime: the reference evaluator reads, with the same text
     want = Recognizer.load(exported[1]).predict_files(FILES[:1]).texts[0]
     assert _run_without(["onnxruntime"], load, tmp_path) == f"reference {want}"
+
+
+def test_a_ctc_readers_text_lengths_travel_into_the_onnx_file(tmp_path):
+    xpnet.seed(7)
+    model = build_model("captcha_crnn", CHARSET, PP, **SMALL.get("captcha_crnn", {}))
+    for name, extra in (("plain", {}), ("lengths", {"lengths": [4, 4]})):
+        xpnet.save(model, tmp_path / f"{name}.npz", metadata_for(CHARSET, PP, model="captcha_crnn", head="ctc",
+                                                                **extra))
+        export_model_file(tmp_path / f"{name}.npz", tmp_path / f"{name}.onnx")
+    props = {p.key: json.loads(p.value) for p in onnx.load(tmp_path / "lengths.onnx").metadata_props}
+    assert props["lengths"] == [4, 4] and '"lengths": [lo, hi]' in props["decoding"]
+    assert Recognizer.load(tmp_path / "lengths.onnx").lengths == (4, 4) == Recognizer.load(
+        tmp_path / "lengths.npz").lengths
+    assert "lengths" not in {p.key for p in onnx.load(tmp_path / "plain.onnx").metadata_props}
+    assert Recognizer.load(tmp_path / "plain.onnx").lengths is None

@@ -51,7 +51,9 @@ CTC_DECODING = ("for each of the T columns take the argmax over the K + 1 logits
                 "consecutive columns, then drop class 0 (the blank); class i + 1 is charset.chars[i]. A character's "
                 "confidence is the highest probability of its class over the columns that emitted it, the text "
                 "confidence the product of the character confidences (an empty text: the lowest blank probability "
-                "over the columns)")
+                "over the columns). When the metadata has \"lengths\": [lo, hi] and that text has another length, "
+                "read instead the most probable column path (the largest sum of log-probabilities) whose text has lo "
+                "to hi characters: a Viterbi pass over the states (characters emitted so far, class of the column)")
 KEPT = ("model", "config")  # training metadata worth carrying (never local paths: the data description stays out)
 
 
@@ -92,6 +94,8 @@ def reader_metadata(reader: Recognizer) -> dict:
     if head == "ctc":
         shape = ["N", reader.steps, cs.n_classes + 1]
         meta.update({"outputs": {"probabilities": shape, "logits": shape}, "decoding": CTC_DECODING})
+        if reader.lengths is not None:
+            meta["lengths"] = list(reader.lengths)
     return meta
 
 

@@ -12,9 +12,13 @@ zero-padded dz, otherwise one product with every kernel tap side by side and one
 strided addition per tap into dx.
 
 BatchNorm in training: convolve every chunk and keep z, all-reduce the batch
-statistics between shards, then normalise, pool and ReLU; backward all-reduces
-dbeta and dgamma first.  In evaluation it is folded into the weights and bias.
-The formulas are those of ``xpnet.ops.norm``.
+statistics between shards, then normalise, pool and ReLU -- or, when every
+BatchNorm scale is positive (max commutes with a positive affine map), pool the
+raw z first and normalise the pooled map; backward all-reduces dbeta and dgamma
+first (over the pooled map when pooled first), and a block without an input
+gradient takes dW's z-linear part from the Gram matrix of its im2col rows.  In
+evaluation BatchNorm is folded into the weights and bias.  The formulas are
+those of ``xpnet.ops.norm``.
 
 Every buffer and strided view a shard needs for n images is built once
 (``conv_plan.ShardPlan``) and reused step after step.

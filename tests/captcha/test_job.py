@@ -279,3 +279,40 @@ def test_out_of_memory_in_a_step_becomes_one_sentence(monkeypatch):
     monkeypatch.setattr(model, "forward", no_memory)
     with pytest.raises(gpu_errors.OutOfMemoryError, match="batch"):
         trainer.fit(W.make_data(), epochs=1)
+
+
+def test_a_stuck_run_starts_once_more_with_a_lower_rate_and_a_longer_warm_up(tmp_path, monkeypatch):
+    # the first attempt's watch declares it stuck after its first epoch; the second attempt's never fires
+    from xpnet.training.callbacks import StuckWatch
+
+    class StuckAtOnce(StuckWatch):
+        def on_epoch_end(self, trainer, record):
+            if not self.stuck:
+                self.stuck = True
+                trainer.request_stop("stopping: nothing is being learned (a test)")
+
+    watches = []
+
+    def watch(plan):
+        watches.append(StuckAtOnce() if not watches else StuckWatch(min_steps=10 ** 9))
+        return watches[-1]
+
+    monkeypatch.setattr(job, "_stuck_watch", watch)
+    logged = []
+    settings = tiny_settings(epochs=3)
+    results = job.run(settings, tmp_path, workers=0, progress=False, log=logged.append)
+    assert len(watches) == 2 and not results["stuck"]
+    aside = tmp_path / "stuck-1"
+    assert (aside / "model.npz").is_file() and (aside / "checkpoints").is_dir()
+    assert len(json.loads((aside / "history.json").read_text())["epochs"]) == 1  # the stuck attempt: one epoch
+    assert len(json.loads((tmp_path / "history.json").read_text())["epochs"]) == 3  # the new one ran its course
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["settings"]["lr"] == pytest.approx(settings.lr * 0.25)
+    assert run["settings"]["warmup_steps"] == 2 * settings.warmup_steps
+    assert run["started_again"]["first_attempt"] == "stuck-1"
+    assert any(m.startswith("starting once more with the peak learning rate 0.01 -> 0.0025") for m in logged)
+    assert Recognizer.load(tmp_path / "model.npz").metadata["settings"]["lr"] == pytest.approx(0.0025)
+    # configured off: the stuck attempt stands, nothing set aside
+    watches.clear()
+    off = job.run(tiny_settings(epochs=3, stuck_retry={}), tmp_path / "off", workers=0, progress=False, log=quiet)
+    assert off["stuck"] and len(watches) == 1 and not (tmp_path / "off" / "stuck-1").exists()

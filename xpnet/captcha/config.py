@@ -72,6 +72,10 @@ _DEFAULT = {
     "weight_decay": 0.0,           # AdamW: decoupled; SGD/Adam: L2
     "pct_start": 0.03,             # share of the run spent warming up to the peak rate ...
     "warmup_steps": 250,           # ... and at least this many steps (else short runs stay at the prior)
+    "stuck_retry": {"lr_factor": 0.25, "warmup_factor": 2.0},
+                                   # a run that learns nothing (training.callbacks.StuckWatch) starts once more
+                                   # with the peak rate times lr_factor and a warm-up warmup_factor times as
+                                   # long: runs stuck at the prior start too fast ({}: stop instead)
     "div_factor": 25.0,            # start rate = lr / div_factor
     "final_div_factor": 1e4,       # end rate = start rate / final_div_factor
     "clip_norm": None,             # global gradient-norm clipping (None: off)
@@ -256,6 +260,7 @@ class Settings:
     pseudo: dict = dataclasses.field(default_factory=dict)    # rounds of pseudo-labels (--unlabelled)
     unlabelled_dir: str | None = None
     distort: dict = dataclasses.field(default_factory=dict)  # xpnet.data.distort settings (empty: none)
+    stuck_retry: dict = dataclasses.field(default_factory=dict)  # how a stuck run starts again (empty: it stops)
 
     @classmethod
     def field_names(cls) -> set:
@@ -426,6 +431,11 @@ def _check_configuration(s: dict, name: str) -> None:
     if s["data"] not in ("pool", "stream"):
         raise UsageError(f"configuration {name!r} has data {s['data']!r}: use 'pool' or 'stream'.")
     Distort.from_dict(s.get("distort"))
+    retry = s.get("stuck_retry") or {}
+    if retry and not (set(retry) == {"lr_factor", "warmup_factor"} and 0 < float(retry["lr_factor"]) <= 1
+                      and float(retry["warmup_factor"]) >= 1):
+        raise UsageError(f"configuration {name!r} has stuck_retry {retry!r}: use {{}} or lr_factor in (0, 1] and "
+                         "warmup_factor >= 1.")
     Distort.from_dict((s.get("folder_small") or {}).get("distort"))
 
 

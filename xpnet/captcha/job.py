@@ -27,7 +27,7 @@ from ..training.callbacks import StuckWatch
 from ..training.trainer import Trainer
 from .config import Settings, TrainOptions, merge_resume, resolve_settings, settings_for_head
 from .heads import CTCLoss, ctc_metrics, text_lengths
-from .pretrain import pretrain, wants_pretraining
+from .pretrain import PRETRAINED_FILE, pretrain, wants_pretraining
 from .pseudo import pseudo_label_rounds
 from .network import build_model, make_transforms, set_prior_bias
 from .plans import NO_EPOCH_LIMIT, DataPlan, FolderPlan, for_small_folder, prepare_data, stream_start
@@ -141,6 +141,11 @@ def run(settings: Settings, out, resume: bool = False, workers: int | None = Non
     schedule.progress = trainer.fraction_done
     _log_plan(model, settings, plan, batch_size, spe, epochs, patience, train_budget, log)
     _fit(trainer, plan, batch_size, spe, epochs, resume, out, log)
+    if _stuck(trainer) and settings.stuck_retry and not resume:
+        again = _start_again(settings, plan, out, run_doc, metadata, batch_size, spe, epochs, patience, t0,
+                             progress, log)
+        if again is not None:
+            settings, model, trainer = again
     # The model file holds the best weights (also when a resumed run had nothing left to do).
     xio.load_weights(model, out / "model.npz")
     if settings.unlabelled_dir and isinstance(plan, FolderPlan):
@@ -150,6 +155,51 @@ def run(settings: Settings, out, resume: bool = False, workers: int | None = Non
                                                                                      out, make, log)}
         write_json(out / RUN_FILE, run_doc, "run description")
     return _evaluate_and_save(model, trainer, plan, metadata, out, t0, log)
+
+
+def _stuck(trainer) -> bool:
+    return any(isinstance(c, StuckWatch) and c.stuck for c in trainer.callbacks)
+
+
+# What a run's trainer writes into its folder; a stuck first attempt's are set aside.
+_ATTEMPT_FILES = ("checkpoints", "model.npz", "best.npz", "history.csv", "history.json", "history.png")
+
+
+def _start_again(settings, plan, out, run_doc, metadata, batch_size, spe, epochs, patience, t0, progress, log):
+    """After a stuck attempt: set its files aside in ``out/stuck-1``, start once more from the same
+    first weights (fresh, ``--init`` or pretrained) with a lower peak rate and a longer warm-up.
+    Returns (settings, model, trainer) of the new attempt, or None where the time budget has less
+    than a quarter left (the stuck attempt then stands, as it stopped)."""
+    retry = settings.stuck_retry
+    budget = settings.time_budget
+    if budget and budget - (time.monotonic() - t0) - settings.final_reserve < 0.25 * budget:
+        log("not starting again: less than a quarter of the time budget is left")
+        return None
+    aside = out / "stuck-1"
+    aside.mkdir(exist_ok=True)
+    for name in _ATTEMPT_FILES:
+        if (out / name).exists():
+            (out / name).replace(aside / name)
+    old_lr, old_warmup = settings.lr, settings.warmup_steps
+    settings = settings.replace(lr=old_lr * float(retry["lr_factor"]),
+                                warmup_steps=int(round(old_warmup * float(retry["warmup_factor"]))))
+    tried = (f"the peak learning rate {old_lr:g} -> {settings.lr:g} and the warm-up {old_warmup} -> "
+             f"{settings.warmup_steps} steps")
+    log(f"starting once more with {tried} (a run stuck at the prior has usually started too fast); the stuck "
+        f"attempt's files are in {aside}")
+    model, opt, schedule = _build_network(settings, plan, log, fresh=True)
+    if (out / PRETRAINED_FILE).exists():
+        xio.load_weights(model, out / PRETRAINED_FILE)
+    run_doc["settings"] = metadata["settings"] = settings.to_dict()
+    run_doc["started_again"] = {"after": "nothing learned", "tried": tried, "first_attempt": aside.name}
+    write_json(out / RUN_FILE, run_doc, "run description")
+    trainer = _make_trainer(model, opt, out, settings, plan, batch_size, patience, _training_budget(settings, t0),
+                            metadata, progress, log)
+    schedule.progress = trainer.fraction_done
+    _fit(trainer, plan, batch_size, spe, epochs, False, out, log)
+    if _stuck(trainer):
+        log(f"stopped: still nothing learned after starting again with {tried}")
+    return settings, model, trainer
 
 
 def _log_start(settings: Settings, out: Path, log) -> None:
@@ -267,7 +317,7 @@ def _evaluate_and_save(model, trainer, plan: DataPlan, metadata, out: Path, t0: 
         "best_epoch": trainer.best_epoch,     # the weights evaluated (ties broken by validation loss)
         "val_string_accuracy": max((r.get("val_string_accuracy") or 0) for r in h.epochs) if len(h) else None,
         "finished": now(),
-        "stuck": any(isinstance(c, StuckWatch) and c.stuck for c in trainer.callbacks),
+        "stuck": _stuck(trainer),
         "data_wait": _data_wait(h),  # share of the training time the loop waited for batches
     }
     metadata["results"] = {"test_string_accuracy": evaluation.string_accuracy,

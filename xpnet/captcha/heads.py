@@ -22,7 +22,7 @@ from .. import backend
 from ..data.images import Preprocess
 from ..data.labels import Charset
 from ..errors import DataError, ModelFileError, ShapeError
-from ..ops.ctc import ctc_best_path, ctc_loss
+from ..ops.ctc import ctc_best_path, ctc_loss, label_starts
 
 HEADS = ("bce", "ctc")
 BLANK = 0
@@ -145,8 +145,7 @@ def _collapse(best):
     """Best-path classes (N, T) -> (indices (N, T) padded with -1, lengths (N,), starts (N, T) bool:
     the columns where a character begins)."""
     n, t = best.shape
-    starts = best != BLANK
-    starts[:, 1:] &= best[:, 1:] != best[:, :-1]
+    starts = label_starts(best, BLANK)
     lengths = starts.sum(axis=1)
     indices = numpy.full((n, t), -1, dtype=numpy.int64)
     indices[numpy.arange(t)[None, :] < lengths[:, None]] = best[starts] - 1
@@ -158,23 +157,23 @@ def ctc_metrics(charset: Charset, lengths=None) -> dict:
     whose targets ``y`` are packed by ``ctc_targets`` (logits (N, T, K + 1), read as ``ctc_decode``
     reads them, with ``lengths``)."""
     def _read(logits, y):
-        indices, lengths_read = best_path(logits, lengths)
+        indices, counts = best_path(logits, lengths)
         y = numpy.rint(backend.to_numpy(y)).astype(numpy.int64)
         width = max(indices.shape[1], y.shape[1] - 1)
         pred = numpy.full((len(y), width), -1, dtype=numpy.int64)
         pred[:, :indices.shape[1]] = indices
         truth = numpy.full_like(pred, -1)
         truth[:, :y.shape[1] - 1] = y[:, 1:] - 1
-        return pred, lengths_read, truth, y[:, 0]
+        return pred, counts, truth, y[:, 0]
 
     def string_accuracy(logits, y):
         pred, _, truth, _ = _read(logits, y)
         return float((pred == truth).all(axis=1).mean())
 
     def char_error_rate(logits, y):
-        pred, read_lengths_, truth, true_lengths = _read(logits, y)
+        pred, counts, truth, true_lengths = _read(logits, y)
         table = numpy.array(list(charset.chars))
-        reads = ["".join(table[row[:m]]) for row, m in zip(pred, read_lengths_.tolist())]
+        reads = ["".join(table[row[:m]]) for row, m in zip(pred, counts.tolist())]
         truths = ["".join(table[row[:m]]) for row, m in zip(truth, true_lengths.tolist())]
         return float(edit_distances(reads, truths).sum() / max(1, int(true_lengths.sum())))
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy
 
-from ..ops.recurrent import gate_factors, sigmoid_inplace
+from ..ops.recurrent import gate_factors, gru_step
 
 
 def time_major(x, directions: int):
@@ -50,22 +50,7 @@ def stacked_gru_forward(xs, wx, wh, bx, bh):
     gh = numpy.empty((d_count, n, 3 * h), dtype=dt)
     tmp = numpy.empty((d_count, n, h), dtype=dt)
     for t in range(t_len):
-        hp = states[:, t]
-        numpy.matmul(hp, wh, out=gh)
-        g = gates[:, t]
-        rz = g[..., :2 * h]
-        rz += gh[..., :2 * h]
-        sigmoid_inplace(rz, numpy)
-        r, z, nn = g[..., :h], g[..., h:2 * h], g[..., 2 * h:]
-        hn = hn_all[:, t]
-        numpy.add(gh[..., 2 * h:], bh_n, out=hn)
-        numpy.multiply(r, hn, out=tmp)
-        nn += tmp
-        numpy.tanh(nn, out=nn)
-        hnew = states[:, t + 1]
-        numpy.subtract(hp, nn, out=hnew)
-        hnew *= z
-        hnew += nn
+        gru_step(states[:, t], gates[:, t], wh, bh_n, gh, hn_all[:, t], tmp, states[:, t + 1])
     return states, (xs, wx, wh, gates, hn_all, states)
 
 

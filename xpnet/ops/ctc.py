@@ -230,6 +230,14 @@ def _decode_args(logits, blank, input_lengths, who):
     return blank, _input_lengths(input_lengths, logits, who)
 
 
+def label_starts(path, blank=0):
+    """(N, T) bool: the steps of a path (N, T) of classes where a label character begins
+    (not the blank, not a repeat of the step before)."""
+    starts = path != blank
+    starts[:, 1:] &= path[:, 1:] != path[:, :-1]
+    return starts
+
+
 def ctc_greedy_decode(logits, blank=0, input_lengths=None):
     """Best-path decoding: the most probable class at each step, repeats merged, blanks dropped.
 
@@ -238,8 +246,7 @@ def ctc_greedy_decode(logits, blank=0, input_lengths=None):
     """
     blank, in_len = _decode_args(logits, blank, input_lengths, "ctc_greedy_decode")
     best = backend.to_numpy(logits.argmax(axis=2))  # (N, T): one transfer of small integers
-    keep = best != blank
-    keep[:, 1:] &= best[:, 1:] != best[:, :-1]
+    keep = label_starts(best, blank)
     keep &= numpy.arange(best.shape[1])[None, :] < in_len[:, None]
     return [row[k].tolist() for row, k in zip(best, keep)]
 
@@ -271,9 +278,7 @@ def ctc_best_path(logits, blank=0, min_length=0, max_length=None):
     hi = min(hi, t_len)
     lp = backend.to_numpy(log_softmax(logits)).astype(numpy.float64)
     greedy = lp.argmax(axis=2)
-    starts = greedy != blank
-    starts[:, 1:] &= greedy[:, 1:] != greedy[:, :-1]
-    length = starts.sum(axis=1)
+    length = label_starts(greedy, blank).sum(axis=1)
     redo = numpy.flatnonzero((length < lo) | (length > hi))
     if lo > t_len or redo.size == 0:
         return greedy

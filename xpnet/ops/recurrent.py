@@ -84,24 +84,32 @@ def gru_forward(x, wx, wh, bx, bh, reverse: bool = False):
     states[:, first] = 0
     for t in steps:
         prev, out = (t + 1, t) if reverse else (t, t + 1)
-        hp = states[:, prev]
-        xp.matmul(hp, wh, out=gh)
-        g = gates[:, t]
-        rz = g[:, :2 * h]
-        rz += gh[:, :2 * h]
-        sigmoid_inplace(rz, xp)
-        r, z, nn = g[:, :h], g[:, h:2 * h], g[:, 2 * h:]
-        hn = hn_all[:, t]
-        xp.add(gh[:, 2 * h:], bh_n, out=hn)
-        xp.multiply(r, hn, out=tmp)
-        nn += tmp
-        xp.tanh(nn, out=nn)
-        hnew = states[:, out]
-        xp.subtract(hp, nn, out=hnew)
-        hnew *= z
-        hnew += nn
+        gru_step(states[:, prev], gates[:, t], wh, bh_n, gh, hn_all[:, t], tmp, states[:, out])
     y = states[:, :t_len] if reverse else states[:, 1:]
     return y, (x2, x.shape, wx, wh, gates, hn_all, states, bool(reverse))
+
+
+def gru_step(hp, g, wh, bh_n, gh, hn, tmp, hnew):
+    """One step of the recurrence, in place, for any leading axes (a batch, or directions x batch).
+
+    hp (.., H) the state before; g (.., 3H) the step's x-side pre-activations (bx and bh_r,
+    bh_z added), which become (r, z, n); writes gh = hp @ wh (.., 3H), hn = gh_n + bh_n
+    (.., H), the new state into hnew (.., H); tmp (.., H) is scratch.
+    """
+    xp = get_array_module(hp)
+    h = hp.shape[-1]
+    xp.matmul(hp, wh, out=gh)
+    rz = g[..., :2 * h]
+    rz += gh[..., :2 * h]
+    sigmoid_inplace(rz, xp)
+    r, z, nn = g[..., :h], g[..., h:2 * h], g[..., 2 * h:]
+    xp.add(gh[..., 2 * h:], bh_n, out=hn)
+    xp.multiply(r, hn, out=tmp)
+    nn += tmp
+    xp.tanh(nn, out=nn)
+    xp.subtract(hp, nn, out=hnew)
+    hnew *= z
+    hnew += nn
 
 
 def gate_factors(r, z, nn, hn, prev, c_r, c_z, c_n):

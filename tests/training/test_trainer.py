@@ -185,6 +185,11 @@ def test_an_endless_generator_with_steps_per_epoch(tmp_path):
     trainer = xpnet.Trainer(model, opt, out_dir=tmp_path, progress=False, log=None, plot=False)
     trainer.fit(stream(), epochs=2, steps_per_epoch=5)
     assert opt.step_count == 10 and [r["step"] for r in trainer.history.epochs] == [5, 10]
+    # what the trainer says it writes is what is in its folder (no plot, no validation: no best.npz)
+    assert {p.name for p in trainer.output_files if p.exists()} == {p.name for p in tmp_path.iterdir()} == {
+        "checkpoints", "model.npz", "history.json", "history.csv"}
+    assert {p.name for p in trainer.output_files} >= {"best.npz", "history.png"}
+    assert xpnet.Trainer(model, opt, progress=False, log=None).output_files == []
     with pytest.raises(UsageError, match="needs steps_per_epoch"):
         xpnet.Trainer(model, opt, progress=False, log=None).fit(stream(), epochs=1)
     with pytest.raises(DataError, match="ran out"):

@@ -142,8 +142,8 @@ def run(settings: Settings, out, resume: bool = False, workers: int | None = Non
     _log_plan(model, settings, plan, batch_size, spe, epochs, patience, train_budget, log)
     _fit(trainer, plan, batch_size, spe, epochs, resume, out, log)
     if _stuck(trainer) and settings.stuck_retry and not resume:
-        again = _start_again(settings, plan, out, run_doc, metadata, batch_size, spe, epochs, patience, t0,
-                             progress, log)
+        again = _start_again(trainer, settings, plan, out, run_doc, metadata, batch_size, spe, epochs, patience,
+                             t0, progress, log)
         if again is not None:
             settings, model, trainer = again
     # The model file holds the best weights (also when a resumed run had nothing left to do).
@@ -161,12 +161,9 @@ def _stuck(trainer) -> bool:
     return any(isinstance(c, StuckWatch) and c.stuck for c in trainer.callbacks)
 
 
-# What a run's trainer writes into its folder; a stuck first attempt's are set aside.
-_ATTEMPT_FILES = ("checkpoints", "model.npz", "best.npz", "history.csv", "history.json", "history.png")
-
-
-def _start_again(settings, plan, out, run_doc, metadata, batch_size, spe, epochs, patience, t0, progress, log):
-    """After a stuck attempt: set its files aside in ``out/stuck-1``, start once more from the same
+def _start_again(stuck, settings, plan, out, run_doc, metadata, batch_size, spe, epochs, patience, t0, progress,
+                 log):
+    """After a stuck attempt (trainer ``stuck``): set its files aside in ``out/stuck-1``, start once more from the same
     first weights (fresh, ``--init`` or pretrained) with a lower peak rate and a longer warm-up.
     Returns (settings, model, trainer) of the new attempt, or None where the time budget has less
     than a quarter left (the stuck attempt then stands, as it stopped)."""
@@ -177,9 +174,9 @@ def _start_again(settings, plan, out, run_doc, metadata, batch_size, spe, epochs
         return None
     aside = out / "stuck-1"
     aside.mkdir(exist_ok=True)
-    for name in _ATTEMPT_FILES:
-        if (out / name).exists():
-            (out / name).replace(aside / name)
+    for path in stuck.output_files:
+        if path.exists():
+            path.replace(aside / path.name)
     old_lr, old_warmup = settings.lr, settings.warmup_steps
     settings = settings.replace(lr=old_lr * float(retry["lr_factor"]),
                                 warmup_steps=int(round(old_warmup * float(retry["warmup_factor"]))))

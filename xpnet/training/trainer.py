@@ -111,6 +111,13 @@ class Trainer:
         return self.checkpoints.folder
 
     @property
+    def output_files(self) -> list:
+        """The paths the trainer's callbacks write into ``out_dir`` (files and folders; empty without one)."""
+        if self.out_dir is None:
+            return []
+        return [self.out_dir / name for cb in self.callbacks for name in getattr(cb, "files", ())]
+
+    @property
     def best_path(self):
         return self.checkpoints.best_path
 

@@ -27,10 +27,12 @@ class Checkpointer(Callback):
     overwritten.  With ``out_dir=None`` nothing is written.
     """
 
+    files = ("checkpoints", "best.npz", "model.npz")  # what it writes into out_dir
+
     def __init__(self, out_dir=None, every: int | None = None, seconds: float | None = 600.0, keep: int = 2):
         self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.folder = self.out_dir / "checkpoints" if self.out_dir is not None else None
-        self.best_path = self.out_dir / "best.npz" if self.out_dir is not None else None
+        self.folder = self.out_dir / self.files[0] if self.out_dir is not None else None
+        self.best_path = self.out_dir / self.files[1] if self.out_dir is not None else None
         self.every = checks.positive_int(every, "checkpoint_every", optional=True)
         self.seconds = checks.number(seconds, "checkpoint_seconds", allow_zero=True, optional=True)
         self.keep = checks.positive_int(keep, "keep_checkpoints")
@@ -151,4 +153,4 @@ class Checkpointer(Callback):
 
     def on_fit_end(self, trainer):
         if self.out_dir is not None:
-            xio.save(trainer.model, self.out_dir / "model.npz", trainer.metadata)
+            xio.save(trainer.model, self.out_dir / self.files[2], trainer.metadata)

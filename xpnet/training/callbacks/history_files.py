@@ -16,6 +16,8 @@ class HistoryFiles(Callback):
     every ``plot`` seconds and once more at the end (a plot costs about a second of CPU).
     """
 
+    files = ("history.json", "history.csv", "history.png")  # what it writes into out_dir
+
     def __init__(self, out_dir=None, plot: bool | float = True):
         self.out_dir = Path(out_dir) if out_dir is not None else None
         if isinstance(plot, bool) or plot is None:
@@ -30,8 +32,8 @@ class HistoryFiles(Callback):
     def on_epoch_end(self, trainer, record):
         if self.out_dir is None:
             return
-        trainer.history.write_json(self.out_dir / "history.json")
-        trainer.history.write_csv(self.out_dir / "history.csv")
+        trainer.history.write_json(self.out_dir / self.files[0])
+        trainer.history.write_csv(self.out_dir / self.files[1])
         self._plot(trainer, final=False)
 
     def on_fit_end(self, trainer):
@@ -48,5 +50,5 @@ class HistoryFiles(Callback):
                 return
         elif final:
             return  # plotted after every epoch already
-        history.plot(self.out_dir / "history.png", title=getattr(trainer.model, "name", ""))
+        history.plot(self.out_dir / self.files[2], title=getattr(trainer.model, "name", ""))
         self._last_plot, self._plotted_epochs = now, len(history)

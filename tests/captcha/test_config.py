@@ -46,7 +46,7 @@ def test_data_runs_take_the_folder_settings_and_options_still_win(tmp_path):
     assert resolve_settings(TrainOptions()).lr == CONFIGS["default"]["ctc"]["lr"]  # the default head is ctc
     assert synthetic.time_budget == CONFIGS["default"]["time_budget"] and synthetic.channels == 1
     folder = resolve_settings(TrainOptions(data=str(tmp_path)))
-    assert (folder.lr, folder.max_scale, folder.time_budget) == (1e-3, 0.05, None)
+    assert (folder.lr, folder.max_scale, folder.time_budget) == (1e-3, 0.05, 870)
     assert folder.folder_small["batchnorm"] and folder.width is None and folder.charset is None
     mine = resolve_settings(TrainOptions(data=str(tmp_path), lr=5e-4, time_budget=60, model="captcha_net"))
     assert (mine.lr, mine.time_budget, mine.folder_small["batchnorm"]) == (5e-4, 60.0, False)

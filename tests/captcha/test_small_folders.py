@@ -184,6 +184,42 @@ def test_a_small_folder_pretrains_on_lookalikes_then_fine_tunes(tmp_path):
     assert not wants_pretraining(settings, plan, resume=False)
 
 
+def test_a_folder_job_fits_its_time_budget_pretraining_included(tmp_path, monkeypatch):
+    """Pretraining takes at most its share of the job's budget; fine-tuning gets what is left after it."""
+    import types
+
+    from xpnet.captcha.pretrain import pretrain_seconds
+
+    imgs = tmp_path / "imgs"
+    write_captcha_pngs(imgs, 40, seed=8, charset="ABCD", length=2, workers=0, progress=False)
+    default = resolve_settings(TrainOptions(data=str(imgs)))
+    assert default.time_budget == 870 and pretrain_seconds(default) == default.pretrain["seconds"] == 240
+    assert pretrain_seconds(default.replace(time_budget=300)) == pytest.approx(90)   # 30% of a short budget
+    assert pretrain_seconds(default.replace(time_budget=None)) == 240
+    assert resolve_settings(TrainOptions(data=str(imgs), epochs=5)).time_budget is None
+
+    clock = [1000.0]   # the job's clock: pretraining "takes" 100 s of it
+    monkeypatch.setattr(job, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+
+    def fake_pretrain(model, settings, plan, out, make, log):
+        clock[0] += 100.0
+        return {"used": False, "seconds": 100.0}
+
+    budgets = []
+    real_trainer = job.Trainer
+
+    def spy_trainer(*args, **kwargs):
+        budgets.append(kwargs["time_budget"])
+        return real_trainer(*args, **kwargs)
+
+    monkeypatch.setattr(job, "pretrain", fake_pretrain)
+    monkeypatch.setattr(job, "Trainer", spy_trainer)
+    settings = resolve_settings(TrainOptions(data=str(imgs), model="simple_convnet", steps=2, time_budget=400,
+                                             height=24, width=48, seed=0))
+    job.run(settings, tmp_path / "run", workers=0, progress=False, log=lambda m: None)
+    assert budgets == [400 - 100 - settings.final_reserve]
+
+
 def test_confidence_threshold_is_the_lowest_with_the_asked_precision():
     from xpnet.captcha.pseudo import confidence_threshold
 

@@ -92,7 +92,8 @@ _DEFAULT = {
         "max_shift": 2, "max_scale": 0.05,   # real sets are small: a little more variety
         "fixed_length_head": "ctc",          # on a 1,000-image development folder of real images, validation
                                              # whole-string 86.3% bce, 100% ctc with look-alike pretraining
-        "time_budget": None,                 # the epochs rule (plans.folder_epochs) decides
+        "time_budget": 870,                  # the whole job (pretraining included) in 14.5 minutes; the
+                                             # epochs rule (plans.folder_epochs) ends smaller folders first
     },
     "folder_small": {              # folders with fewer training images than "below" get, on top of "folder":
         "below": 5000,
@@ -105,6 +106,7 @@ _DEFAULT = {
     "pretrain": {                  # folders with fewer training images than "below": first train on look-alikes
         "below": 5000,             # (xpnet.captcha.pretrain) for "seconds", then fine-tune on the folder
         "images": 20000, "seconds": 240, "lr": 3e-3,
+        "budget_share": 0.3,       # never more than this share of the job's time budget
     },
     "pseudo": {                    # --unlabelled DIR: rounds of pseudo-labels (xpnet.captcha.pseudo); the
         "rounds": 2,               # confidence threshold is where validation readings are right >= precision

@@ -121,7 +121,6 @@ def run(settings: Settings, out, resume: bool = False, workers: int | None = Non
         write_json(out / RUN_FILE, run_doc, "run description")
     model, opt, schedule = _build_network(settings, plan, log, fresh=not resume)
     batch_size = _batch_size(settings, plan, log)
-    train_budget = _training_budget(settings, t0)
     spe = plan.steps_per_epoch(batch_size)
     epochs, patience = plan.epochs_and_patience(settings, spe)
     if settings.steps is not None and not settings.epochs:
@@ -136,6 +135,7 @@ def run(settings: Settings, out, resume: bool = False, workers: int | None = Non
             return _make_trainer(m, o, folder, s, p, batch_size, None, budget, metadata, progress, log)
         run_doc["data"] = {**plan.describe, "pretrain": pretrain(model, settings, plan, out, make, log)}
         write_json(out / RUN_FILE, run_doc, "run description")
+    train_budget = _training_budget(settings, t0)  # what data preparation and pretraining left
     trainer = _make_trainer(model, opt, out, settings, plan, batch_size, patience, train_budget, metadata,
                             progress, log)
     schedule.progress = trainer.fraction_done

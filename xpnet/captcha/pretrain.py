@@ -33,6 +33,16 @@ def wants_pretraining(settings: Settings, plan, resume: bool) -> bool:
             and float(p.get("seconds") or 0) > 0 and plan.n_train < int(p.get("below", 0)))
 
 
+def pretrain_seconds(settings: Settings) -> float:
+    """Seconds of pretraining: ``pretrain["seconds"]``, but at most ``pretrain["budget_share"]`` of the
+    job's time budget when it has one (a short ``--time-budget`` must leave time to fine-tune)."""
+    p = settings.pretrain
+    seconds = float(p["seconds"])
+    if settings.time_budget:
+        seconds = min(seconds, float(p.get("budget_share", 1.0)) * float(settings.time_budget))
+    return seconds
+
+
 def pretrain(model, settings: Settings, plan: FolderPlan, out: Path, make_trainer, log=print) -> dict:
     """Train ``model`` in place on look-alikes of ``plan``'s folder; returns a summary for ``run.json``.
 
@@ -40,6 +50,7 @@ def pretrain(model, settings: Settings, plan: FolderPlan, out: Path, make_traine
     job's, so that the head, loss, metrics and transforms are the run's).
     """
     p = settings.pretrain
+    seconds = pretrain_seconds(settings)
     t0 = time.monotonic()
     fresh = {k: v.copy() for k, v in model.state_dict().items()}  # to go back to if pretraining reads nothing
     style = style_of(plan.train)
@@ -48,13 +59,13 @@ def pretrain(model, settings: Settings, plan: FolderPlan, out: Path, make_traine
     made = time.monotonic() - t0
     log(f"pretraining on {count:,} look-alikes of the folder ({len(style.fonts)} fonts, background grey "
         f"{style.background[0]}-{style.background[1]}, ink {style.ink[0]}-{style.ink[1]}; made in {made:.0f} s) "
-        f"for {float(p['seconds']):.0f} s, keeping the weights that read the validation part best")
+        f"for {seconds:.0f} s, keeping the weights that read the validation part best")
     synthetic = SyntheticPlan(charset=plan.charset, preprocess=plan.preprocess, n_train=count, describe={},
                               val=plan.val, test=plan.test, test_name="", learned={}, head=plan.head, train=data)
     pre_settings = settings.replace(lr=float(p.get("lr", settings.lr)), epochs=None, steps=None)
     opt, schedule = build_optimizer(pre_settings, model)
     folder = Path(out) / "pretrain"
-    trainer = make_trainer(model, opt, folder, pre_settings, synthetic, float(p["seconds"]))
+    trainer = make_trainer(model, opt, folder, pre_settings, synthetic, seconds)
     schedule.progress = trainer.fraction_done
     trainer.fit(synthetic.train_source(trainer.batch_size), epochs=NO_EPOCH_LIMIT, val=plan.val)
     h = trainer.history

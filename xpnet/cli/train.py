@@ -65,7 +65,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--time-budget", type=float, metavar="SECONDS", default=None,
                    help="wall-clock limit for the whole job (data, training, evaluation); training stops "
                         f"cleanly when it is reached (default: the configuration's, {d['time_budget']} s for "
-                        "default; none for --data)")
+                        "default and for --data)")
     p.add_argument("--batch-size", type=int, metavar="B", default=None,
                    help=f"images per training step (default: the configuration's, {d['batch_size']} for default)")
     p.add_argument("--lr", type=float, metavar="LR", default=None,

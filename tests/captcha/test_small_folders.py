@@ -38,6 +38,35 @@ def test_a_folder_with_a_labels_file_trains_and_lists_what_it_skipped(tmp_path):
     assert results["test"]["n"] == 12 and run_doc["settings"]["charset"] == "ABCD"
 
 
+def test_a_folder_s_own_labels_csv_is_used_by_train_and_eval(tmp_path, capsys):
+    """Numbered images with labels.csv beside them (the layout of most public sets) need no --labels."""
+    from xpnet import cli
+
+    made = tmp_path / "made"
+    write_captcha_pngs(made, 40, seed=5, charset="ABCD", length=2, workers=0, progress=False)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rows = ["file,label"]
+    for i, p in enumerate(sorted(made.glob("*.png"))):
+        (imgs / f"{i:05d}.png").write_bytes(p.read_bytes())   # names of 5 digits: labels they are not
+        rows.append(f"{i:05d}.png,{label_from_name(p)}")
+    (imgs / "labels.csv").write_text("\n".join(rows) + "\n")
+    settings = resolve_settings(TrainOptions(data=str(imgs), model="simple_convnet", epochs=1, height=24, width=48,
+                                             seed=0, pretrain=0))
+    assert settings.labels_file == str(imgs / "labels.csv")
+    logged = []
+    job.run(settings, tmp_path / "run", workers=0, progress=False, log=logged.append)
+    run_doc = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run_doc["settings"]["charset"] == "ABCD" and run_doc["data"]["images"] == 40
+    assert any("the folder's own" in m for m in logged)
+    capsys.readouterr()
+    assert cli.main(["eval", str(tmp_path / "run" / "model.npz"), str(imgs), "--json", "--no-progress"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["n"] == 40 and "labels from" in err
+    given = resolve_settings(TrainOptions(data=str(imgs), labels=str(tmp_path / "other.csv")))
+    assert given.labels_file == str(tmp_path / "other.csv")   # a file given by --labels wins
+
+
 def test_labels_need_a_folder():
     with pytest.raises(UsageError, match="--labels names the labels of a --data folder"):
         resolve_settings(TrainOptions(labels="labels.csv"))

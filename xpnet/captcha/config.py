@@ -17,6 +17,7 @@ import numpy
 from .. import checks
 from ..data.captcha import make_charset
 from ..data.distort import Distort, parse_distort
+from ..data.label_files import labels_in_folder
 from ..data.labels import DIGITS_UPPER, length_text, parse_length
 from ..errors import UsageError
 from ..nn import models
@@ -307,6 +308,8 @@ def resolve_settings(options: TrainOptions) -> Settings:
         if s["data_dir"] is None:
             raise UsageError("--labels names the labels of a --data folder: give --data DIR as well.")
         s["labels_file"] = os.path.abspath(options.labels)
+    elif s["data_dir"] is not None and labels_in_folder(s["data_dir"]):
+        s["labels_file"] = labels_in_folder(s["data_dir"])  # the folder's own labels.csv
     if options.folds is not None:
         if s["data_dir"] is None:
             raise UsageError("--folds cross-validates a --data folder: give --data DIR as well.")

@@ -9,6 +9,9 @@ The first row is a header when its first field is one of ``file``, ``filename``,
 folder (a relative path is reduced to its base name); ``label`` is the text, kept as
 written except for surrounding spaces.  A comma inside a field needs CSV quoting.
 
+A folder that holds a file named ``labels.csv`` takes its labels from it when no other file is
+given (``labels_in_folder``): its images' names are then usually numbers, not labels.
+
 Nothing is dropped silently: ``read_labels`` returns, beside the labels, every row it
 could not use with the reason (a row without two fields, an empty label, a file named
 twice with different labels); ``load_folder`` adds the folder's images that have no row
@@ -23,6 +26,13 @@ import os
 from ..errors import DataError
 
 HEADER_NAMES = ("file", "filename", "image", "path", "name")
+FOLDER_LABELS = "labels.csv"
+
+
+def labels_in_folder(folder) -> str | None:
+    """The folder's own labels file (``FOLDER_LABELS`` inside it), or None when it has none."""
+    path = os.path.join(os.fspath(folder), FOLDER_LABELS)
+    return path if os.path.isfile(path) else None
 
 
 def read_labels(path) -> tuple[dict, dict, list]:

@@ -29,7 +29,9 @@ def test_large_folders_synthetic_runs_and_chosen_models_keep_their_network(tmp_p
     assert for_small_folder(synthetic, 10) == (synthetic, None)
     chosen, said = for_small_folder(folder_settings(tmp_path, model="captcha_net"), 10)
     assert chosen.model_kwargs == {} and chosen.max_shift == 3
-    assert said == "fewer than 5,000 training images: shifts of up to 3 px and scales of up to 10%"
+    assert said == ("fewer than 5,000 training images: shifts of up to 3 px and scales of up to 10%, distortions "
+                    "rotate 4, shear 0.15, elastic 0.8, noise 6, blur 0.2, contrast 0.2")
+    assert chosen.distort == chosen.folder_small["distort"]
 
 
 def test_a_small_folder_gets_the_configured_distortions_unless_the_user_chose(tmp_path):

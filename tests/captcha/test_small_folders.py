@@ -176,14 +176,24 @@ def test_k_fold_tests_every_image_once_and_reports_mean_spread_and_pooled_interv
         resolve_settings(TrainOptions(data=str(imgs), folds=1))
 
 
-def test_a_small_folder_pretrains_on_lookalikes_then_fine_tunes(tmp_path):
+def test_a_small_folder_pretrains_on_lookalikes_then_fine_tunes(tmp_path, monkeypatch):
     imgs = tmp_path / "imgs"
     write_captcha_pngs(imgs, 40, seed=8, charset="ABCD", length=2, workers=0, progress=False)
     options = TrainOptions(data=str(imgs), model="simple_convnet", epochs=1, height=24, width=48, seed=0, pretrain=2)
     settings = resolve_settings(options)
     settings = settings.replace(pretrain={**settings.pretrain, "images": 64})
+    distortions = []   # per trainer: pretraining's, then fine-tuning's
+    real_make = job._make_trainer
+
+    def spy_make(model, opt, out, s, *args):
+        distortions.append(s.distort)
+        return real_make(model, opt, out, s, *args)
+
+    monkeypatch.setattr(job, "_make_trainer", spy_make)
     logged = []
     job.run(settings, tmp_path / "run", workers=0, progress=False, log=logged.append)
+    # the look-alikes are not distorted; the folder's images get the small-folder distortions
+    assert distortions == [{}, settings.folder_small["distort"]] and distortions[1]
     run_doc = json.loads((tmp_path / "run" / "run.json").read_text())
     done = run_doc["data"]["pretrain"]
     assert done["images"] == 64 and done["steps"] >= 1 and 0 <= done["val_string_accuracy"] <= 1

@@ -62,7 +62,9 @@ def pretrain(model, settings: Settings, plan: FolderPlan, out: Path, make_traine
         f"for {seconds:.0f} s, keeping the weights that read the validation part best")
     synthetic = SyntheticPlan(charset=plan.charset, preprocess=plan.preprocess, n_train=count, describe={},
                               val=plan.val, test=plan.test, test_name="", learned={}, head=plan.head, train=data)
-    pre_settings = settings.replace(lr=float(p.get("lr", settings.lr)), epochs=None, steps=None)
+    # No distortions here: the look-alikes vary enough by construction, and distorted they were learnt
+    # slower in the same seconds (a 200-image development folder: 93.05% against 99.75% after fine-tuning).
+    pre_settings = settings.replace(lr=float(p.get("lr", settings.lr)), epochs=None, steps=None, distort={})
     opt, schedule = build_optimizer(pre_settings, model)
     folder = Path(out) / "pretrain"
     trainer = make_trainer(model, opt, folder, pre_settings, synthetic, seconds)

@@ -45,8 +45,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="stronger per-image augmentation of training batches: name=value pairs of rotate "
                         "(degrees), shear, elastic (pixels), noise (grey levels), blur (probability), contrast "
                         "(e.g. rotate=4,noise=6), or none (default: the configuration's; none for synthetic "
-                        "data, the small-folder setting below "
-                        f"{d['folder_small']['below']:,} training images)")
+                        "data; below "
+                        f"{d['folder_small']['below']:,} training images "
+                        + (",".join(f"{k}={v:g}" for k, v in d["folder_small"]["distort"].items()) or "none")
+                        + ", on the folder's images only, never on the look-alikes)")
     p.add_argument("--init", metavar="MODEL", default=None,
                    help="start from a saved reader (model.npz): its layers whose names and shapes match are "
                         "loaded, the others (an output layer for another charset or length) start fresh "

@@ -11,7 +11,8 @@ from xpnet.nn.recurrent import GRU
 from xpnet.nn.sequence import Columns, TimeDense
 from xpnet.nn.layers import Conv2D, MaxPool2D, ReLU
 
-from .test_fused_executor import _restore_settings, assert_paths_agree  # noqa: F401  (autouse fixture)
+from .test_fused_executor import _restore_settings, assert_paths_agree, one_step  # noqa: F401  (autouse fixture)
+from xpnet.testing import assert_allclose
 
 
 def ctc(labels, lengths):
@@ -97,3 +98,36 @@ def test_crnn_without_input_gradient_matches_plain_path(dtype):
     labels = rng.integers(1, 5, (n, 3))
     assert_paths_agree(small_crnn(True), (1, 16, 24), n=n, dtype=dtype, threads=2, input_grad=False,
                        loss=ctc(labels, lengths), targets=lengths)
+
+
+def test_reused_gru_buffers_across_steps_and_batch_sizes():
+    # The GRU stage keeps its work arrays per shard from step to step: every step of a run
+    # whose batch size changes must still match the plain path, and what a step returned
+    # (logits, gradients, the input gradient) must not change under later steps.
+    xpnet.set_dtype(np.float64)
+    xpnet.seed(3)
+    ref = xpnet.models.captcha_crnn(n_classes=4, input_shape=(1, 16, 24), channels=(3, 4, 8), hidden=5)
+    fast = ref.clone()
+    xpnet.set_num_threads(2)
+    rng = np.random.default_rng(2)
+    kept, buffers_after = [], []
+    for n in (9, 6, 9, 9):
+        x = rng.standard_normal((n, 1, 16, 24))
+        lengths = rng.integers(1, 4, n)
+        labels = rng.integers(1, 5, (n, 3))
+        a = one_step(ref, x, lengths, fast=False, loss=ctc(labels, lengths))
+        b = one_step(fast, x, lengths, fast=True, loss=ctc(labels, lengths))
+        for got, want in ((b[0], a[0]), (b[2], a[2])):
+            assert_allclose(got, want, kind="op")
+        for name in a[1]:
+            assert_allclose(b[1][name], a[1][name], kind="op", err_msg=name)
+        kept.append((b, {k: v.copy() for k, v in (("logits", b[0]), ("dx", b[2]))}))
+        gru = next(s for s in fast.executor.stages if type(s).__name__ == "GRUStage")
+        buffers_after.append({k: v for k, v in fast.executor.shards[0].buffers.items() if k[0] == gru.index})
+    for b, copies in kept:
+        np.testing.assert_array_equal(b[0], copies["logits"])
+        np.testing.assert_array_equal(b[2], copies["dx"])
+    # the last two steps (same size) used the very same arrays; the size change made new ones
+    assert {k[1] for k in buffers_after[2]} >= {"xs", "gates", "states", "coef_h", "dgx", "dxs"}
+    assert all(buffers_after[3][k] is v for k, v in buffers_after[2].items())
+    assert not any(buffers_after[1][k] is v for k, v in buffers_after[0].items())

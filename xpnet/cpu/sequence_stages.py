@@ -66,12 +66,17 @@ class GRUStage(Stage):
         step.data[self.key("weights")] = tuple(numpy.stack([p[f"{name}_{d}"] for d in layer.directions])
                                                for name in ("Wx", "Wh", "bx", "bh"))
 
+    def buffers(self, sh):
+        """The work arrays of ``stacked_gru``, from the shard's reused buffers."""
+        return lambda name, shape, dtype: sh.buffer((self.index, name), shape, dtype)
+
     def forward(self, x, sh, step):
         layer = self.layers[0]
         hid, d_count = layer.hidden_size, len(layer.directions)
         n, t_len, _ = x.shape
-        states, cache = stacked_gru_forward(time_major(x, d_count), *step.data[self.key("weights")])
-        out = numpy.empty((n, t_len, d_count * hid), dtype=x.dtype)
+        buf = self.buffers(sh)
+        states, cache = stacked_gru_forward(time_major(x, d_count, buf), *step.data[self.key("weights")], buf=buf)
+        out = buf("out", (n, t_len, d_count * hid), x.dtype)
         out[:, :, :hid] = states[0, 1:].transpose(1, 0, 2)  # both directions side by side, as the layer does
         if d_count == 2:
             out[:, :, hid:] = states[1, 1:][::-1].transpose(1, 0, 2)  # back in time order
@@ -84,17 +89,18 @@ class GRUStage(Stage):
         hid, dirs = layer.hidden_size, layer.directions
         cache = sh.cache.pop(self.index)
         n, t_len, _ = dy.shape
-        dys = numpy.empty((len(dirs), t_len, n, hid), dtype=dy.dtype)
+        buf = self.buffers(sh)
+        dys = buf("dys", (len(dirs), t_len, n, hid), dy.dtype)
         dys[0] = dy[:, :, :hid].transpose(1, 0, 2)
         if len(dirs) == 2:
             dys[1] = dy[:, ::-1, hid:].transpose(1, 0, 2)  # in the reverse direction's reading order
-        dxs, dwx, dwh, dbx, dbh = stacked_gru_backward(dys, cache, need_dx=need_dx)
+        dxs, dwx, dwh, dbx, dbh = stacked_gru_backward(dys, cache, need_dx=need_dx, buf=buf)
         for i, d in enumerate(dirs):
             sh.grads[(layer, f"Wx_{d}")], sh.grads[(layer, f"Wh_{d}")] = dwx[i], dwh[i]
             sh.grads[(layer, f"bx_{d}")], sh.grads[(layer, f"bh_{d}")] = dbx[i], dbh[i]
         if dxs is None:
             return None
-        dx = numpy.empty((n, t_len, dxs.shape[3]), dtype=dy.dtype)
+        dx = buf("dx", (n, t_len, dxs.shape[3]), dy.dtype)
         numpy.copyto(dx, dxs[0].transpose(1, 0, 2))
         if len(dirs) == 2:
             numpy.add(dx, dxs[1][::-1].transpose(1, 0, 2), out=dx)

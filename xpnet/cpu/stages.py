@@ -23,7 +23,7 @@ from ..ops import norm, pool as pool_ops
 from ..ops.dense import dense_backward, dense_forward
 from ..ops.dropout import dropout_backward, dropout_forward, dropout_mask
 from .threads import shard_bounds
-from .workspace import column_sums
+from .workspace import aligned_buffer, column_sums
 
 NCHW, NHWC, FLAT = "nchw", "nhwc", "flat"
 
@@ -58,8 +58,23 @@ class Shard:
     def __init__(self, k: int):
         self.k = k
         self.plans: dict = {}  # stage buffers and views by (stage, batch size, mode): reused every step
+        self.buffers: dict = {}  # intermediates by (stage, name): see ``buffer``
         self.cache: dict = {}
         self.grads: dict = {}
+
+    def buffer(self, key, shape, dtype):
+        """This shard's buffer for ``key``, reused from step to step (new when the shape or dtype changes).
+
+        For intermediates only (never a partial gradient or a result the caller keeps).  Fresh
+        arrays of a few hundred kB per step are not free: the allocator maps them from the
+        system and every first touch of a page faults, which cost the shard that runs in the
+        main thread several milliseconds a step in a CRNN's GRU.
+        """
+        shape = tuple(int(s) for s in shape)
+        found = self.buffers.get(key)
+        if found is None or found.shape != shape or found.dtype != dtype:
+            found = self.buffers[key] = aligned_buffer(shape, dtype)
+        return found
 
 
 # --------------------------------------------------------------------------- stages

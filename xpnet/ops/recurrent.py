@@ -112,13 +112,14 @@ def gru_step(hp, g, wh, bh_n, gh, hn, tmp, hnew):
     hnew += nn
 
 
-def gate_factors(r, z, nn, hn, prev, c_r, c_z, c_n):
+def gate_factors(r, z, nn, hn, prev, c_r, c_z, c_n, a_n=None, scratch=None):
     """The backward's per-step factors (any shape, element-wise; see ``gru_backward``):
     writes c_r = a_n gh_n r (1 - r), c_z = (h_prev - n) z (1 - z), c_n = a_n r into the given
-    arrays and returns a_n = (1 - n^2)(1 - z)."""
+    arrays and returns a_n = (1 - n^2)(1 - z) (into ``a_n`` when given; ``scratch``, of the
+    same shape, holds 1 - z when given)."""
     xp = get_array_module(r)
-    one_minus_z = 1 - z
-    a_n = nn * nn
+    one_minus_z = xp.subtract(1, z, out=scratch)
+    a_n = xp.multiply(nn, nn, out=a_n)
     xp.subtract(1, a_n, out=a_n)
     a_n *= one_minus_z
     xp.subtract(1, r, out=c_r)

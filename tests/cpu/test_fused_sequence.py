@@ -131,3 +131,62 @@ def test_reused_gru_buffers_across_steps_and_batch_sizes():
     assert {k[1] for k in buffers_after[2]} >= {"xs", "gates", "states", "coef_h", "dgx", "dxs"}
     assert all(buffers_after[3][k] is v for k, v in buffers_after[2].items())
     assert not any(buffers_after[1][k] is v for k, v in buffers_after[0].items())
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_first_block_statistics_from_the_gram_matrix(dtype):
+    # captcha_crnn's first block (BatchNorm, a pool, no bias, no input gradient, 3x3 on one
+    # channel) takes its BatchNorm statistics from the Gram matrix of its im2col rows when every
+    # gamma is positive, and from z otherwise; both must match the plain path, also for inputs
+    # whose mean is large against their spread (where E[z^2] - mean^2 could lose digits).
+    def gram_steps(model):
+        return [p.col_gram is not None for sh in model.executor.shards for p in sh.plans.values()
+                if p.train and p.gram_stats]
+
+    n = 9
+    rng = np.random.default_rng(4)
+    lengths, labels = rng.integers(1, 4, n), rng.integers(1, 5, (n, 3))
+    fast = assert_paths_agree(small_crnn(True), (1, 16, 24), n=n, dtype=dtype, loss=ctc(labels, lengths),
+                              targets=lengths, input_grad=False)
+    assert gram_steps(fast) and all(gram_steps(fast))
+
+    def negative_gamma(model):
+        model.layers[1].params["gamma"][0] = -0.5
+    fast = assert_paths_agree(small_crnn(True), (1, 16, 24), n=n, dtype=dtype, loss=ctc(labels, lengths),
+                              targets=lengths, input_grad=False, prepare=negative_gamma)
+    assert gram_steps(fast) and not any(gram_steps(fast))
+
+
+def test_gram_statistics_of_inputs_far_from_zero():
+    # Inputs around 1000 with a spread of 1 and no padding: z's mean is ~1000 times its spread,
+    # so E[z^2] - mean^2, and dW's z*c_z + c_0 part formed from the Gram matrix, cancel almost
+    # everything.  Against a float64 step, the fused float32 step must be about as accurate as
+    # the plain float32 one (float32 Gram sums, as before, were 15x worse).
+    channels = 1
+    from xpnet.nn.layers import BatchNorm, Dense, Flatten
+    from xpnet.nn.sequential import Sequential
+
+    def step(dtype, fast):
+        xpnet.set_dtype(dtype)
+        xpnet.seed(3)
+        model = Sequential([Conv2D(4, 3, bias=False), BatchNorm(), ReLU(), MaxPool2D(2), Flatten(), Dense(3)],
+                           input_shape=(channels, 10, 14))
+        rng = np.random.default_rng(8)
+        x = (1000 + rng.standard_normal((8, channels, 10, 14))).astype(dtype)
+        t = (rng.random((8, 3)) < 0.5).astype(dtype)
+        out = one_step(model, x, t, fast=fast, input_grad=False)
+        if fast:
+            plans = [p for sh in model.executor.shards for p in sh.plans.values() if p.train]
+            assert plans and all(p.col_gram is not None for p in plans)
+        return out
+
+    def error(got, want):
+        return float(np.abs(got.astype(np.float64) - want).max() / np.abs(want).max())
+
+    xpnet.set_num_threads(2)
+    truth, plain, fast = step(np.float64, False), step(np.float32, False), step(np.float32, True)
+    w = next(k for k in truth[1] if k.endswith(".W") and k.startswith("conv"))
+    var = next(k for k in truth[4] if k.endswith("running_var"))
+    assert error(fast[1][w], truth[1][w]) <= 2 * error(plain[1][w], truth[1][w]) + 1e-6
+    assert error(fast[4][var] - 0.9, truth[4][var] - 0.9) < 1e-4  # the running variance's move
+    assert error(fast[0], truth[0]) < 1e-3

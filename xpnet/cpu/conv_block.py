@@ -15,9 +15,12 @@ BatchNorm in training: convolve every chunk and keep z, all-reduce the batch
 statistics between shards, then normalise, pool and ReLU -- or, when every
 BatchNorm scale is positive (max commutes with a positive affine map), pool the
 raw z first and normalise the pooled map; backward all-reduces dbeta and dgamma
-first (over the pooled map when pooled first), and a block without an input
-gradient takes dW's z-linear part from the Gram matrix of its im2col rows.  In
-evaluation BatchNorm is folded into the weights and bias.  The formulas are
+first (over the pooled map when pooled first).  A first block (no input gradient,
+no bias, im2col rows of at most GRAM_MAX_KDIM values) whose gammas are all positive
+takes its statistics from the float64 Gram matrix G of its im2col rows and their
+sums s (sum z = s W, sum z^2 = diag(W^T G W)), pools each group's z as soon as it
+is made (z is not kept), and its backward takes dW's z-linear part from the same
+G.  In evaluation BatchNorm is folded into the weights and bias.  The formulas are
 those of ``xpnet.ops.norm``.
 
 Every buffer and strided view a shard needs for n images is built once
@@ -51,6 +54,10 @@ class ConvBlock(Stage):
     # from an NCHW copy of the input: runs along the width are longer (first layers).
     KMAJOR_BELOW_BYTES = 64
     KEEP_PLANS = 3  # per shard: e.g. the training batch, the last short batch, an evaluation batch
+    # A first BatchNorm block whose im2col rows are at most this long (a 3x3 kernel on 1-3
+    # channels) takes its statistics from their (KH*KW*C)^2 Gram matrix: cheaper than two passes
+    # over its many-channel z, and the weight gradient reuses it.
+    GRAM_MAX_KDIM = 32
 
     def __init__(self, index, conv: Conv2D, bn=None, relu=None, pool=None):
         super().__init__(index, [l for l in (conv, bn, relu, pool) if l is not None])
@@ -180,17 +187,23 @@ class ConvBlock(Stage):
         dt = plan.y.dtype
         wmat = self.weight_matrix[True]
         bias = self.bias[True] if self.conv.bias else None
-        stats = BatchStats()
-        for group in plan.groups:
-            for chunk in group.chunks:
-                numpy.copyto(chunk.im2col_dst, chunk.im2col_src)
-                numpy.matmul(chunk.col, wmat, out=chunk.z)
-            if bias is not None:
-                numpy.add(group.z, bias, out=group.z)
-            stats.add(batch_moments(group.z, dt, group.scratch))
         m_total = step.n * geom.rows
         norm.check_training_batch(m_total)
-        mean, var = stats.finish(sh, step, self.key("bn"), m_total)
+        # Every gamma > 0 (so every scale >= 0: max commutes with the affine map): a Gram plan pools
+        # each group's z as soon as it is made, and z is not kept.
+        plan.col_gram = None
+        if plan.gram_stats and bool(numpy.all(bn.params["gamma"] > 0)):
+            mean, var = self._forward_gram(plan, sh, step, wmat, m_total)
+        else:
+            stats = BatchStats()
+            for group in plan.groups:
+                for chunk in group.chunks:
+                    numpy.copyto(chunk.im2col_dst, chunk.im2col_src)
+                    numpy.matmul(chunk.col, wmat, out=chunk.z)
+                if bias is not None:
+                    numpy.add(group.z, bias, out=group.z)
+                stats.add(batch_moments(group.z, dt, group.scratch))
+            mean, var = stats.finish(sh, step, self.key("bn"), m_total)
         inv_std = norm.inverse_std(var, bn.eps, dt)
         mean_dt = mean.astype(dt)
         scale, shift = norm.scale_and_shift(mean_dt, inv_std, bn.params["gamma"], bn.params["beta"])
@@ -199,10 +212,12 @@ class ConvBlock(Stage):
         # The max commutes with a per-channel affine map whose scale is positive (the
         # usual case: gamma > 0): pool the raw z, then normalise the K times smaller
         # pooled map.  Backward then also works on the pooled map, except for dz.
-        pool_first = self.pool is not None and bool(numpy.all(scale > 0))
+        pooled = plan.col_gram is not None  # pooled already
+        pool_first = pooled or (self.pool is not None and bool(numpy.all(scale > 0)))
         for group in plan.groups:
             if pool_first:
-                pool_blocks_forward(group.z_blocks, group.z_pooled, group.winner_records)
+                if not pooled:
+                    pool_blocks_forward(group.z_blocks, group.z_pooled, group.winner_records)
                 numpy.multiply(group.z_pooled, scale, out=group.y)
                 numpy.add(group.y, shift, out=group.y)
             else:
@@ -212,7 +227,33 @@ class ConvBlock(Stage):
                     pool_blocks_forward(group.u_blocks, group.y, group.winner_records)
             if self.relu is not None:
                 numpy.maximum(group.y, 0, out=group.y)
-        plan.bn_stats = (mean_dt, inv_std, scale, m_total, pool_first)
+        plan.bn_stats = (mean_dt, inv_std, scale, m_total, mean, pool_first)
+
+    def _forward_gram(self, plan, sh, step, wmat, m_total):
+        """Convolve and pool every group, and return the whole batch's (mean, var) (float64, (F,))
+        from the im2col rows' Gram matrix G and column sums s: sum z = s W, sum z^2 = diag(W^T G W).
+
+        Float64 sums of float32 products: E[z^2] - mean^2 then loses nothing that matters.
+        G and s stay on the plan for the backward (``backward``'s Gram weight gradient).
+        """
+        kdim = self.geom.kdim
+        gram, sums = numpy.zeros((kdim, kdim), numpy.float64), numpy.zeros(kdim, numpy.float64)
+        for group in plan.groups:
+            for chunk in group.chunks:
+                numpy.copyto(chunk.im2col_dst, chunk.im2col_src)
+                numpy.matmul(chunk.col, wmat, out=chunk.z_local)
+                col64 = plan.col64[:, :chunk.col.shape[0]]
+                numpy.copyto(col64, chunk.col.T)
+                gram += col64 @ col64.T
+                sums += col64.sum(axis=1)
+            pool_blocks_forward(group.z_local_blocks, group.z_pooled, group.winner_records)
+        w64 = wmat.astype(numpy.float64)
+        total = step.reducer.allreduce(sh.k, self.key("bn") + ("gram_sum",), sums @ w64)
+        squares = step.reducer.allreduce(sh.k, self.key("bn") + ("gram_squares",),
+                                         numpy.einsum("kf,kf->f", gram @ w64, w64))
+        mean = total / m_total
+        plan.col_gram = (gram, sums)
+        return mean, numpy.maximum(squares / m_total - mean * mean, 0.0)
 
     # -- backward
     def backward(self, dy, sh, step, need_dx):
@@ -242,13 +283,11 @@ class ConvBlock(Stage):
         # Without an input gradient (a first block) dz only feeds dW = col^T dz, which is linear
         # in dz: the z*c_z + c_0 part of it is (col^T col) W * c_z + (col^T 1) c_0, from the
         # (KH*KW*C)^2 Gram matrix of the im2col rows, so dz holds only the routed part.
-        gram = (bn_terms is not None and bn_terms[3] and not need_dx and not self.conv.bias)
-        if gram:
-            col_gram = numpy.zeros((geom.kdim, geom.kdim), dt)
-            col_sums = numpy.zeros(geom.kdim, dt)
+        # (Only with the forward's float64 Gram sums, whose mean is the one they cancel against.)
+        gram = plan.col_gram is not None
         for group in plan.groups:
             if bn_terms is not None:
-                c_u, c_z, c_0, pool_first = bn_terms  # dz = du*c_u + z*c_z + c_0 per channel
+                c_u, c_z, c_0, pool_first, _ = bn_terms  # dz = du*c_u + z*c_z + c_0 per channel
                 if gram:
                     numpy.multiply(group.dpooled, c_u, out=group.dpooled)
                     pool_blocks_backward(group.dpooled, group.winner_records, group.dz_blocks, *group.pool_scratch)
@@ -271,9 +310,6 @@ class ConvBlock(Stage):
                 numpy.copyto(chunk.bwd_im2col_dst, chunk.bwd_im2col_src)  # im2col again
                 mm(chunk.bwd_col_t, chunk.dz, out=plan.dweight_chunk)
                 add(plan.dweight_matrix, plan.dweight_chunk, out=plan.dweight_matrix)
-                if gram:
-                    col_gram += chunk.bwd_col_t @ chunk.bwd_col_t.T
-                    col_sums += column_sums(chunk.bwd_col_t.T)
                 if dx_by_im2col:
                     numpy.copyto(chunk.dz_padded_dst, chunk.dz_src)
                     numpy.copyto(chunk.dz_col_dst, chunk.dz_col_src)
@@ -283,8 +319,12 @@ class ConvBlock(Stage):
                     chunk.dx_storage.fill(0)
                     for view, tap in chunk.taps:  # col2im: one strided addition per kernel tap
                         add(view, tap, out=view)
-        if gram:
-            plan.dweight_matrix += (col_gram @ self.weight_matrix[True]) * c_z + numpy.outer(col_sums, c_0)
+        if gram:  # in float64: the two terms nearly cancel when the inputs are far from zero
+            col_gram, col_sums = plan.col_gram
+            w64 = self.weight_matrix[True].astype(numpy.float64)
+            c_z64, c_0_64 = bn_terms[4]
+            linear = (col_gram @ w64) * c_z64 + numpy.outer(col_sums, c_0_64)
+            plan.dweight_matrix += linear.astype(dt)
         sh.grads[(self.conv, "W")] = grouped_im2col.weight_grad_from_matrix(plan.dweight_matrix,
                                                                              self.conv.params["W"].shape)
         if db is not None:
@@ -301,11 +341,11 @@ class ConvBlock(Stage):
     def _bn_backward_terms(self, plan, sh, step):
         """Gradient through the pool and BatchNorm, as dz = du*c_u + z*c_z + c_0 per channel.
 
-        Returns (c_u, c_z, c_0, pooled first).  Pooled first, du is zero but where
-        dpooled was routed, so its sums run over dpooled and the pooled z.
+        Returns (c_u, c_z, c_0, pooled first, (c_z, c_0) in float64).  Pooled first, du is zero
+        but where dpooled was routed, so its sums run over dpooled and the pooled z.
         """
         geom = self.geom
-        mean, inv_std, scale, m_total, pool_first = plan.bn_stats
+        mean, inv_std, scale, m_total, mean64, pool_first = plan.bn_stats
         dt = plan.dpooled.dtype
         dbeta = numpy.zeros(geom.f, numpy.float64)
         du_zc = numpy.zeros(geom.f, numpy.float64)  # sum of du * (z - mean)
@@ -329,6 +369,6 @@ class ConvBlock(Stage):
         if sh.k == 0:
             sh.grads[(self.bn, "gamma")] = dgamma.astype(dt)
             sh.grads[(self.bn, "beta")] = dbeta.astype(dt)
-        c_z, c_0 = norm.input_grad_coefficients(scale.astype(numpy.float64), inv_std64, mean.astype(numpy.float64),
+        c_z, c_0 = norm.input_grad_coefficients(scale.astype(numpy.float64), inv_std64, mean64,
                                                 dgamma, dbeta, m_total)
-        return scale, c_z.astype(dt), c_0.astype(dt), pool_first
+        return scale, c_z.astype(dt), c_0.astype(dt), pool_first, (c_z, c_0)

@@ -43,6 +43,7 @@ class ChunkViews:
     im2col_dst: numpy.ndarray     # ...copied into this view of the im2col buffer, same shape
     col: numpy.ndarray            # the im2col matrix (rows, KH*KW*C) the product reads
     z: numpy.ndarray              # (rows, F): where the product writes the chunk's conv output
+    z_local: numpy.ndarray | None = None  # (rows, F) in a group-sized buffer: z of a Gram-statistics step
     # training: im2col again, in backward's row order (the forward views when the orders agree)
     bwd_im2col_src: numpy.ndarray | None = None
     bwd_im2col_dst: numpy.ndarray | None = None
@@ -79,6 +80,7 @@ class GroupViews:
     u: numpy.ndarray | None = None               # z normalised (the pool input; y itself without a pool)
     u_blocks: list | None = None
     scratch: numpy.ndarray | None = None         # rows: centred z, then a term of dz
+    z_local_blocks: list | None = None           # pool input of a Gram-statistics step: z in a group-sized buffer
     # training
     dpooled: numpy.ndarray | None = None         # (images, QH, QW, F)
     dz: numpy.ndarray | None = None
@@ -104,7 +106,14 @@ class ShardPlan:
         # (long runs for its additions); BatchNorm keeps z in backward's order.
         self.backward_plain = need_dx and not blk.dx_by_im2col
         self.forward_plain = bn_train and self.backward_plain
-        self.bn_stats = None  # with BatchNorm in training: (mean, inv_std, scale, values per channel)
+        # with BatchNorm in training: (mean, inv_std, scale, values per channel, float64 mean, pooled first)
+        self.bn_stats = None
+        # A first block (no input gradient) with BatchNorm, a pool, no bias and short im2col rows
+        # takes its statistics and its weight gradient's z-linear part from the Gram matrix of its
+        # im2col rows, so z need not be kept (conv_block); col64 holds a chunk's rows in float64.
+        self.gram_stats = (bn_train and pooled and not need_dx and not blk.conv.bias
+                           and geom.kdim <= blk.GRAM_MAX_KDIM)
+        self.col_gram = None  # (G, column sums) of the im2col rows, float64, when the forward formed them
         # Shard-wide buffers of training (None where the block does not need them):
         self.z_shard = self.du_shard = None         # (n*rows, F) with BatchNorm: z and du, kept whole
         self.z_pooled = None                        # (n, QH, QW, F) with BatchNorm and a pool: max of raw z
@@ -133,7 +142,8 @@ class ShardPlan:
         # Buffers every chunk (or group) reuses: the im2col block, and for the input
         # gradient its counterpart (and the zero-padded dz it is built from).
         self.col = empty((geom.kdim, chunk_rows) if blk.kmajor else (chunk_rows, geom.kdim), dt)
-        z = empty((group_rows, geom.f), dt) if (pooled and not bn_train) else None
+        z = empty((group_rows, geom.f), dt) if (pooled and (not bn_train or self.gram_stats)) else None
+        self.col64 = empty((geom.kdim, chunk_rows), numpy.float64) if self.gram_stats else None
         u = scratch = dz = pool_scratch = None
         if bn_train:
             self.z_shard = empty((n * geom.rows, geom.f), dt)
@@ -184,8 +194,11 @@ class ShardPlan:
 
         y = self.y[start:stop]
         records = self.winner_records[:, start:stop] if self.winner_records is not None else None
-        z_blocks = z_pooled = u = u_blocks = scratch = None
+        z_blocks = z_pooled = u = u_blocks = scratch = z_local = z_local_blocks = None
         if bn_train:
+            if self.gram_stats:
+                z_local = z_buffer[:rows]
+                z_local_blocks = blocks(z_local, self.forward_plain)
             z = self.z_shard[whole_rows]  # the products go to z, kept whole
             z_blocks = blocks(z, self.forward_plain)
             z_pooled = self.z_pooled[start:stop] if pooled else None
@@ -204,12 +217,13 @@ class ShardPlan:
             if bn_train:
                 du = self.du_shard[whole_rows]
                 du_blocks = blocks(du, self.backward_plain)
-        chunks = [self._chunk(blk, z, dz, start, a, min(stop, a + chunk)) for a in range(start, stop, chunk)]
+        chunks = [self._chunk(blk, z, dz, start, a, min(stop, a + chunk), z_local)
+                  for a in range(start, stop, chunk)]
         return GroupViews(y=y, z=z, chunks=chunks, winner_records=records, z_blocks=z_blocks, z_pooled=z_pooled, u=u,
-                          u_blocks=u_blocks, scratch=scratch, dpooled=dpooled, dz=dz, dz_blocks=dz_blocks,
-                          du=du, du_blocks=du_blocks, pool_scratch=pool_scratch)
+                          u_blocks=u_blocks, scratch=scratch, z_local_blocks=z_local_blocks, dpooled=dpooled, dz=dz,
+                          dz_blocks=dz_blocks, du=du, du_blocks=du_blocks, pool_scratch=pool_scratch)
 
-    def _chunk(self, blk, group_z, group_dz, group_start, start, stop) -> ChunkViews:
+    def _chunk(self, blk, group_z, group_dz, group_start, start, stop, group_z_local=None) -> ChunkViews:
         """The views the products of chunk start:stop (in the group starting at group_start) read and write."""
         geom = blk.geom
         images, rows = stop - start, (stop - start) * geom.rows
@@ -250,9 +264,10 @@ class ShardPlan:
             tap_slabs = self.tap_slabs[:rows]
             per_tap = tap_slabs.reshape(views[0].shape[:3] + (geom.kh * geom.kw, geom.c))
             taps = [(view, per_tap[:, :, :, t]) for t, view in enumerate(views)]
-        return ChunkViews(start, stop, src, dst, col, z, bwd_im2col_src=bwd_src, bwd_im2col_dst=bwd_dst,
-                          bwd_col_t=bwd_col.T, dz=dz, dz_padded_dst=dz_padded_dst, dz_src=dz_src,
-                          dz_col_src=dz_col_src, dz_col_dst=dz_col_dst, dz_col=dz_col, dx_rows=dx_rows,
+        z_local = group_z_local[in_group] if group_z_local is not None else None
+        return ChunkViews(start, stop, src, dst, col, z, z_local=z_local, bwd_im2col_src=bwd_src,
+                          bwd_im2col_dst=bwd_dst, bwd_col_t=bwd_col.T, dz=dz, dz_padded_dst=dz_padded_dst,
+                          dz_src=dz_src, dz_col_src=dz_col_src, dz_col_dst=dz_col_dst, dz_col=dz_col, dx_rows=dx_rows,
                           dx_storage=dx_storage, tap_slabs=tap_slabs, taps=taps)
 
     def read_from(self, blk, src):

@@ -110,6 +110,51 @@ def test_predict_prints_text_and_confidence_and_the_accuracy_of_labelled_names(r
     assert doc["right"] == (doc["text"] == doc["label"])
 
 
+def test_predict_takes_labels_from_a_folders_own_labels_file(reader_files, tmp_path):
+    # Numbered names that happen to fit the reader ("AB" from AB_x?) must not count as labels when the
+    # folder has its own labels.csv: the file's labels are checked, in the lines and in --out.
+    model_path, folder = reader_files
+    files = sorted(folder.glob("*.png"))[:6]
+    numbered = tmp_path / "numbered"
+    numbered.mkdir()
+    rows = ["file,label"]
+    for i, f in enumerate(files):
+        name = f"{'ABCD'[i % 4]}{'ABCD'[(i + 1) % 4]}_{i}.png"  # a name that reads as a (wrong) label
+        (numbered / name).write_bytes(f.read_bytes())
+        if i < 5:  # the last image is not in the labels file: no verdict for it
+            rows.append(f"{name},{f.name.split('_')[0]}")
+    rows.append("missing.png,AB")  # a row naming no image is harmless here
+    rows.append(f"{sorted(numbered.glob('*.png'))[0].name},ABCDE")  # a second, conflicting label: row not used
+    (numbered / "labels.csv").write_text("\n".join(rows) + "\n")
+    pred = Recognizer.load(model_path).predict_files(files)
+    truth = [f.name.split("_")[0] for f in files]
+    r = run("predict", model_path, numbered)
+    assert r.returncode == 0, r.stderr
+    assert "labels from" in r.stderr and "labels.csv (the folder's own)" in r.stderr
+    assert "row(s) of" in r.stderr and "not used" in r.stderr
+    lines = r.stdout.strip().splitlines()
+    by_name = {Path(ln.split("\t")[0]).name: ln.split("\t") for ln in lines[:-1]}
+    conflicting = sorted(numbered.glob("*.png"))[0].name
+    expected_right = 0
+    for i, f in enumerate(files):
+        name = f"{'ABCD'[i % 4]}{'ABCD'[(i + 1) % 4]}_{i}.png"
+        row = by_name[name]
+        assert row[1] == pred.texts[i]
+        if i == 5 or name == conflicting:
+            assert len(row) == 3, row  # no label for it
+        else:
+            verdict = "right" if pred.texts[i] == truth[i] else f"WRONG (label {truth[i]})"
+            assert row[3] == verdict
+            expected_right += pred.texts[i] == truth[i]
+    n_labelled = 5 - (conflicting in {f"{'ABCD'[i % 4]}{'ABCD'[(i + 1) % 4]}_{i}.png" for i in range(5)})
+    assert lines[-1].startswith(f"accuracy on {n_labelled} labelled image(s): whole-string "
+                                f"{100 * expected_right / n_labelled:.2f}% ({expected_right} right)")
+    out = run("predict", model_path, numbered, "--out", tmp_path / "readings.csv", "--no-progress")
+    assert out.returncode == 0, out.stderr
+    assert f"accuracy on {n_labelled} labelled image(s): whole-string {100 * expected_right / n_labelled:.2f}%" \
+        in out.stdout
+
+
 def test_predict_script_is_the_predict_command(reader_files):
     model_path, folder = reader_files
     a = run(model_path, folder, script="examples/predict.py")

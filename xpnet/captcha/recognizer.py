@@ -417,7 +417,7 @@ class Recognizer:
                 skipped.append((path, f"no usable label for it in {os.path.basename(os.fspath(labels_file))}"))
                 continue
             label = named[os.path.basename(path)] if named is not None else label_from_name(path)
-            if self._can_read(label):
+            if self.can_read(label):
                 used.append(path)
                 labels.append(label)
             else:
@@ -433,9 +433,10 @@ class Recognizer:
 
     def has_label(self, path) -> bool:
         """Whether a file name carries a label this reader could produce (length and characters fit)."""
-        return self._can_read(label_from_name(path))
+        return self.can_read(label_from_name(path))
 
-    def _can_read(self, label: str) -> bool:
+    def can_read(self, label: str) -> bool:
+        """Whether ``label`` is a text this reader could produce (length and characters fit)."""
         if self.head == "ctc":
             return 1 <= len(label) <= self.steps and all(c in self.charset.chars for c in label)
         return not self.charset.check([label])

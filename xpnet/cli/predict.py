@@ -25,8 +25,9 @@ def add_command(sub) -> None:
         description="Print one line per image: the path, the text read and its confidence (the product over the "
                     "characters of the sigmoid probability of each chosen character: near 1 = sure, under 0.5 = "
                     "a guess). A folder stands for its image files. When file names carry labels that fit the "
-                    "model (2A2X.png, 2A2X_17.png), each line says whether the reading is right and the accuracy "
-                    "is printed at the end. The model is loaded once, on the current backend (XPNET_BACKEND). With "
+                    "model (2A2X.png, 2A2X_17.png), or a folder has its own labels.csv (file,label rows: then its "
+                    "files take their labels from it, not from their names), each line says whether the reading "
+                    "is right and the accuracy is printed at the end. The model is loaded once, on the current backend (XPNET_BACKEND). With "
                     "--out CSV, one folder of any size is read in batches into a CSV file instead.")
     p.add_argument("model", metavar="MODEL", help="model file written by xpnet train (model.npz)")
     p.add_argument("images", metavar="IMAGE", nargs="+", help="image files or folders of images (with --out: one folder)")
@@ -63,11 +64,13 @@ def run(args) -> int:
         if given:
             raise UsageError(f"{flag} only applies with --out CSV: add --out, or drop {flag}.")
     reader = Recognizer.load(args.model, batch_size=args.batch_size)
-    paths = []
+    paths, listed = [], {}
     for item in args.images:
         if not os.path.exists(item):
             raise DataError(f"{item}: no such file or folder.")
         paths += image_files(item)
+        if os.path.isdir(item):
+            listed.update(_folder_labels(item))
     tally = _Tally()
     bad = []
     chunk = max(args.batch_size, 256)
@@ -78,7 +81,7 @@ def run(args) -> int:
         bad += skipped
         pred = reader.predict(images, used)
         for path, text, conf in zip(used, pred.texts, pred.confidences.tolist()):
-            _print_reading(reader, path, text, conf, tally, args.json)
+            _print_reading(reader, path, text, conf, tally, args.json, listed)
     if tally.labelled and not args.json:
         print(f"accuracy on {tally.labelled} labelled image(s): whole-string "
               f"{100 * tally.right / tally.labelled:.2f}% ({tally.right} right), per-character "
@@ -102,10 +105,45 @@ class _Tally:
         self.chars += len(label)
 
 
-def _print_reading(reader, path, text, conf, tally: _Tally, as_json: bool) -> None:
+def _folder_labels(folder) -> dict:
+    """{path of an image in ``folder``: its label} from the folder's own labels.csv ({} without one).
+
+    Says on stderr where the labels come from and which rows it could not use.
+    """
+    from ..data.label_files import labels_in_folder, read_labels
+
+    path = labels_in_folder(folder)
+    if path is None:
+        return {}
+    labels, _, problems = read_labels(path)
+    print(f"labels from {path} (the folder's own): the files of {folder} take their labels from it, not from "
+          f"their names", file=sys.stderr)
+    if problems:
+        where, reason = problems[0]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        print(f"xpnet: {len(problems)} row(s) of {path} not used: {where}: {reason}{more}", file=sys.stderr)
+    base = os.path.normpath(os.fspath(folder))
+    listed = {os.path.join(base, name): label for name, label in labels.items()}
+    # every image of the folder is in the map: one the file does not name has no label
+    for name in os.listdir(base):
+        listed.setdefault(os.path.join(base, name), None)
+    return listed
+
+
+def _label_of(reader, path, listed: dict):
+    """The label to check a reading of ``path`` against: from its folder's labels.csv when it has one
+    (``listed``), else from its name; None when there is none or the reader could not produce it."""
+    key = os.path.normpath(os.fspath(path))
+    if key in listed:
+        label = listed[key]
+        return label if label is not None and reader.can_read(label) else None
     from ..data.folder import label_from_name
 
-    label = label_from_name(path) if reader.has_label(path) else None
+    return label_from_name(path) if reader.has_label(path) else None
+
+
+def _print_reading(reader, path, text, conf, tally: _Tally, as_json: bool, listed: dict) -> None:
+    label = _label_of(reader, path, listed)
     if label is not None:
         tally.add(text, label)
     if as_json:
@@ -194,12 +232,12 @@ def _run_to_csv(args) -> int:
 
     from ..captcha.recognizer import Recognizer
     from ..captcha.streaming import FolderStream
-    from ..data.folder import label_from_name
     from ..errors import StorageError
     from ..storage import describe_oserror
 
     folder, out, side = _check_csv_args(args)
     reader = Recognizer.load(args.model, batch_size=args.batch_size)
+    listed = _folder_labels(folder)
     stream = FolderStream(reader, folder, workers=args.workers)
     try:
         readings, skipped = _CsvOut(out, ("file", "text", "confidence")), _CsvOut(side, ("file", "reason"))
@@ -216,8 +254,9 @@ def _run_to_csv(args) -> int:
                 bar.write(f"xpnet: skipped {os.path.join(folder, name)}: {reason}", file=sys.stderr)
             for name, text, conf in batch.rows():
                 readings.write((name, text, format(conf, ".6g")))
-                if reader.has_label(name):
-                    tally.add(text, label_from_name(name))
+                label = _label_of(reader, os.path.join(folder, name), listed)
+                if label is not None:
+                    tally.add(text, label)
             done += batch.size
             bar.update(batch.size)
     except KeyboardInterrupt:

@@ -537,3 +537,44 @@ def test_the_callers_numpy_error_handling_applies_in_every_shard(rng):
         assert np.isinf(m.forward(x, train=False)[-1]).all()
     with np.errstate(over="raise"), pytest.raises(FloatingPointError):
         m.forward(x, train=False)
+
+
+def test_batch_statistics_combine_shards_of_very_different_means_in_one_all_reduce():
+    # Three shards whose values sit around 0, 50 and 1000 (spread 1 to 3), each in uneven
+    # chunks: the combined mean and variance match float64 numpy over all values, every shard
+    # gets the same bits, and each calls the all-reduce (a barrier) once.
+    import threading
+
+    from xpnet.cpu.threads import Reducer
+
+    class CountingReducer(Reducer):
+        def __init__(self, t):
+            super().__init__(t)
+            self.calls = [0] * t
+
+        def allreduce(self, k, key, value):
+            self.calls[k] += 1
+            return super().allreduce(k, key, value)
+
+    rng = np.random.default_rng(9)
+    shards = [[rng.normal(c, s, (r, 4)).astype(np.float32) for r in rows]
+              for c, s, rows in ((0.0, 1.0, (7, 30)), (50.0, 2.0, (13,)), (1000.0, 3.0, (5, 9, 21)))]
+    everything = np.concatenate([a for parts in shards for a in parts]).astype(np.float64)
+    reducer = CountingReducer(3)
+    step = type("OneStep", (), {"reducer": reducer})()
+    results = [None] * 3
+
+    def run(k):
+        stats = stages.BatchStats()
+        for chunk in shards[k]:
+            stats.add(stages.batch_moments(chunk, np.float32))
+        results[k] = stats.finish(stages.Shard(k), step, ("bn",), everything.shape[0])
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(3)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    for mean, var in results:
+        np.testing.assert_allclose(mean, everything.mean(axis=0), rtol=1e-6)
+        np.testing.assert_allclose(var, everything.var(axis=0), rtol=1e-5)
+        assert mean.tobytes() == results[0][0].tobytes() and var.tobytes() == results[0][1].tobytes()
+    assert reducer.calls == [1, 1, 1]

@@ -248,9 +248,10 @@ class ConvBlock(Stage):
                 sums += col64.sum(axis=1)
             pool_blocks_forward(group.z_local_blocks, group.z_pooled, group.winner_records)
         w64 = wmat.astype(numpy.float64)
-        total = step.reducer.allreduce(sh.k, self.key("bn") + ("gram_sum",), sums @ w64)
-        squares = step.reducer.allreduce(sh.k, self.key("bn") + ("gram_squares",),
-                                         numpy.einsum("kf,kf->f", gram @ w64, w64))
+        # one all-reduce (one barrier) for both sums
+        both = step.reducer.allreduce(sh.k, self.key("bn") + ("gram",),
+                                      numpy.stack([sums @ w64, numpy.einsum("kf,kf->f", gram @ w64, w64)]))
+        total, squares = both
         mean = total / m_total
         plan.col_gram = (gram, sums)
         return mean, numpy.maximum(squares / m_total - mean * mean, 0.0)
@@ -362,8 +363,7 @@ class ConvBlock(Stage):
             dbeta += column_sums(group.du)
             numpy.subtract(group.z, mean, out=group.scratch)
             du_zc += numpy.einsum("ij,ij->j", group.du, group.scratch)
-        dbeta = step.reducer.allreduce(sh.k, self.key("dbeta"), dbeta)
-        du_zc = step.reducer.allreduce(sh.k, self.key("dxc"), du_zc)
+        dbeta, du_zc = step.reducer.allreduce(sh.k, self.key("dbeta_dxc"), numpy.stack([dbeta, du_zc]))  # one barrier
         inv_std64 = inv_std.astype(numpy.float64)
         dgamma = du_zc * inv_std64  # sum of du * xhat
         if sh.k == 0:

@@ -247,7 +247,7 @@ def test_update_split_across_threads_gives_the_same_bits(make, rng):
     # Large models are updated in slices on the shard threads; every update is
     # element-wise, so the result must not depend on the number of slices.
     saved = xpnet.config.get_num_threads()
-    shapes = {"w": (300, 257), "b": (7,), "v": (3, 5, 11)}  # 77k values: above the parallel threshold
+    shapes = {"w": (800, 700), "b": (7,), "v": (3, 5, 11)}  # 560k values: above the parallel threshold
     assert sum(math.prod(s) for s in shapes.values()) >= sliced_update.PARALLEL_MIN_SIZE
     start = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
     steps = [{k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()} for _ in range(3)]
@@ -271,7 +271,7 @@ def test_update_split_across_threads_gives_the_same_bits(make, rng):
 
 
 def _big_params(rng):
-    return {"w": rng.standard_normal((300, 257)).astype(np.float32), "b": rng.standard_normal(7).astype(np.float32)}
+    return {"w": rng.standard_normal((800, 700)).astype(np.float32), "b": rng.standard_normal(7).astype(np.float32)}
 
 
 def test_a_subclass_update_sees_whole_named_parameters(rng):
@@ -279,7 +279,7 @@ def test_a_subclass_update_sees_whole_named_parameters(rng):
     # at the whole array, or rebind its slots.
     class NoDecayOnBias(optim.SGD):
         def _update(self, name, p, g, lr, slots):
-            assert p.shape == (7,) if name == "b" else p.shape == (300, 257)
+            assert p.shape == (7,) if name == "b" else p.shape == (800, 700)
             if name == "b":
                 p -= lr * g
             else:
@@ -327,4 +327,31 @@ def test_scratch_of_another_thread_count_is_dropped(rng):
             opt.step(g)
     finally:
         xpnet.set_num_threads(saved)
-    assert set(opt._scratch_buffers) == {(name, k) for name in params for k in range(2)}
+    # the large "w" in one slice per thread, the small "b" whole; none left from the 3-thread step
+    assert set(opt._scratch_buffers) == {("w", 0), ("w", 1), "b"}
+
+
+def test_update_work_covers_every_value_once_in_balanced_threads():
+    # Large parameters are cut into one slice per thread, small ones stay whole; every value
+    # is updated by exactly one thread, and no thread gets more than its share plus one unit.
+    shapes = {"big": (600, 500), "mid": (300, 100), "small1": (50, 40), "small2": (2000,), "bias": (7,)}
+    jobs = [(k, np.zeros(s, np.float32), None, {}) for k, s in shapes.items()]
+    t = 3
+    work = sliced_update.work_units(jobs, t)
+    covered = {k: np.zeros(math.prod(s), int) for k, s in shapes.items()}
+    loads = []
+    for units in work:
+        load = 0
+        for (name, p, _, _), part in units:
+            if part is None:
+                covered[name] += 1
+                load += p.size
+            else:
+                lo, hi = part * p.size // t, (part + 1) * p.size // t
+                covered[name][lo:hi] += 1
+                load += hi - lo
+        loads.append(load)
+    assert all((c == 1).all() for c in covered.values())
+    whole = {name for units in work for (name, *_), part in units if part is None}
+    assert whole == {"mid", "small1", "small2", "bias"}  # "big" (300k of 332k values) is sliced
+    assert max(loads) - min(loads) <= 30000  # at most the largest whole unit apart

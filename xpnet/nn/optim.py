@@ -17,8 +17,9 @@ allocated with ``xp = get_array_module(param)``, learning rates and bias
 corrections are Python floats, so a step never synchronises the GPU.  The
 update keeps the parameters' dtype (Python scalars do not upcast float32).
 The update itself is the op ``optimizer_update`` (``xpnet.dispatch``): on NumPy,
-large models are updated in slices on the fused path's CPU threads; every
-built-in update is element-wise, so the result is the same bits as on one thread.
+large models are updated on the fused path's CPU threads (some parameters whole,
+large ones in slices); every built-in update is element-wise, so the result is
+the same bits as on one thread.
 
 State for checkpoints: ``state_dict()`` returns ``(meta, arrays)`` -- a
 JSON-safe dict and a dict of NumPy arrays -- and ``load_state_dict(meta,

@@ -578,3 +578,16 @@ def test_batch_statistics_combine_shards_of_very_different_means_in_one_all_redu
         np.testing.assert_allclose(var, everything.var(axis=0), rtol=1e-5)
         assert mean.tobytes() == results[0][0].tobytes() and var.tobytes() == results[0][1].tobytes()
     assert reducer.calls == [1, 1, 1]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_gram_statistics_of_an_rgb_first_block(dtype):
+    # Three channels: 27 values an im2col row, read K-major in float32 and row-major in float64
+    # (72 bytes a window row); both take the Gram path and match the plain path.
+    def layers():
+        return [Conv2D(5, 3, pad="same", bias=False), BatchNorm(), ReLU(), MaxPool2D(2), Conv2D(4, 3, pad=1),
+                ReLU(), Flatten(), Dense(3)]
+    fast = assert_paths_agree(layers, (3, 10, 14), n=9, dtype=dtype, threads=2, input_grad=False)
+    assert fast.executor.stages[0].kmajor == (dtype == np.float32)
+    plans = [p for sh in fast.executor.shards for p in sh.plans.values() if p.train and p.gram_stats]
+    assert len(plans) == 2 and all(p.col_gram is not None for p in plans)

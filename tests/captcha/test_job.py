@@ -55,7 +55,7 @@ def test_a_short_synthetic_run_learns_and_writes_a_reader(tmp_path):
     assert again.string_accuracy == pytest.approx(test["string_accuracy"])
 
 
-def test_budget_and_held_out_evaluation_wiring(tmp_path, monkeypatch):
+def test_budget_and_held_out_evaluation_wiring(tmp_path, monkeypatch, trainer_budgets):
     """The default configuration's shape with a tiny budget: training stops on the budget, then the test
     images -- from a seed of their own, never seen in training -- are evaluated, and everything is saved."""
     default = CONFIGS["default"]
@@ -77,21 +77,13 @@ def test_budget_and_held_out_evaluation_wiring(tmp_path, monkeypatch):
 
     monkeypatch.setattr(plans, "generate_captchas", spy_generate)
     monkeypatch.setattr(Recognizer, "evaluate", spy_evaluate)
-    budgets = []
-    real_trainer = job.Trainer
-
-    def spy_trainer(*args, **kwargs):
-        budgets.append(kwargs["time_budget"])
-        return real_trainer(*args, **kwargs)
-
-    monkeypatch.setattr(job, "Trainer", spy_trainer)
     # The job's clock stands still while the data are made (however loaded this machine is), so the
     # trainer must get the whole budget less the final reserve; the trainer itself keeps the real clock.
     monkeypatch.setattr(job, "time", types.SimpleNamespace(monotonic=lambda: 1000.0))
     settings = tiny_settings(epochs=None, time_budget=4.0, final_reserve=1, train_images=150, val_images=40,
                              test_images=60)
     results = job.run(settings, tmp_path, workers=0, progress=False, log=quiet)
-    assert budgets == [3.0]
+    assert trainer_budgets == [3.0]
 
     seeds = {count: seed for count, seed, _ in made}
     train_seed, val_seed, test_seed = seeds[150], seeds[40], seeds[60]

@@ -223,7 +223,7 @@ def test_a_small_folder_pretrains_on_lookalikes_then_fine_tunes(tmp_path, monkey
     assert not wants_pretraining(settings, plan, resume=False)
 
 
-def test_a_folder_job_fits_its_time_budget_pretraining_included(tmp_path, monkeypatch):
+def test_a_folder_job_fits_its_time_budget_pretraining_included(tmp_path, monkeypatch, trainer_budgets):
     """Pretraining takes at most its share of the job's budget; fine-tuning gets what is left after it."""
     import types
 
@@ -244,19 +244,11 @@ def test_a_folder_job_fits_its_time_budget_pretraining_included(tmp_path, monkey
         clock[0] += 100.0
         return {"used": False, "seconds": 100.0}
 
-    budgets = []
-    real_trainer = job.Trainer
-
-    def spy_trainer(*args, **kwargs):
-        budgets.append(kwargs["time_budget"])
-        return real_trainer(*args, **kwargs)
-
     monkeypatch.setattr(job, "pretrain", fake_pretrain)
-    monkeypatch.setattr(job, "Trainer", spy_trainer)
     settings = resolve_settings(TrainOptions(data=str(imgs), model="simple_convnet", steps=2, time_budget=400,
                                              height=24, width=48, seed=0))
     job.run(settings, tmp_path / "run", workers=0, progress=False, log=lambda m: None)
-    assert budgets == [400 - 100 - settings.final_reserve]
+    assert trainer_budgets == [400 - 100 - settings.final_reserve]
 
 
 def test_confidence_threshold_is_the_lowest_with_the_asked_precision():

@@ -20,7 +20,7 @@ from .. import checks
 from ..data.captcha import CaptchaStream, check_seed, generate_captchas, make_charset
 from ..data.folder import LabelledImages, fold_indices, load_folder, split_indices, suggest_preprocess
 from ..data.images import Preprocess
-from ..data.label_files import labels_in_folder
+from ..data.label_files import labels_source
 from ..data.labels import Charset
 from ..errors import DataError, UsageError
 from ..nn import serialization as xio
@@ -171,9 +171,7 @@ def prepare_folder(settings: Settings, out: Path, workers=None, progress=None, l
         pp = Preprocess(height=settings.height, width=settings.width, channels=settings.channels)
     length = None if settings.length is None else (settings.min_length or settings.length, settings.length)
     if getattr(settings, "labels_file", None):
-        log(f"labels from {settings.labels_file}"
-            + (" (the folder's own; --labels FILE to take another)" if settings.labels_file == labels_in_folder(folder)
-               else ""))
+        log(labels_source(settings.labels_file, folder))
     data = load_folder(folder, charset=settings.charset, length=length, preprocess=pp,
                        workers=workers, progress=progress, labels=getattr(settings, "labels_file", None))
     cs = data.charset

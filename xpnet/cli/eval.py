@@ -6,7 +6,7 @@ import json
 import sys
 
 from .. import checks
-from ..data.label_files import labels_in_folder
+from ..data.label_files import labels_in_folder, labels_source
 
 
 def add_command(sub) -> None:
@@ -20,7 +20,8 @@ def add_command(sub) -> None:
     p.add_argument("model", metavar="MODEL", help="model file written by xpnet train (model.npz)")
     p.add_argument("folder", metavar="DIR", help="folder of labelled images")
     p.add_argument("--labels", metavar="FILE", default=None,
-                   help="a CSV of file,label rows giving the labels (default: the folder's own labels.csv if it has one, else the file names)")
+                   help="a CSV of file,label rows giving the labels (default: the folder's own labels.csv if it has "
+                        "one, else the file names)")
     p.add_argument("--top", type=int, default=10, metavar="K",
                    help="how many of the most confused character pairs to show (default: 10)")
     p.add_argument("--workers", type=int, default=None, metavar="W",
@@ -41,7 +42,7 @@ def run(args) -> int:
     reader = Recognizer.load(args.model, batch_size=args.batch_size)
     labels = args.labels or labels_in_folder(args.folder)
     if labels and not args.labels:
-        print(f"labels from {labels} (the folder's own; --labels FILE to take another)", file=sys.stderr)
+        print(labels_source(labels, args.folder), file=sys.stderr)
     result = reader.evaluate_folder(args.folder, workers=args.workers or None,
                                     progress=False if args.no_progress else None, top=args.top,
                                     labels=labels)

@@ -27,8 +27,9 @@ def add_command(sub) -> None:
                     "a guess). A folder stands for its image files. When file names carry labels that fit the "
                     "model (2A2X.png, 2A2X_17.png), or a folder has its own labels.csv (file,label rows: then its "
                     "files take their labels from it, not from their names), each line says whether the reading "
-                    "is right and the accuracy is printed at the end. The model is loaded once, on the current backend (XPNET_BACKEND). With "
-                    "--out CSV, one folder of any size is read in batches into a CSV file instead.")
+                    "is right and the accuracy is printed at the end. The model is loaded once, on the current "
+                    "backend (XPNET_BACKEND). With --out CSV, one folder of any size is read in batches into a CSV "
+                    "file instead.")
     p.add_argument("model", metavar="MODEL", help="model file written by xpnet train (model.npz)")
     p.add_argument("images", metavar="IMAGE", nargs="+", help="image files or folders of images (with --out: one folder)")
     p.add_argument("--skip-bad", action="store_true",
@@ -106,7 +107,7 @@ class _Tally:
 
 
 def _folder_labels(folder) -> dict:
-    """{path of an image in ``folder``: its label} from the folder's own labels.csv ({} without one).
+    """{the folder's path: {file name: label}} from its own labels.csv ({} without one).
 
     Says on stderr where the labels come from and which rows it could not use.
     """
@@ -116,30 +117,24 @@ def _folder_labels(folder) -> dict:
     if path is None:
         return {}
     labels, _, problems = read_labels(path)
-    print(f"labels from {path} (the folder's own): the files of {folder} take their labels from it, not from "
-          f"their names", file=sys.stderr)
+    print(f"labels from {path} (the folder's own): its files take their labels from it, not from their names",
+          file=sys.stderr)
     if problems:
         where, reason = problems[0]
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         print(f"xpnet: {len(problems)} row(s) of {path} not used: {where}: {reason}{more}", file=sys.stderr)
-    base = os.path.normpath(os.fspath(folder))
-    listed = {os.path.join(base, name): label for name, label in labels.items()}
-    # every image of the folder is in the map: one the file does not name has no label
-    for name in os.listdir(base):
-        listed.setdefault(os.path.join(base, name), None)
-    return listed
+    return {os.path.normpath(os.fspath(folder)): labels}
 
 
 def _label_of(reader, path, listed: dict):
-    """The label to check a reading of ``path`` against: from its folder's labels.csv when it has one
-    (``listed``), else from its name; None when there is none or the reader could not produce it."""
-    key = os.path.normpath(os.fspath(path))
-    if key in listed:
-        label = listed[key]
-        return label if label is not None and reader.can_read(label) else None
+    """The label to check a reading of ``path`` against: from its folder's labels.csv when that folder
+    has one (``listed``; a file it does not name has none), else from its name; None when there is none
+    or the reader could not produce it."""
     from ..data.folder import label_from_name
 
-    return label_from_name(path) if reader.has_label(path) else None
+    named = listed.get(os.path.normpath(os.path.dirname(os.fspath(path))))
+    label = label_from_name(path) if named is None else named.get(os.path.basename(os.fspath(path)))
+    return label if label is not None and reader.can_read(label) else None
 
 
 def _print_reading(reader, path, text, conf, tally: _Tally, as_json: bool, listed: dict) -> None:

@@ -25,8 +25,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--labels", metavar="FILE", default=None,
                    help="with --data: a CSV of file,label rows (a header row file,label is optional) giving the "
                         "labels instead of the file names; images without a row, rows without an image, empty and "
-                        "conflicting labels are listed in skipped.txt and the rest is used (default: the folder's own labels.csv if it has one, else the "
-                        "file names)")
+                        "conflicting labels are listed in skipped.txt and the rest is used (default: the folder's own "
+                        "labels.csv if it has one, else the file names)")
     p.add_argument("--folds", type=int, metavar="K", default=None,
                    help="with --data: K-fold cross-validation, K runs each testing on one K-th of the folder "
                         "(every image tested once; runs in --out/fold-1 .. fold-K), reporting the mean and "

@@ -35,6 +35,12 @@ def labels_in_folder(folder) -> str | None:
     return path if os.path.isfile(path) else None
 
 
+def labels_source(path, folder) -> str:
+    """The line that says where a folder's labels come from: ``path``, the folder's own file or another."""
+    own = path == labels_in_folder(folder)
+    return f"labels from {path}" + (" (the folder's own; --labels FILE to take another)" if own else "")
+
+
 def read_labels(path) -> tuple[dict, dict, list]:
     """``({file name: label}, {file name: line}, [(where, reason)])`` from a CSV of ``file,label`` rows.
 

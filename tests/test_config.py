@@ -30,7 +30,7 @@ def test_the_reference_switch_reads_the_environment(value, forced):
                                          ("XPNET_NUM_THREADS", "two"), ("XPNET_IM2COL_BUDGET_MB", "-1"),
                                          ("XPNET_IM2COL_BUDGET_MB", "nan"), ("XPNET_BACKEND", "gpu"),
                                          ("XPNET_DTYPE", "float16"), ("XPNET_FAST", "0"),
-                                         ("XPNET_CUDA_KERNELS", "0")])
+                                         ("XPNET_CUDA_KERNELS", "0"), ("XPNET_SHARDS", "forks")])
 def test_a_bad_value_never_breaks_import_and_is_one_sentence_naming_the_variable(name, value):
     code = ("import xpnet\n"
             "try:\n"
@@ -43,6 +43,13 @@ def test_a_bad_value_never_breaks_import_and_is_one_sentence_naming_the_variable
     assert message.startswith(name) and message.endswith(".") and "\n" not in message
     cli = run_py("import sys; from xpnet.cli import main; sys.exit(main(['info']))", **{name: value})
     assert cli.returncode == 2 and cli.stderr.strip().splitlines() == [f"xpnet: error: {message}"]
+
+
+@pytest.mark.parametrize("value, mode", [("", "processes"), ("threads", "threads"), ("Processes", "processes")])
+def test_the_shard_mode_reads_the_environment(value, mode):
+    r = run_py("import xpnet; print(xpnet.get_shard_mode())", XPNET_SHARDS=value)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == mode
 
 
 def test_each_bad_value_is_raised_when_its_setting_is_read():

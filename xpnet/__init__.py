@@ -27,7 +27,8 @@ from .nn.onnx_export import export_onnx  # noqa: E402
 from .nn.optim import SGD, Adam, AdamW  # noqa: E402
 from .training.trainer import Trainer, fit  # noqa: E402
 from .config import (  # noqa: E402
-    fast_paths, fast_paths_enabled, get_im2col_budget_bytes, get_num_threads, set_im2col_budget, set_num_threads,
+    fast_paths, fast_paths_enabled, get_im2col_budget_bytes, get_num_threads, get_shard_mode, set_im2col_budget,
+    set_num_threads, set_shard_mode,
 )
 from .dispatch import reference_paths  # noqa: E402
 
@@ -39,6 +40,7 @@ __all__ = [
     "backend", "config", "dispatch", "errors", "layers", "models", "ops",
     "use", "using", "asarray", "to_numpy", "get_array_module", "get_dtype", "set_dtype", "seed",
     "reference_paths", "fast_paths", "fast_paths_enabled", "set_num_threads", "get_num_threads",
+    "set_shard_mode", "get_shard_mode",
     "set_im2col_budget", "get_im2col_budget_bytes",
     "Sequential", "Conv2D", "MaxPool2D", "Dense", "GRU", "ReLU", "Flatten", "Dropout", "BatchNorm",
     "metrics", "optim", "save", "load", "save_checkpoint", "load_checkpoint", "export_onnx",

@@ -7,6 +7,7 @@
 | ``XPNET_REFERENCE``      | ``1``/``0`` (on/off, ...)   | ``0``         | force the reference paths everywhere  |
 | ``XPNET_NUM_THREADS``    | an integer >= 1             | usable cores  | CPU threads of the fused path         |
 | ``XPNET_IM2COL_BUDGET_MB`` | a number > 0              | ``512``       | largest im2col matrix per convolution |
+| ``XPNET_SHARDS``         | ``processes``, ``threads``  | ``processes`` | what runs the fused path's shards 1..T-1 |
 
 The policy: a bad value never breaks ``import xpnet``; it raises a ``UsageError``
 (one sentence naming the variable; exit code 2 from the ``xpnet`` command,
@@ -25,6 +26,7 @@ from .errors import BackendUsageError, UsageError
 DEFAULT_IM2COL_BUDGET_MB = 512.0
 BACKEND_NAMES = ("numpy", "cupy", "auto")
 DTYPE_NAMES = ("float32", "float64")
+SHARD_MODES = ("processes", "threads")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 # Variables of earlier versions, refused with the replacement rather than silently ignored.
 _REPLACED = {
@@ -103,6 +105,7 @@ _reference_error = _reference_error or _replaced_error()
 _threads_value, _threads_error = _read("XPNET_NUM_THREADS", _threads, None)
 _budget_mb, _budget_error = _read("XPNET_IM2COL_BUDGET_MB", _budget, DEFAULT_IM2COL_BUDGET_MB)
 _budget_bytes = int(_budget_mb * 2**20)
+_shard_mode, _shard_mode_error = _read("XPNET_SHARDS", _choice(SHARD_MODES), "processes")
 
 
 def _raise(error):
@@ -112,7 +115,8 @@ def _raise(error):
 
 def check_environment() -> None:
     """Raise the first bad ``XPNET_*`` value (the CLI calls this before any work)."""
-    for error in (read_backend_env()[2], read_dtype_env()[1], _reference_error, _threads_error, _budget_error):
+    for error in (read_backend_env()[2], read_dtype_env()[1], _reference_error, _threads_error, _budget_error,
+                  _shard_mode_error):
         _raise(error)
 
 
@@ -166,6 +170,19 @@ def set_num_threads(n: int | None) -> int:
 def get_num_threads() -> int:
     _raise(_threads_error)
     return _threads_value or _default_threads()
+
+
+def set_shard_mode(mode: str) -> str:
+    """What runs the fused path's shards after the first: ``"processes"`` (worker processes, the default:
+    no interpreter lock shared between shards) or ``"threads"``; returns the mode set."""
+    global _shard_mode, _shard_mode_error
+    _shard_mode, _shard_mode_error = _choice(SHARD_MODES)(str(mode)), None
+    return _shard_mode
+
+
+def get_shard_mode() -> str:
+    _raise(_shard_mode_error)
+    return _shard_mode
 
 
 # --------------------------------------------------------------- im2col budget

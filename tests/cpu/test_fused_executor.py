@@ -21,13 +21,20 @@ from xpnet.testing import assert_allclose
 @pytest.fixture(autouse=True)
 def _restore_settings():
     saved = (config.fast_paths_enabled(), config.get_num_threads(), config.get_im2col_budget_bytes(),
-             workspace.CHUNK_BYTES)
+             workspace.CHUNK_BYTES, config.get_shard_mode())
     config.fast_paths(True)  # these tests are about the fast path, whatever XPNET_FAST says
     yield
     config.fast_paths(saved[0])
     config.set_num_threads(saved[1])
     config._budget_bytes = saved[2]
     workspace.CHUNK_BYTES = saved[3]
+    config.set_shard_mode(saved[4])
+
+
+@pytest.fixture
+def thread_shards():
+    """Shards 1..T-1 on threads of this process, for tests that look into every shard's state."""
+    config.set_shard_mode("threads")
 
 
 def one_step(model, x, t, fast, seed=7, input_grad=True, loss=None):
@@ -89,7 +96,7 @@ def test_conv_relu_pool_chain_matches_plain_path(threads):
     assert all(len(s.layers) == 3 for s in fast.executor.stages[:2])  # conv+relu+pool fused
 
 
-def test_batchnorm_blocks_whole_batch_statistics_across_shards():
+def test_batchnorm_blocks_whole_batch_statistics_across_shards(thread_shards):
     def layers():
         return [Conv2D(5, 3, pad="same", bias=False), BatchNorm(), ReLU(), Conv2D(6, 3, pad=1), BatchNorm(), ReLU(),
                 MaxPool2D(2), Conv2D(4, 3), BatchNorm(), ReLU(), MaxPool2D(2),  # odd map: pool not fused
@@ -195,7 +202,7 @@ def test_group_images_are_whole_chunks_within_the_batch():
     assert workspace.group_images(2, workspace.GROUP_BYTES // 8, 100) == 8
 
 
-def test_k_major_blocks_with_phase_planes_and_without(monkeypatch):
+def test_k_major_blocks_with_phase_planes_and_without(monkeypatch, thread_shards):
     # Every conv K-major (as a first conv on few channels is): where the input gradient
     # is not needed, or comes from the im2col of dz, im2col is copied from phase planes.
     from xpnet.cpu import conv_block
@@ -261,7 +268,7 @@ def test_errors_match_the_plain_path(rng):
         m.backward(np.zeros((5, 5), np.float32))
 
 
-def test_error_in_one_shard_reaches_the_caller_and_the_pool_recovers(rng):
+def test_error_in_one_shard_reaches_the_caller_and_the_pool_recovers(rng, thread_shards):
     m = Sequential([Dense(4), BatchNorm(), Dense(2)], input_shape=(3,))
     x = rng.standard_normal((8, 3)).astype(np.float32)
     xpnet.set_num_threads(2)
@@ -282,7 +289,7 @@ def test_error_in_one_shard_reaches_the_caller_and_the_pool_recovers(rng):
     assert y.shape == (8, 2) and np.isfinite(y).all()
 
 
-def test_buffers_are_reused_after_the_first_step(rng):
+def test_buffers_are_reused_after_the_first_step(rng, thread_shards):
     m = xpnet.models.captcha_net(input_shape=(3, 32, 40))
     x = rng.standard_normal((8, 3, 32, 40)).astype(np.float32)
     t = np.zeros((8, 144), np.float32)
@@ -316,7 +323,7 @@ def test_workspace_buffers_start_on_a_cache_line(shape, dtype):
         assert bufs[0].all() and not any(b.any() for b in bufs[1:])
 
 
-def test_every_conv_block_buffer_comes_from_the_aligned_workspace(rng):
+def test_every_conv_block_buffer_comes_from_the_aligned_workspace(rng, thread_shards):
     models = [(xpnet.models.captcha_net_bn(input_shape=(3, 16, 40), width=8), 6),
               (xpnet.models.captcha_net(input_shape=(3, 32, 40)), 5)]
     whole = {"y", "winner_records", "dpooled", "relu_positive", "dweight_matrix", "dweight_chunk", "col",
@@ -382,7 +389,7 @@ def test_predict_and_gradients_are_fresh_arrays(rng):
     assert m.gradients()["conv1.W"] is not g1
 
 
-def test_ufunc_buffer_size_is_set_in_every_shard_and_restored_for_the_caller(rng, monkeypatch):
+def test_ufunc_buffer_size_is_set_in_every_shard_and_restored_for_the_caller(rng, monkeypatch, thread_shards):
     # The executor shrinks NumPy's ufunc buffer inside its shards (strided views run
     # without copies through buffers); the caller's own setting must come back.
     seen = []
@@ -581,7 +588,7 @@ def test_batch_statistics_combine_shards_of_very_different_means_in_one_all_redu
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_gram_statistics_of_an_rgb_first_block(dtype):
+def test_gram_statistics_of_an_rgb_first_block(dtype, thread_shards):
     # Three channels: 27 values an im2col row, read K-major in float32 and row-major in float64
     # (72 bytes a window row); both take the Gram path and match the plain path.
     def layers():

@@ -11,7 +11,8 @@ from xpnet.nn.recurrent import GRU
 from xpnet.nn.sequence import Columns, TimeDense
 from xpnet.nn.layers import Conv2D, MaxPool2D, ReLU
 
-from .test_fused_executor import _restore_settings, assert_paths_agree, one_step  # noqa: F401  (autouse fixture)
+from .test_fused_executor import (_restore_settings, assert_paths_agree, one_step,  # noqa: F401  (fixtures)
+                                  thread_shards)
 from xpnet.testing import assert_allclose
 
 
@@ -100,7 +101,7 @@ def test_crnn_without_input_gradient_matches_plain_path(dtype):
                        loss=ctc(labels, lengths), targets=lengths)
 
 
-def test_reused_gru_buffers_across_steps_and_batch_sizes():
+def test_reused_gru_buffers_across_steps_and_batch_sizes(thread_shards):
     # The GRU stage keeps its work arrays per shard from step to step: every step of a run
     # whose batch size changes must still match the plain path, and what a step returned
     # (logits, gradients, the input gradient) must not change under later steps.
@@ -134,7 +135,7 @@ def test_reused_gru_buffers_across_steps_and_batch_sizes():
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_first_block_statistics_from_the_gram_matrix(dtype):
+def test_first_block_statistics_from_the_gram_matrix(dtype, thread_shards):
     # captcha_crnn's first block (BatchNorm, a pool, no bias, no input gradient, 3x3 on one
     # channel) takes its BatchNorm statistics from the Gram matrix of its im2col rows when every
     # gamma is positive, and from z otherwise; both must match the plain path, also for inputs
@@ -157,7 +158,7 @@ def test_first_block_statistics_from_the_gram_matrix(dtype):
     assert gram_steps(fast) and not any(gram_steps(fast))
 
 
-def test_gram_statistics_of_inputs_far_from_zero():
+def test_gram_statistics_of_inputs_far_from_zero(thread_shards):
     # Inputs around 1000 with a spread of 1 and no padding: z's mean is ~1000 times its spread,
     # so E[z^2] - mean^2, and dW's z*c_z + c_0 part formed from the Gram matrix, cancel almost
     # everything.  Against a float64 step, the fused float32 step must be about as accurate as

@@ -1,4 +1,4 @@
-"""The fused NumPy path: conv blocks over cache-sized chunks, run batch-parallel on CPU threads.
+"""The fused NumPy path: conv blocks over cache-sized chunks, run batch-parallel on the CPU's cores.
 
 * ``executor``       -- ``FusedExecutor``: plans a ``Sequential`` into stages and runs them per shard;
 * ``sliced_update``  -- the optimizer update in slices on the same threads;
@@ -8,7 +8,9 @@
 * ``sequence_stages``-- the stages of CRNN readers (Columns, GRU, TimeDense);
 * ``grouped_im2col`` -- conv-block geometry: pool-grouped im2col rows, kernel taps, phase planes;
 * ``workspace``      -- reusable, cache-line aligned buffers;
-* ``threads``        -- the shard thread pool and BLAS thread control.
+* ``process_shards`` -- shards 1..T-1 in worker processes (``shard_worker``), the default;
+* ``threads``        -- the shard thread pool (models with dropout, ``XPNET_SHARDS=threads``) and
+                        BLAS thread control.
 
 Importing this package registers its implementations with ``xpnet.dispatch``;
 ``xpnet.ops`` (and ``nn.optim.apply_updates``) is its reference and imports

@@ -22,8 +22,12 @@ layer list into stages:
 Planned layer types (``PLANNED_TYPES``): Conv2D, MaxPool2D, Dense, ReLU, Flatten,
 Dropout, BatchNorm, Columns, GRU, TimeDense.
 
-The batch is split into T contiguous shards (``xpnet.set_num_threads``), one
-thread each with single-threaded BLAS (``threads``).  Per-shard partial
+The batch is split into T contiguous shards (``xpnet.set_num_threads``), each
+run with single-threaded BLAS: shard 0 in the calling thread, the others in
+worker processes that hold a replica of the model (``process_shards``; no
+interpreter lock shared between shards) or, for models with dropout and with
+``XPNET_SHARDS=threads``, on threads of this process (``threads``).  Both give
+the same bits.  Per-shard partial
 gradients are added in shard order and BatchNorm statistics are all-reduced in
 shard order, so a run is reproducible for a given T.  Dropout masks are drawn
 for the whole batch before the split, from the same generator and in the same
@@ -44,6 +48,7 @@ from ..errors import ShapeError, UsageError
 from ..nn.layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
 from ..nn.recurrent import GRU
 from ..nn.sequence import Columns, TimeDense
+from . import process_shards
 from .threads import can_limit_blas, shard_pool
 from .stages import (FLAT, NCHW, BatchNormStage, DenseStage, DropoutStage, FlattenStage, PoolStage, ReLUStage,
                      Shard, Stage, Step, convert)
@@ -105,7 +110,7 @@ def _plan_key(model):
 
 
 class FusedExecutor:
-    """Runs a built ``Sequential`` through fused stages on T CPU threads.
+    """Runs a built ``Sequential`` through fused stages as T shards (worker processes or threads).
 
     The interface ``Sequential`` uses: ``matches(model)``, ``forward(x, train)``,
     ``has_pending``, ``backward(dout)``, ``invalidate()``.
@@ -142,9 +147,21 @@ class FusedExecutor:
     def forward(self, x, train: bool):
         n = x.shape[0]
         t = self.threads_for(n)
-        pool = shard_pool()
-        step = Step(train, n, t, pool.reducer(t))
         self.pending = None
+        out = numpy.empty((n,) + tuple(self.model.output_shape), dtype=x.dtype)
+        workers = process_shards.group_for(self, t)
+        if workers is not None:
+            step = workers.forward(self, x, out, train, t)
+        else:
+            step = self.new_step(x, train, t, shard_pool().reducer(t))
+            self._run(lambda k: self.forward_shard(k, step, x, out), t)
+        if train:
+            self.pending = step
+        return out
+
+    def new_step(self, x, train: bool, t: int, reducer) -> Step:
+        """The step's shared state: stages prepared, and the layout each stage gets its input in."""
+        step = Step(train, x.shape[0], t, reducer)
         for s in self.stages:
             s.prepare(step)
         # The layout each stage gets its input in: the one it accepts, converting
@@ -157,25 +174,19 @@ class FusedExecutor:
                 layout = next(a for a in s.accepts if a != FLAT)
             layouts.append(layout)
             layout = s.out_layout(layout)
-        step.layouts = layouts
-        step.out_layout = layout
-        out = numpy.empty((n,) + tuple(self.model.output_shape), dtype=x.dtype)
+        step.layouts, step.src_layouts, step.out_layout = layouts, src_layouts, layout
+        return step
 
-        def run_shard(k):
-            sh = self._shard(k)
-            sh.cache.clear()
-            sh.grads.clear()
-            a, e = step.bounds[k]
-            h = x[a:e]
-            for s, src, dst in zip(self.stages, src_layouts, layouts):
-                h = s.forward(convert(h, src, dst), sh, step)
-            out[a:e] = convert(h, layout, NCHW)
-
-        self._run(run_shard, t)
-        if train:
-            step.src_layouts = src_layouts
-            self.pending = step
-        return out
+    def forward_shard(self, k: int, step: Step, x, out):
+        """Shard k's forward: rows bounds[k] of the batch x, written into the same rows of out."""
+        sh = self._shard(k)
+        sh.cache.clear()
+        sh.grads.clear()
+        a, e = step.bounds[k]
+        h = x[a:e]
+        for s, src, dst in zip(self.stages, step.src_layouts, step.layouts):
+            h = s.forward(convert(h, src, dst), sh, step)
+        out[a:e] = convert(h, step.out_layout, NCHW)
 
     def backward(self, dout):
         step = self.pending
@@ -185,36 +196,49 @@ class FusedExecutor:
         if tuple(dout.shape) != (step.n,) + tuple(self.model.output_shape):
             raise ShapeError(f"backward got d(logits) of shape {tuple(dout.shape)}, expected "
                              f"{(step.n,) + tuple(self.model.output_shape)}.")
-        need = [s.layers[0].needs_input_grad for s in self.stages]
+        need = self.input_grad_flags()
         want_dx = self.model.compute_input_grad
         dx_full = numpy.empty((step.n,) + tuple(self.model.input_shape), dtype=dout.dtype) if want_dx else None
-        keys = [(layer, name) for layer in self.model.layers for name in layer.params]
+        keys = self.param_keys()
+        if isinstance(step.reducer, process_shards.MainReducer):
+            step.reducer.group.backward(self, step, dout, dx_full, need, keys)
+        else:
+            def run_shard(k):
+                sh = self.backward_shard(k, step, dout, dx_full, need)
+                if step.t > 1:
+                    for key, g in sh.grads.items():
+                        if not g.flags.c_contiguous:  # slices of it are summed in place
+                            sh.grads[key] = numpy.ascontiguousarray(g)
+                    step.reducer.wait()  # every shard's partial gradients are ready
+                    self._add_partial_gradients(k, step.t, keys)
 
-        def run_shard(k):
-            sh = self._shard(k)
-            a, e = step.bounds[k]
-            d = convert(dout[a:e], NCHW, step.out_layout)
-            for i in range(len(self.stages) - 1, -1, -1):
-                s = self.stages[i]
-                d = s.backward(d, sh, step, need[i])
-                if d is None:
-                    break
-                d = convert(d, step.layouts[i], step.src_layouts[i])
-            if want_dx:
-                dx_full[a:e] = convert(d, step.src_layouts[0], NCHW)
-            if step.t > 1:
-                for key, g in sh.grads.items():
-                    if not g.flags.c_contiguous:  # slices of it are summed in place
-                        sh.grads[key] = numpy.ascontiguousarray(g)
-                step.reducer.wait()  # every shard's partial gradients are ready
-                self._add_partial_gradients(k, step.t, keys)
-
-        self._run(run_shard, step.t)
+            self._run(run_shard, step.t)
         for layer, name in keys:
             layer.grads[name] = self.shards[0].grads[(layer, name)]  # now the whole-batch sum
         for sh in self.shards[:step.t]:
             sh.grads.clear()
         return dx_full
+
+    def input_grad_flags(self) -> list[bool]:
+        return [s.layers[0].needs_input_grad for s in self.stages]
+
+    def param_keys(self) -> list:
+        """(layer, parameter name) of every parameter, in layer order: the order partial gradients are summed in."""
+        return [(layer, name) for layer in self.model.layers for name in layer.params]
+
+    def backward_shard(self, k: int, step: Step, dout, dx_full, need) -> Shard:
+        """Shard k's backward through every stage; its partial gradients are left in the shard's grads."""
+        sh = self._shard(k)
+        a, e = step.bounds[k]
+        d = convert(dout[a:e], NCHW, step.out_layout)
+        for i in range(len(self.stages) - 1, -1, -1):
+            d = self.stages[i].backward(d, sh, step, need[i])
+            if d is None:
+                break
+            d = convert(d, step.layouts[i], step.src_layouts[i])
+        if dx_full is not None:
+            dx_full[a:e] = convert(d, step.src_layouts[0], NCHW)
+        return sh
 
     def _add_partial_gradients(self, k, t, keys):
         """Add slice k of every shard's partial gradient into shard 0's, in shard order.

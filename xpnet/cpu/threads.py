@@ -135,7 +135,7 @@ class ShardPool:
     def __init__(self):
         self._workers: list[_Worker] = []
         # One parallel region at a time per pool (re-entrant for the calling thread).
-        self._lock = threading.RLock()
+        self.lock = threading.RLock()
         self.reducers: dict[int, Reducer] = {}
 
     def reducer(self, t: int) -> Reducer:
@@ -156,7 +156,7 @@ class ShardPool:
         as NumPy's ufunc buffer size when given; both are put back afterwards.
         """
         fn = _with_numpy_state(fn, numpy.geterr(), bufsize)
-        with self._lock, (blas_threads(blas) if blas else contextlib.nullcontext()):
+        with self.lock, (blas_threads(blas) if blas else contextlib.nullcontext()):
             if t == 1:
                 return [fn(0)]
             while len(self._workers) < t - 1:

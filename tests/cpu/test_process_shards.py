@@ -1,0 +1,226 @@
+"""Shards in worker processes (xpnet.cpu.process_shards) against shards on threads.
+
+The worker runs the same per-shard code on a replica of the model, so every step
+must give the bitwise same outputs, gradients, input gradients and BatchNorm
+statistics as the thread pool; errors must reach the caller, and a worker that
+died or cannot start must not leave the model unusable.
+"""
+
+import os
+import threading
+
+import numpy as np
+import pytest
+
+import xpnet
+from xpnet import config
+from xpnet.captcha.heads import CTCLoss
+from xpnet.cpu import process_shards
+from xpnet.errors import UsageError
+from xpnet.nn.layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, MaxPool2D, ReLU
+from xpnet.nn.sequential import Sequential
+
+from .test_fused_executor import _restore_settings  # noqa: F401  (autouse fixture)
+
+
+def _crnn():
+    return xpnet.models.captcha_crnn(n_classes=5, input_shape=(1, 16, 24), channels=(4, 6, 8), hidden=5,
+                                     batchnorm=True)
+
+
+def _conv_bn():
+    return Sequential([Conv2D(4, 3, pad="same", bias=False), BatchNorm(), ReLU(), MaxPool2D(2),
+                       Conv2D(6, 3, pad=1), BatchNorm(), ReLU(), Flatten(), Dense(5), BatchNorm(), Dense(3)],
+                      input_shape=(2, 8, 10))
+
+
+def _steps(model, mode, x, steps=2):
+    """Outputs, gradients, input gradient, state and evaluation outputs after Adam steps in one shard mode."""
+    config.set_shard_mode(mode)
+    model.compute_input_grad = True
+    opt = xpnet.optim.Adam(model, lr=0.01)
+    crnn = model.name == "captcha_crnn"
+    labels = np.arange(x.shape[0] * 2).reshape(-1, 2) % 5 + 1
+    targets = np.concatenate([np.full((x.shape[0], 1), 2), labels], axis=1)  # packed: length, then the labels
+    for _ in range(steps):
+        logits = model.forward(x, train=True)
+        if crnn:
+            _, d = CTCLoss()(logits, targets)
+        else:
+            d = np.tanh(logits)  # any gradient will do
+        dx = model.backward(d)
+        grads = {k: v.copy() for k, v in model.gradients().items()}
+        opt.step()
+    ev = model.forward(x, train=False)
+    return logits, grads, dx, {k: v.copy() for k, v in model.state_dict().items()}, ev
+
+
+def _assert_same(a, b):
+    np.testing.assert_array_equal(a[0], b[0])
+    assert a[1].keys() == b[1].keys()
+    for k in a[1]:
+        np.testing.assert_array_equal(a[1][k], b[1][k], err_msg=k)
+    np.testing.assert_array_equal(a[2], b[2])
+    for k in a[3]:
+        np.testing.assert_array_equal(a[3][k], b[3][k], err_msg=k)
+    np.testing.assert_array_equal(a[4], b[4])
+
+
+@pytest.mark.parametrize("build", [_crnn, _conv_bn], ids=["crnn", "conv_bn"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [2, 3])
+def test_processes_give_the_bits_of_threads(build, dtype, threads):
+    xpnet.set_dtype(dtype)
+    xpnet.set_num_threads(threads)
+    xpnet.seed(5)
+    on_threads = build()
+    on_processes = on_threads.clone()
+    x = np.random.default_rng(2).standard_normal((13,) + on_threads.input_shape).astype(dtype)
+    want = _steps(on_threads, "threads", x)
+    got = _steps(on_processes, "processes", x)
+    assert len(on_processes.executor.shards) == 1  # shards 1.. ran elsewhere
+    assert len(on_threads.executor.shards) == threads
+    _assert_same(want, got)
+
+
+def test_batch_sizes_that_grow_and_models_used_in_turn():
+    xpnet.set_num_threads(2)
+    xpnet.seed(1)
+    a_threads, b_threads = _conv_bn(), _crnn()
+    a_proc, b_proc = a_threads.clone(), b_threads.clone()
+    rng = np.random.default_rng(3)
+    for model_t, model_p, n in ((a_threads, a_proc, 9), (b_threads, b_proc, 12), (a_threads, a_proc, 30),
+                                (b_threads, b_proc, 8), (a_threads, a_proc, 9)):
+        x = rng.standard_normal((n,) + model_t.input_shape).astype(np.float32)
+        _assert_same(_steps(model_t, "threads", x, steps=1), _steps(model_p, "processes", x, steps=1))
+
+
+def test_a_layer_setting_changed_between_steps_reaches_the_workers():
+    xpnet.set_num_threads(2)
+    xpnet.seed(4)
+    on_threads = _conv_bn()
+    on_processes = on_threads.clone()
+    x = np.random.default_rng(6).standard_normal((10,) + on_threads.input_shape).astype(np.float32)
+    _assert_same(_steps(on_threads, "threads", x, steps=1), _steps(on_processes, "processes", x, steps=1))
+    for m in (on_threads, on_processes):
+        m.layers[1].eps = 0.5  # not a parameter: only the workers' replicas of the model know it
+    _assert_same(_steps(on_threads, "threads", x, steps=1), _steps(on_processes, "processes", x, steps=1))
+
+
+def test_an_error_in_a_worker_reaches_the_caller_and_the_next_step_works():
+    config.set_shard_mode("processes")
+    xpnet.set_num_threads(2)
+    m = Sequential([Flatten(), Dense(3)], input_shape=(4,))
+    x = np.zeros((8, 4), np.float32)
+    x[-1] = 3e38  # only the last shard (a worker's) overflows
+    m.layers[1].params["W"][...] = 10
+    with np.errstate(over="ignore"):
+        assert np.isinf(m.forward(x, train=False)[-1]).all()
+    before = [w.proc.pid for w in process_shards._group.workers]
+    with np.errstate(over="raise"), pytest.raises(FloatingPointError, match="overflow"):
+        m.forward(x, train=False)  # the worker's error class, under the caller's error handling
+    x[-1] = 1
+    y = m.forward(x, train=False)
+    np.testing.assert_array_equal(y[-1], x[-1] @ m.layers[1].params["W"] + m.layers[1].params["b"])
+    assert [w.proc.pid for w in process_shards._group.workers] != before  # stopped on the error, started again
+
+
+def test_a_worker_that_died_is_reported_and_replaced():
+    config.set_shard_mode("processes")
+    xpnet.set_num_threads(2)
+    m = _conv_bn()
+    x = np.random.default_rng(0).standard_normal((10,) + m.input_shape).astype(np.float32)
+    want = m.forward(x, train=False)
+    worker = process_shards._group.workers[0]
+    worker.proc.kill()
+    worker.proc.wait()
+    with pytest.raises(process_shards.ShardWorkerError, match="ended unexpectedly"):
+        m.forward(x, train=False)
+    np.testing.assert_array_equal(m.forward(x, train=False), want)
+
+
+def test_a_worker_error_of_a_class_the_caller_cannot_raise_names_it():
+    exc = process_shards.worker_exception(
+        {"type": None, "module": "somewhere", "name": "OddError", "message": "it broke"})
+    assert isinstance(exc, process_shards.ShardWorkerError) and "OddError: it broke" in str(exc)
+    exc = process_shards.worker_exception({"type": "ShapeError", "module": "xpnet.errors", "name": "ShapeError",
+                                           "message": "bad shape"})
+    assert type(exc).__name__ == "ShapeError" and str(exc) == "bad shape"
+
+
+def test_all_reduce_contributions_in_another_order_are_refused():
+    payload = process_shards.value_message((3, "bn"), np.arange(4.0))
+    np.testing.assert_array_equal(process_shards.parse_value(payload, (3, "bn"), np.zeros(4)), np.arange(4.0))
+    with pytest.raises(process_shards.ShardWorkerError, match="different orders"):
+        process_shards.parse_value(payload, (4, "bn"), np.zeros(4))
+
+
+def test_messages_larger_than_a_pipe_buffer_arrive_whole():
+    r, w = os.pipe()
+    payload = np.random.default_rng(0).bytes(3 << 20)
+    writer = threading.Thread(target=process_shards.write_message, args=(w, b"V", payload))
+    writer.start()
+    try:
+        assert process_shards.read_message(r) == (b"V", payload)
+    finally:
+        writer.join()
+        os.close(r)
+        os.close(w)
+
+
+def test_models_with_dropout_stay_on_threads():
+    config.set_shard_mode("processes")
+    xpnet.set_num_threads(2)
+    m = Sequential([Dense(6), Dropout(0.5), Dense(2)], input_shape=(4,))
+    m.forward(np.ones((8, 4), np.float32), train=True)
+    assert not process_shards.usable(m.executor, 2)
+    assert len(m.executor.shards) == 2
+    m.layers[1].rate = 0.0
+    assert process_shards.usable(m.executor, 2)
+
+
+def test_no_arena_file_is_left_behind():
+    config.set_shard_mode("processes")
+    xpnet.set_num_threads(2)
+    m = _conv_bn()
+    m.forward(np.ones((12,) + m.input_shape, np.float32), train=True)
+    folder = process_shards._arena_folder()
+    assert not [f for f in os.listdir(folder) if f.startswith(f"xpnet-shards-{os.getpid()}-")]
+
+
+def test_workers_that_cannot_start_fall_back_to_threads_with_one_warning(monkeypatch):
+    config.set_shard_mode("processes")
+    xpnet.set_num_threads(2)
+
+    def cannot_start(self):
+        raise OSError("no such interpreter")
+
+    monkeypatch.setattr(process_shards, "_group", None)
+    monkeypatch.setattr(process_shards, "_failed", None)
+    monkeypatch.setattr(process_shards.Worker, "__init__", cannot_start)
+    m = _conv_bn()
+    x = np.random.default_rng(0).standard_normal((10,) + m.input_shape).astype(np.float32)
+    with pytest.warns(RuntimeWarning, match="could not start .*no such interpreter.*using threads"):
+        y = m.forward(x, train=False)
+    assert len(m.executor.shards) == 2
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(m.forward(x, train=False), y)  # no second warning
+
+
+def test_stopped_workers_exit_cleanly():
+    config.set_shard_mode("processes")
+    xpnet.set_num_threads(3)
+    m = _conv_bn()
+    m.forward(np.ones((12,) + m.input_shape, np.float32), train=False)
+    procs = [w.proc for w in process_shards._group.workers]
+    assert len(procs) == 2
+    process_shards._group.stop()
+    assert [p.returncode for p in procs] == [0, 0]
+
+
+def test_shard_mode_setting():
+    assert config.set_shard_mode("threads") == "threads" == xpnet.get_shard_mode()
+    with pytest.raises(UsageError, match="processes, threads"):
+        config.set_shard_mode("forks")

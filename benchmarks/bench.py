@@ -24,9 +24,10 @@ What is measured
 
 How
 * Every configuration runs in its own fresh subprocess (a "worker"); peak RSS
-  is that process's ``ru_maxrss``.  Workers of one comparison group start
-  together, warm up, then are timed **round-robin** (one block of steps each,
-  repeated), so a load change on the machine hits every backend alike.
+  is that process's peak (VmHWM) plus its live children's (xpnet's shard
+  workers).  Workers of one comparison group start together, warm up, then
+  are timed **round-robin** (one block of steps each, repeated), so a load
+  change on the machine hits every backend alike.
 * Median and spread (interquartile range, min-max) of per-step times after
   warm-up; images/s = batch / median.  GPU steps are timed with CUDA events;
   the first call (kernel compilation, autotuning) is reported separately.
@@ -127,17 +128,32 @@ def _rss_now_mb():
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _hwm_mb(pid="self"):
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise OSError("no VmHWM line")
+
+
 def _maxrss_mb():
-    """Peak resident memory of this process image.
+    """Peak resident memory of this process image, plus that of its live child processes
+    (xpnet's CPU shard workers hold shards 1.. of every step).
 
     VmHWM, not ru_maxrss: Linux carries ru_maxrss over fork+exec, so a worker
-    would report its parent's peak when that was higher.
+    would report its parent's peak when that was higher.  The shared memory the
+    shard workers map is counted in each process: a bound from above.
     """
     try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
+        total = _hwm_mb()
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/children") as fh:
+                for pid in fh.read().split():
+                    try:
+                        total += _hwm_mb(pid)
+                    except OSError:  # exited meanwhile
+                        pass
+        return total
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -209,6 +209,55 @@ def test_workers_that_cannot_start_fall_back_to_threads_with_one_warning(monkeyp
         np.testing.assert_array_equal(m.forward(x, train=False), y)  # no second warning
 
 
+def test_a_frozen_application_never_starts_itself_as_a_worker(monkeypatch):
+    config.set_shard_mode("processes")
+    xpnet.set_num_threads(2)
+    m = _conv_bn()
+    m.forward(np.ones((8,) + m.input_shape, np.float32), train=False)
+    assert process_shards.usable(m.executor, 2)
+    monkeypatch.setattr(process_shards.sys, "frozen", True, raising=False)
+    assert not process_shards.usable(m.executor, 2)
+
+
+def test_a_worker_stopped_in_the_middle_of_a_step_exits_without_a_traceback():
+    # A worker waiting for an all-reduce total when the main process closes its pipes (an
+    # interrupted step) ends quietly: status 0, nothing on its stderr.
+    import json
+    import subprocess
+    import sys
+
+    config.set_shard_mode("threads")
+    xpnet.set_num_threads(2)
+    m = _conv_bn()
+    m.forward(np.ones((8,) + m.input_shape, np.float32), train=False)
+    arena = process_shards.Arena(m.executor, 8, 1)
+    for i, kind, name, arr in process_shards.state_arrays(m):
+        np.copyto(arena.views[f"state/{i}/{kind}/{name}"], arr)
+    proc = subprocess.Popen([sys.executable, "-m", "xpnet.cpu.shard_worker"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        send = lambda **cmd: process_shards.write_message(proc.stdin.fileno(), process_shards.COMMAND,
+                                                          json.dumps(cmd).encode())
+        receive = lambda: process_shards.read_message(proc.stdout.fileno())
+        assert receive()[0] == process_shards.READY
+        send(op="load", token=arena.token, path=arena.path, regions=arena.regions, spec=m.spec(),
+             dtype=np.dtype(m.dtype).str)
+        assert receive()[0] == process_shards.DONE
+        send(op="forward", token=arena.token, n=8, t=2, k=1, train=True, err=np.geterr(),
+             input_grads=[layer.needs_input_grad for layer in m.layers])
+        assert receive()[0] == process_shards.VALUE  # the first BatchNorm's statistics: now it waits
+        proc.stdin.close()  # as ProcessGroup.stop does: both pipes
+        proc.stdout.close()
+        assert proc.wait(timeout=30) == 0
+        assert proc.stderr.read() == b""
+    finally:
+        arena.unlink()
+        if proc.poll() is None:
+            proc.kill()
+        for f in (proc.stdin, proc.stdout, proc.stderr):
+            f.close()
+
+
 def test_stopped_workers_exit_cleanly():
     config.set_shard_mode("processes")
     xpnet.set_num_threads(3)

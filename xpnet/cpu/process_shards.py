@@ -390,24 +390,31 @@ def usable(executor, t: int) -> bool:
     """Whether a step of this executor on t shards should use worker processes."""
     from .stages import DropoutStage
 
-    if t < 2 or _failed is not None or os.name != "posix" or config.get_shard_mode() != "processes":
+    if t < 2 or _failed is not None or config.get_shard_mode() != "processes":
+        return False
+    # Windows has no fork-free pipes and mmap of this kind here; a frozen application's
+    # interpreter is the application itself, which must not be started as a worker.
+    if os.name != "posix" or getattr(sys, "frozen", False) or not sys.executable:
         return False
     return not any(isinstance(s, DropoutStage) and s.layers[0].rate > 0 for s in executor.stages)
 
 
 def group_for(executor, t: int) -> ProcessGroup | None:
     """The process group to run this step with, or None: threads."""
+    from .threads import shard_pool
+
     global _group, _failed
     if not usable(executor, t):
         return None
-    if _group is None:
-        _group = ProcessGroup()
-    try:
-        _group.ensure(t - 1)
-    except (OSError, ShardWorkerError) as exc:
-        _group.stop()
-        _failed = str(exc)
-        warnings.warn(f"xpnet: CPU shard worker processes could not start ({exc}); using threads instead.",
-                      RuntimeWarning, stacklevel=4)
-        return None
-    return _group
+    with shard_pool().lock:  # two Python threads stepping models must not start workers side by side
+        if _group is None:
+            _group = ProcessGroup()
+        try:
+            _group.ensure(t - 1)
+        except Exception as exc:  # no interpreter to start, no pipes, a worker that died at import...
+            _group.stop()
+            _failed = str(exc)
+            warnings.warn(f"xpnet: CPU shard worker processes could not start ({exc}); using threads instead.",
+                          RuntimeWarning, stacklevel=4)
+            return None
+        return _group

@@ -70,21 +70,21 @@ def serve(in_fd: int, out_fd: int) -> None:
     numpy.setbufsize(UFUNC_BUFSIZE)
     reducer = WorkerReducer(in_fd, out_fd)
     replicas: dict = {}
-    ps.write_message(out_fd, ps.READY)
-    while True:
-        try:
+    try:
+        ps.write_message(out_fd, ps.READY)
+        while True:
             kind, payload = ps.read_message(in_fd)
-        except EOFError:
-            return
-        if kind != ps.COMMAND:
-            continue
-        cmd = json.loads(payload)
-        try:
-            reply = run(cmd, replicas, reducer)
-        except Exception as exc:
-            ps.write_message(out_fd, ps.ERROR, ps.describe_exception(exc))
-            continue
-        ps.write_message(out_fd, ps.DONE, json.dumps(reply).encode())
+            if kind != ps.COMMAND:
+                continue
+            cmd = json.loads(payload)
+            try:
+                reply = run(cmd, replicas, reducer)
+            except Exception as exc:
+                ps.write_message(out_fd, ps.ERROR, ps.describe_exception(exc))
+                continue
+            ps.write_message(out_fd, ps.DONE, json.dumps(reply).encode())
+    except (EOFError, OSError):
+        return  # the main process closed the pipes (it stopped the workers, or it is gone)
 
 
 def run(cmd, replicas, reducer) -> dict:

@@ -258,6 +258,28 @@ def test_a_worker_stopped_in_the_middle_of_a_step_exits_without_a_traceback():
             f.close()
 
 
+def test_a_forked_child_starts_workers_of_its_own_and_leaves_the_parents_alone():
+    config.set_shard_mode("processes")
+    xpnet.set_num_threads(2)
+    m = _conv_bn()
+    x = np.random.default_rng(1).standard_normal((10,) + m.input_shape).astype(np.float32)
+    want = m.forward(x, train=False)
+    parents = [w.proc.pid for w in process_shards._group.workers]
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 3
+        try:
+            same = np.array_equal(m.forward(x, train=False), want)
+            own = [w.proc.pid for w in process_shards._group.workers]
+            code = 0 if same and own and not set(own) & set(parents) else 1
+            process_shards._group.stop()
+        finally:
+            os._exit(code)
+    assert os.waitpid(pid, 0)[1] == 0
+    np.testing.assert_array_equal(m.forward(x, train=False), want)
+    assert [w.proc.pid for w in process_shards._group.workers] == parents
+
+
 def test_stopped_workers_exit_cleanly():
     config.set_shard_mode("processes")
     xpnet.set_num_threads(3)

@@ -33,11 +33,11 @@ from __future__ import annotations
 import atexit
 import itertools
 import json
+import mmap
 import os
 import subprocess
 import sys
 import tempfile
-import mmap
 import warnings
 import weakref
 from pathlib import Path
@@ -269,6 +269,7 @@ class ProcessGroup:
     """The worker processes of this process, and which executor's replica each holds."""
 
     def __init__(self):
+        self.pid = os.getpid()  # a forked child inherits the group, but the workers are its parent's
         self.workers: list[Worker] = []
         self.arenas: dict = {}  # id(executor) -> Arena
 
@@ -379,7 +380,7 @@ _failed: str | None = None
 
 
 def _stop_group():
-    if _group is not None:
+    if _group is not None and _group.pid == os.getpid():
         _group.stop()
 
 
@@ -407,7 +408,7 @@ def group_for(executor, t: int) -> ProcessGroup | None:
     if not usable(executor, t):
         return None
     with shard_pool().lock:  # two Python threads stepping models must not start workers side by side
-        if _group is None:
+        if _group is None or _group.pid != os.getpid():  # in a forked child: workers of its own
             _group = ProcessGroup()
         try:
             _group.ensure(t - 1)

@@ -168,15 +168,25 @@ def test_messages_larger_than_a_pipe_buffer_arrive_whole():
         os.close(w)
 
 
-def test_models_with_dropout_stay_on_threads():
-    config.set_shard_mode("processes")
+def test_dropout_masks_of_the_main_process_reach_the_workers():
+    # The masks are drawn in the main process from xpnet's generator, as with threads: the same
+    # seed gives the same bits (a worker drawing its own would give other masks to its shard).
     xpnet.set_num_threads(2)
-    m = Sequential([Dense(6), Dropout(0.5), Dense(2)], input_shape=(4,))
-    m.forward(np.ones((8, 4), np.float32), train=True)
-    assert not process_shards.usable(m.executor, 2)
-    assert len(m.executor.shards) == 2
-    m.layers[1].rate = 0.0
-    assert process_shards.usable(m.executor, 2)
+
+    def build():
+        return Sequential([Conv2D(4, 3, pad=1), ReLU(), Dropout(0.3), Flatten(), Dense(6), Dropout(0.5), Dense(3)],
+                          input_shape=(2, 6, 8))
+
+    xpnet.seed(8)
+    on_threads = build()
+    on_processes = on_threads.clone()
+    x = np.random.default_rng(4).standard_normal((12,) + on_threads.input_shape).astype(np.float32)
+    xpnet.seed(9)
+    want = _steps(on_threads, "threads", x)
+    xpnet.seed(9)
+    got = _steps(on_processes, "processes", x)
+    assert len(on_processes.executor.shards) == 1
+    _assert_same(want, got)
 
 
 def test_no_arena_file_is_left_behind():
@@ -214,9 +224,9 @@ def test_a_frozen_application_never_starts_itself_as_a_worker(monkeypatch):
     xpnet.set_num_threads(2)
     m = _conv_bn()
     m.forward(np.ones((8,) + m.input_shape, np.float32), train=False)
-    assert process_shards.usable(m.executor, 2)
+    assert process_shards.usable(2)
     monkeypatch.setattr(process_shards.sys, "frozen", True, raising=False)
-    assert not process_shards.usable(m.executor, 2)
+    assert not process_shards.usable(2)
 
 
 def test_a_worker_stopped_in_the_middle_of_a_step_exits_without_a_traceback():
@@ -244,7 +254,7 @@ def test_a_worker_stopped_in_the_middle_of_a_step_exits_without_a_traceback():
              dtype=np.dtype(m.dtype).str)
         assert receive()[0] == process_shards.DONE
         send(op="forward", token=arena.token, n=8, t=2, k=1, train=True, err=np.geterr(),
-             input_grads=[layer.needs_input_grad for layer in m.layers])
+             input_grads=[layer.needs_input_grad for layer in m.layers], masks=[])
         assert receive()[0] == process_shards.VALUE  # the first BatchNorm's statistics: now it waits
         proc.stdin.close()  # as ProcessGroup.stop does: both pipes
         proc.stdout.close()

@@ -9,7 +9,7 @@
 * ``grouped_im2col`` -- conv-block geometry: pool-grouped im2col rows, kernel taps, phase planes;
 * ``workspace``      -- reusable, cache-line aligned buffers;
 * ``process_shards`` -- shards 1..T-1 in worker processes (``shard_worker``), the default;
-* ``threads``        -- the shard thread pool (models with dropout, ``XPNET_SHARDS=threads``) and
+* ``threads``        -- the shard thread pool (``XPNET_SHARDS=threads``) and
                         BLAS thread control.
 
 Importing this package registers its implementations with ``xpnet.dispatch``;

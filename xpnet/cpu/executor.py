@@ -25,9 +25,8 @@ Dropout, BatchNorm, Columns, GRU, TimeDense.
 The batch is split into T contiguous shards (``xpnet.set_num_threads``), each
 run with single-threaded BLAS: shard 0 in the calling thread, the others in
 worker processes that hold a replica of the model (``process_shards``; no
-interpreter lock shared between shards) or, for models with dropout and with
-``XPNET_SHARDS=threads``, on threads of this process (``threads``).  Both give
-the same bits.  Per-shard partial
+interpreter lock shared between shards) or, with ``XPNET_SHARDS=threads``, on
+threads of this process (``threads``).  Both give the same bits.  Per-shard partial
 gradients are added in shard order and BatchNorm statistics are all-reduced in
 shard order, so a run is reproducible for a given T.  Dropout masks are drawn
 for the whole batch before the split, from the same generator and in the same
@@ -159,9 +158,13 @@ class FusedExecutor:
             self.pending = step
         return out
 
-    def new_step(self, x, train: bool, t: int, reducer) -> Step:
-        """The step's shared state: stages prepared, and the layout each stage gets its input in."""
+    def new_step(self, x, train: bool, t: int, reducer, data=None) -> Step:
+        """The step's shared state: stages prepared, and the layout each stage gets its input in.
+
+        ``data``: step data made elsewhere (a worker process gets the main process's dropout masks).
+        """
         step = Step(train, x.shape[0], t, reducer)
+        step.data.update(data or {})
         for s in self.stages:
             s.prepare(step)
         # The layout each stage gets its input in: the one it accepts, converting

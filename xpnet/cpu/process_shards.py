@@ -23,9 +23,10 @@ gradients in shard order.  So a step gives the same bits as with threads.
 Messages on a pipe: one kind byte, an 8-byte little-endian length, the payload
 (JSON for commands and replies, raw array bytes for all-reduce values); never
 pickle.  Any error or interruption in a call stops the workers; the next call
-starts new ones.  Used for T > 1 unless the model has a Dropout (its masks are
-drawn per step in the main process) or ``XPNET_SHARDS=threads``; when a worker
-cannot start, threads are used from then on (with one warning).
+starts new ones.  Dropout masks are drawn in the main process, as with threads,
+and reach the workers through the arena.  Used for T > 1 unless
+``XPNET_SHARDS=threads``; when a worker cannot start, threads are used from then
+on (with one warning).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import numpy
 
 from .. import config, errors
 from ..errors import XpnetError
+from ..nn.layers import Dropout
 
 _tokens = itertools.count(1)
 ALIGN = 64  # every arena region starts on a cache line
@@ -123,6 +125,13 @@ def state_arrays(model) -> list:
             for kind, table in (("params", layer.params), ("buffers", layer.buffers)) for name, arr in table.items()]
 
 
+def mask_regions(executor, step) -> list:
+    """[(stage index, arena region)] of the step's dropout masks (the data a worker cannot draw itself)."""
+    layer_index = {id(layer): i for i, layer in enumerate(executor.model.layers)}
+    return [(st.index, f"mask/{layer_index[id(st.layers[0])]}") for st in executor.stages
+            if (st.index, "mask") in step.data]
+
+
 def arena_layout(model, n: int, workers: int) -> tuple[list, int]:
     """[(region name, offset, shape, dtype str)] and the total bytes, for batches of up to n."""
     dt = numpy.dtype(model.dtype)
@@ -138,6 +147,9 @@ def arena_layout(model, n: int, workers: int) -> tuple[list, int]:
     for name, shape in (("x", model.input_shape), ("out", model.output_shape), ("dout", model.output_shape),
                         ("dx", model.input_shape)):
         add(name, (n,) + tuple(shape), dt)
+    for i, layer in enumerate(model.layers):
+        if type(layer) is Dropout:  # the main process's mask for the whole batch
+            add(f"mask/{i}", (n,) + tuple(layer.input_shape), dt)
     for k in range(1, workers + 1):
         for i, layer in enumerate(model.layers):
             for name, arr in layer.params.items():
@@ -329,12 +341,15 @@ class ProcessGroup:
             for i, kind, name, arr in state_arrays(executor.model):
                 numpy.copyto(v[f"state/{i}/{kind}/{name}"], arr)
             numpy.copyto(v["x"][:n], x)
+            step = executor.new_step(x, train, t, MainReducer(self, t))  # draws the dropout masks
+            masks = mask_regions(executor, step)
+            for stage_index, region in masks:
+                numpy.copyto(v[region][:n], step.data[(stage_index, "mask")])
             err = numpy.geterr()
             flags = [bool(layer.needs_input_grad) for layer in executor.model.layers]
             for k, w in enumerate(self.workers[:t - 1], start=1):
                 w.command(op="forward", token=arena.token, n=n, t=t, k=k, train=bool(train), err=err,
-                          input_grads=flags)
-            step = executor.new_step(x, train, t, MainReducer(self, t))
+                          input_grads=flags, masks=masks)
             shard_pool().run(lambda _: executor.forward_shard(0, step, x, out), 1, blas=1, bufsize=UFUNC_BUFSIZE)
             for w in self.workers[:t - 1]:
                 w.reply()
@@ -387,17 +402,13 @@ def _stop_group():
 atexit.register(_stop_group)
 
 
-def usable(executor, t: int) -> bool:
-    """Whether a step of this executor on t shards should use worker processes."""
-    from .stages import DropoutStage
-
+def usable(t: int) -> bool:
+    """Whether a step on t shards should use worker processes."""
     if t < 2 or _failed is not None or config.get_shard_mode() != "processes":
         return False
-    # Windows has no fork-free pipes and mmap of this kind here; a frozen application's
-    # interpreter is the application itself, which must not be started as a worker.
-    if os.name != "posix" or getattr(sys, "frozen", False) or not sys.executable:
-        return False
-    return not any(isinstance(s, DropoutStage) and s.layers[0].rate > 0 for s in executor.stages)
+    # Only POSIX systems are covered (shared files unlinked while mapped); a frozen
+    # application's interpreter is the application itself, never to be started as a worker.
+    return os.name == "posix" and not getattr(sys, "frozen", False) and bool(sys.executable)
 
 
 def group_for(executor, t: int) -> ProcessGroup | None:
@@ -405,7 +416,7 @@ def group_for(executor, t: int) -> ProcessGroup | None:
     from .threads import shard_pool
 
     global _group, _failed
-    if not usable(executor, t):
+    if not usable(t):
         return None
     with shard_pool().lock:  # two Python threads stepping models must not start workers side by side
         if _group is None or _group.pid != os.getpid():  # in a forked child: workers of its own

@@ -103,7 +103,8 @@ def run(cmd, replicas, reducer) -> dict:
             for layer, flag in zip(rep.model.layers, cmd["input_grads"]):
                 layer.needs_input_grad = flag
             x = v["x"][:n]
-            rep.step = ex.new_step(x, cmd["train"], cmd["t"], reducer)
+            masks = {(index, "mask"): v[region][:n] for index, region in cmd["masks"]}
+            rep.step = ex.new_step(x, cmd["train"], cmd["t"], reducer, data=masks)
             rep.k = k
             ex.forward_shard(k, rep.step, x, v["out"][:n])
             if not cmd["train"]:

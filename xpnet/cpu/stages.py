@@ -200,11 +200,12 @@ class FlattenStage(Stage):
 
 
 class DropoutStage(Stage):
-    """Dropout with one mask for the whole batch, drawn before the shards start."""
+    """Dropout with one mask for the whole batch, drawn before the shards start (a shard worker
+    process gets the main process's mask in ``step.data``: it does not draw one)."""
 
     def prepare(self, step):
         layer = self.layers[0]
-        if step.train and layer.rate > 0:
+        if step.train and layer.rate > 0 and self.key("mask") not in step.data:
             # The same draw, from the same generator, as the plain path (layers.Dropout).
             u = backend.rng().random((step.n,) + tuple(layer.input_shape), dtype=numpy.dtype(self.dtype))
             step.data[self.key("mask")] = dropout_mask(u, layer.rate)

@@ -250,11 +250,12 @@ def test_a_worker_stopped_in_the_middle_of_a_step_exits_without_a_traceback():
                                                           json.dumps(cmd).encode())
         receive = lambda: process_shards.read_message(proc.stdout.fileno())
         assert receive()[0] == process_shards.READY
-        send(op="load", token=arena.token, path=arena.path, regions=arena.regions, spec=m.spec(),
+        send(op="load", token=arena.token, drop=[], path=arena.path, regions=arena.regions, spec=m.spec(),
              dtype=np.dtype(m.dtype).str)
         assert receive()[0] == process_shards.DONE
         send(op="forward", token=arena.token, n=8, t=2, k=1, train=True, err=np.geterr(),
-             input_grads=[layer.needs_input_grad for layer in m.layers], masks=[])
+             input_grads=[layer.needs_input_grad for layer in m.layers], masks=[],
+             settings=process_shards.worker_settings())
         assert receive()[0] == process_shards.VALUE  # the first BatchNorm's statistics: now it waits
         proc.stdin.close()  # as ProcessGroup.stop does: both pipes
         proc.stdout.close()
@@ -288,6 +289,157 @@ def test_a_forked_child_starts_workers_of_its_own_and_leaves_the_parents_alone()
     assert os.waitpid(pid, 0)[1] == 0
     np.testing.assert_array_equal(m.forward(x, train=False), want)
     assert [w.proc.pid for w in process_shards._group.workers] == parents
+
+
+def test_a_backward_whose_workers_were_stopped_since_its_forward_is_refused():
+    # Another model's error stops the workers between this model's forward and backward: the
+    # backward must not run shard 0 alone (wrong gradients), it says to run the forward again.
+    config.set_shard_mode("processes")
+    xpnet.set_num_threads(2)
+    m = _conv_bn()
+    x = np.random.default_rng(0).standard_normal((10,) + m.input_shape).astype(np.float32)
+    other = Sequential([Flatten(), Dense(3)], input_shape=(4,))
+    big = np.zeros((8, 4), np.float32)
+    big[-1] = 3e38
+    other.layers[1].params["W"][...] = 10
+    logits = m.forward(x, train=True)
+    with np.errstate(over="raise"), pytest.raises(FloatingPointError):
+        other.forward(big, train=False)
+    with pytest.raises(process_shards.ShardWorkerError, match="run forward.*again"):
+        m.backward(np.ones_like(logits))
+    twin = m.clone()
+    config.set_shard_mode("threads")
+    want = _steps(twin, "threads", x, steps=1)
+    _assert_same(want, _steps(m, "processes", x, steps=1))  # and the next step is right
+
+
+def test_more_models_in_turn_than_the_workers_keep():
+    config.set_shard_mode("processes")
+    xpnet.set_num_threads(2)
+    xpnet.seed(2)
+    models = [Sequential([Flatten(), Dense(5), BatchNorm(), Dense(2)], input_shape=(3,))
+              for _ in range(process_shards.MAX_REPLICAS + 3)]
+    x = np.random.default_rng(3).standard_normal((9, 3)).astype(np.float32)
+    want = []
+    config.set_shard_mode("threads")
+    for m in models:
+        want.append(m.forward(x, train=False))
+    config.set_shard_mode("processes")
+    for _ in range(2):
+        for m, w in zip(models, want):
+            np.testing.assert_array_equal(m.forward(x, train=False), w)
+    assert len(process_shards._group.arenas) <= process_shards.MAX_REPLICAS
+
+
+def test_no_room_for_shared_memory_falls_back_to_threads(monkeypatch):
+    config.set_shard_mode("processes")
+    xpnet.set_num_threads(2)
+    monkeypatch.setattr(process_shards, "_failed", None)
+
+    def full(fd, offset, size):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(process_shards.os, "posix_fallocate", full)
+    m = _conv_bn()
+    x = np.random.default_rng(0).standard_normal((10,) + m.input_shape).astype(np.float32)
+    with pytest.warns(RuntimeWarning, match="no room for their shared memory.*No space left"):
+        y = m.forward(x, train=False)
+    assert len(m.executor.shards) == 2  # ran on threads
+    folder = process_shards._arena_folder()
+    assert not [f for f in os.listdir(folder) if f.startswith(f"xpnet-shards-{os.getpid()}-")]
+    config.set_shard_mode("threads")
+    np.testing.assert_array_equal(m.clone().forward(x, train=False), y)
+
+
+def test_settings_changed_at_run_time_reach_the_workers():
+    from xpnet.cpu import workspace
+
+    xpnet.set_num_threads(2)
+    xpnet.seed(4)
+    on_threads = _conv_bn()
+    on_processes = on_threads.clone()
+    x = np.random.default_rng(6).standard_normal((12,) + on_threads.input_shape).astype(np.float32)
+    config.set_im2col_budget(0.002)  # conv chunks of a few images: other sums than one chunk
+    workspace.CHUNK_BYTES = 4096
+    _assert_same(_steps(on_threads, "threads", x, steps=1), _steps(on_processes, "processes", x, steps=1))
+
+
+def test_a_warning_in_a_workers_shard_reaches_the_callers_filters():
+    import warnings
+
+    config.set_shard_mode("processes")
+    xpnet.set_num_threads(2)
+    m = Sequential([Flatten(), Dense(3)], input_shape=(4,))
+    x = np.zeros((8, 4), np.float32)
+    x[-1] = 3e38  # only the worker's shard overflows
+    m.layers[1].params["W"][...] = 10
+    with np.errstate(over="warn"), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        m.forward(x, train=False)
+    assert any(issubclass(w.category, RuntimeWarning) and "overflow" in str(w.message) for w in seen)
+    with np.errstate(over="warn"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(RuntimeWarning, match="overflow"):
+            m.forward(x, train=False)
+
+
+def test_a_numpy_scalar_in_a_layer_setting_is_sent():
+    config.set_shard_mode("processes")
+    xpnet.set_num_threads(2)
+    m = _conv_bn()
+    m.layers[1].eps = np.float32(1e-3)
+    x = np.random.default_rng(0).standard_normal((10,) + m.input_shape).astype(np.float32)
+    got = m.forward(x, train=True)
+    config.set_shard_mode("threads")
+    np.testing.assert_array_equal(m.clone().forward(x, train=True), got)
+
+
+def test_an_interpreter_that_never_answers_falls_back_to_threads(monkeypatch, tmp_path):
+    silent = tmp_path / "silent.sh"
+    silent.write_text("#!/bin/sh\nexec sleep 30\n")
+    silent.chmod(0o755)
+    config.set_shard_mode("processes")
+    xpnet.set_num_threads(2)
+    monkeypatch.setattr(process_shards, "_group", None)
+    monkeypatch.setattr(process_shards, "_failed", None)
+    monkeypatch.setattr(process_shards, "STARTUP_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(process_shards.sys, "executable", str(silent))
+    m = _conv_bn()
+    with pytest.warns(RuntimeWarning, match="did not start within 0.5 s"):
+        m.forward(np.ones((10,) + m.input_shape, np.float32), train=False)
+    assert len(m.executor.shards) == 2
+    left = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if str(silent).encode() in f.read():
+                    left.append(pid)
+        except OSError:
+            pass
+    assert left == []  # the silent "interpreter" was stopped, not left running
+
+
+def test_a_forked_child_does_not_keep_the_workers_waiting():
+    # The child closes its copies of the worker pipes at once: stopping the workers in the parent
+    # while the child lives is quick and clean (not a 2-second wait and a kill).
+    import time
+
+    config.set_shard_mode("processes")
+    xpnet.set_num_threads(2)
+    m = _conv_bn()
+    m.forward(np.ones((10,) + m.input_shape, np.float32), train=False)
+    procs = [w.proc for w in process_shards._group.workers]
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(3)
+        os._exit(0)
+    try:
+        start = time.perf_counter()
+        process_shards._group.stop()
+        assert time.perf_counter() - start < 1.5
+        assert [p.returncode for p in procs] == [0]
+    finally:
+        os.waitpid(pid, 0)
 
 
 def test_stopped_workers_exit_cleanly():

@@ -150,8 +150,12 @@ class FusedExecutor:
         out = numpy.empty((n,) + tuple(self.model.output_shape), dtype=x.dtype)
         workers = process_shards.group_for(self, t)
         if workers is not None:
-            step = workers.forward(self, x, out, train, t)
-        else:
+            try:
+                step = workers.forward(self, x, out, train, t)
+            except process_shards.NoSharedMemory as exc:
+                process_shards.give_up(f"have no room for their shared memory ({exc})")
+                workers = None
+        if workers is None:
             step = self.new_step(x, train, t, shard_pool().reducer(t))
             self._run(lambda k: self.forward_shard(k, step, x, out), t)
         if train:
@@ -269,4 +273,4 @@ class FusedExecutor:
         self.pending = None
 
 
-dispatch.register_chain("numpy", "fused CPU executor (conv blocks on threads)", FusedExecutor, applies)
+dispatch.register_chain("numpy", "fused CPU executor (batch shards in worker processes or threads)", FusedExecutor, applies)

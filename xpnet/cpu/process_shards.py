@@ -23,7 +23,11 @@ gradients in shard order.  So a step gives the same bits as with threads.
 Messages on a pipe: one kind byte, an 8-byte little-endian length, the payload
 (JSON for commands and replies, raw array bytes for all-reduce values); never
 pickle.  Any error or interruption in a call stops the workers; the next call
-starts new ones.  Dropout masks are drawn in the main process, as with threads,
+starts new ones (a backward whose forward ran on the stopped ones is refused).
+Warnings a worker's shard raises are raised again in the caller; the settings
+that change a shard's arithmetic (im2col budget, chunk size) go with every
+command.  Runtime changes to ``xpnet.dispatch`` (a preferred implementation) are
+not seen by the workers: use ``XPNET_SHARDS=threads`` with them.  Dropout masks are drawn in the main process, as with threads,
 and reach the workers through the arena.  Used for T > 1 unless
 ``XPNET_SHARDS=threads``; when a worker cannot start, threads are used from then
 on (with one warning).
@@ -36,6 +40,7 @@ import itertools
 import json
 import mmap
 import os
+import select
 import subprocess
 import sys
 import tempfile
@@ -47,15 +52,22 @@ import numpy
 
 from .. import config, errors
 from ..errors import XpnetError
+from ..nn.file_header import _json_default
 from ..nn.layers import Dropout
 
 _tokens = itertools.count(1)
 ALIGN = 64  # every arena region starts on a cache line
+STARTUP_TIMEOUT_S = 60.0
+MAX_REPLICAS = 8  # models whose replicas the workers keep (the least recently loaded goes)
 READY, COMMAND, DONE, VALUE, ERROR = b"R", b"J", b"D", b"V", b"E"
 
 
 class ShardWorkerError(XpnetError):
     """A shard worker process failed or exited."""
+
+
+class NoSharedMemory(OSError):
+    """The arena file could not be made (a full /dev/shm): the step runs on threads instead."""
 
 
 # --------------------------------------------------------------------------- pipe messages
@@ -178,8 +190,16 @@ class Arena:
         self.regions, size = arena_layout(model, n, workers)
         fd, self.path = tempfile.mkstemp(prefix=f"xpnet-shards-{os.getpid()}-", dir=_arena_folder())
         try:
-            os.ftruncate(fd, size)
+            # Reserve the pages now: a tmpfs file only truncated to its size, past what /dev/shm
+            # holds (64 MB in a default container), would kill the process (SIGBUS) when touched.
+            if hasattr(os, "posix_fallocate"):
+                os.posix_fallocate(fd, 0, size)
+            else:
+                os.ftruncate(fd, size)
             self.mm = mmap.mmap(fd, size)
+        except BaseException:
+            self.unlink()
+            raise
         finally:
             os.close(fd)
         self.views = map_regions(self.mm, self.regions)
@@ -189,6 +209,32 @@ class Arena:
             os.unlink(self.path)
         except OSError:
             pass
+
+
+def worker_settings() -> dict:
+    """This process's settings that change what a shard computes, for the workers to use too."""
+    from . import workspace
+
+    return {"im2col_budget_bytes": config.get_im2col_budget_bytes(), "chunk_bytes": workspace.CHUNK_BYTES}
+
+
+def apply_settings(settings: dict) -> None:
+    from . import workspace
+
+    config._budget_bytes = int(settings["im2col_budget_bytes"])
+    workspace.CHUNK_BYTES = int(settings["chunk_bytes"])
+
+
+def reissue_warnings(found) -> None:
+    """Warnings a worker's shard raised (NumPy's overflow warnings...), raised again here, where the
+    caller's filters apply (``-W error`` stops a run on them, as with threads)."""
+    import builtins
+
+    for name, message in found:
+        cls = getattr(builtins, name, None)
+        if not (isinstance(cls, type) and issubclass(cls, Warning)):
+            cls = RuntimeWarning
+        warnings.warn(message, cls, stacklevel=2)
 
 
 # --------------------------------------------------------------------------- the main side
@@ -227,9 +273,17 @@ class Worker:
         self.proc = subprocess.Popen([sys.executable, "-m", "xpnet.cpu.shard_worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=env, close_fds=True)
         self.out_fd, self.in_fd = self.proc.stdin.fileno(), self.proc.stdout.fileno()
-        kind, payload = self.read()
-        if kind != READY:
-            self.raise_reply(kind, payload)
+        try:
+            # An interpreter that is not Python (an embedding application) would never answer.
+            if not select.select([self.in_fd], [], [], STARTUP_TIMEOUT_S)[0]:
+                raise ShardWorkerError(f"a CPU shard worker did not start within {STARTUP_TIMEOUT_S:g} s "
+                                       f"({sys.executable} -m xpnet.cpu.shard_worker).")
+            kind, payload = self.read()
+            if kind != READY:
+                self.raise_reply(kind, payload)
+        except BaseException:  # an error, or Ctrl-C while it starts: no process left behind
+            self.stop()
+            raise
 
     def write(self, kind, payload=b""):
         try:
@@ -244,13 +298,16 @@ class Worker:
             raise ShardWorkerError(f"a CPU shard worker process ended unexpectedly ({self._exit()}).") from None
 
     def command(self, **cmd):
-        self.write(COMMAND, json.dumps(cmd).encode())
+        # default: NumPy scalars in a layer's settings (a BatchNorm eps given as numpy.float32)
+        self.write(COMMAND, json.dumps(cmd, default=_json_default).encode())
 
     def reply(self) -> dict:
         kind, payload = self.read()
         if kind != DONE:
             self.raise_reply(kind, payload)
-        return json.loads(payload)
+        reply = json.loads(payload)
+        reissue_warnings(reply.pop("warnings", ()))
+        return reply
 
     def raise_reply(self, kind, payload):
         if kind == ERROR:
@@ -283,7 +340,8 @@ class ProcessGroup:
     def __init__(self):
         self.pid = os.getpid()  # a forked child inherits the group, but the workers are its parent's
         self.workers: list[Worker] = []
-        self.arenas: dict = {}  # id(executor) -> Arena
+        self.arenas: dict = {}  # id(executor) -> Arena, oldest first: the replicas every worker holds
+        self.generation = 0  # counts stops: a step's backward needs the workers its forward ran on
 
     def ensure(self, count: int):
         while len(self.workers) < count:
@@ -294,6 +352,7 @@ class ProcessGroup:
             w.stop()
         self.workers = []
         self.arenas = {}
+        self.generation += 1
 
     def arena_for(self, executor, n: int, t: int) -> Arena:
         """The executor's arena, made (and loaded by every worker) when there is none large enough."""
@@ -302,14 +361,23 @@ class ProcessGroup:
         if (arena is not None and arena.owner() is executor and arena.n >= n and arena.workers == len(self.workers)
                 and arena.spec == spec):
             return arena
-        replaces = arena.token if arena is not None and arena.owner() is executor else None
-        self.arenas = {key: a for key, a in self.arenas.items() if a.owner() is not None and key != id(executor)}
-        arena = self.arenas[id(executor)] = Arena(executor, n, len(self.workers))
+        # Replicas to drop: this executor's old one, those of executors gone, the oldest past MAX_REPLICAS.
+        keep = {key: a for key, a in self.arenas.items() if a.owner() is not None and key != id(executor)}
+        while len(keep) >= MAX_REPLICAS:
+            keep.pop(next(iter(keep)))
+        drop = [a.token for key, a in self.arenas.items() if key not in keep]
+        try:
+            arena = Arena(executor, n, len(self.workers))
+        except OSError as exc:
+            size = arena_layout(executor.model, n, len(self.workers))[1]
+            raise NoSharedMemory(f"no shared memory file of {size / 2**20:.1f} MB in {_arena_folder()}: {exc}") from None
+        self.arenas = dict(keep)
+        self.arenas[id(executor)] = arena
         arena.spec = spec
         model = executor.model
         try:
             for w in self.workers:
-                w.command(op="load", token=arena.token, replaces=replaces, path=arena.path, regions=arena.regions,
+                w.command(op="load", token=arena.token, drop=drop, path=arena.path, regions=arena.regions,
                           spec=spec, dtype=numpy.dtype(model.dtype).str)
             for w in self.workers:
                 w.reply()
@@ -325,6 +393,8 @@ class ProcessGroup:
         with shard_pool().lock:
             try:
                 return fn()
+            except NoSharedMemory:
+                raise  # nothing was sent to the workers yet
             except BaseException:
                 self.stop()
                 raise
@@ -349,19 +419,24 @@ class ProcessGroup:
             flags = [bool(layer.needs_input_grad) for layer in executor.model.layers]
             for k, w in enumerate(self.workers[:t - 1], start=1):
                 w.command(op="forward", token=arena.token, n=n, t=t, k=k, train=bool(train), err=err,
-                          input_grads=flags, masks=masks)
+                          input_grads=flags, masks=masks, settings=worker_settings())
             shard_pool().run(lambda _: executor.forward_shard(0, step, x, out), 1, blas=1, bufsize=UFUNC_BUFSIZE)
             for w in self.workers[:t - 1]:
                 w.reply()
             a = step.bounds[1][0]
             out[a:] = v["out"][a:n]
-            step.arena = arena
+            step.arena, step.generation = arena, self.generation
             return step
         return self._guarded(run)
 
     def backward(self, executor, step, dout, dx_full, need, keys):
         from .executor import UFUNC_BUFSIZE
         from .threads import shard_pool
+
+        if step.generation != self.generation or self.arenas.get(id(executor)) is not step.arena:
+            raise ShardWorkerError("the CPU shard workers this step's forward ran on were stopped since (an error "
+                                   "in another model's step) or hold another model now: run forward(x, "
+                                   "train=True) again before backward.")
 
         def run():
             arena, t, n = step.arena, step.t, step.n
@@ -399,7 +474,23 @@ def _stop_group():
         _group.stop()
 
 
+def _forget_workers_in_child():
+    """In a forked child: close the copies of the parent's worker pipes (else a worker never sees the
+    end of its input while the child lives, and the parent waits for it when stopping it)."""
+    global _group
+    if _group is not None:
+        for w in _group.workers:
+            for f in (w.proc.stdin, w.proc.stdout):
+                try:
+                    f.close()
+                except OSError:
+                    pass
+        _group = None
+
+
 atexit.register(_stop_group)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_workers_in_child)
 
 
 def usable(t: int) -> bool:
@@ -424,9 +515,15 @@ def group_for(executor, t: int) -> ProcessGroup | None:
         try:
             _group.ensure(t - 1)
         except Exception as exc:  # no interpreter to start, no pipes, a worker that died at import...
-            _group.stop()
-            _failed = str(exc)
-            warnings.warn(f"xpnet: CPU shard worker processes could not start ({exc}); using threads instead.",
-                          RuntimeWarning, stacklevel=4)
+            give_up(f"could not start ({exc})")
             return None
         return _group
+
+
+def give_up(why: str) -> None:
+    """Threads from now on in this process, with one warning saying why."""
+    global _failed
+    if _group is not None:
+        _group.stop()
+    _failed = why
+    warnings.warn(f"xpnet: CPU shard worker processes {why}; using threads instead.", RuntimeWarning, stacklevel=4)

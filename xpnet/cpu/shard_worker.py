@@ -5,8 +5,8 @@ the main process) and stdout (replies); anything the code prints goes to stderr.
 Commands (JSON):
 
 * ``load``: build a replica from ``spec`` whose parameters and buffers are views
-  of the arena file at ``path``, kept under ``token`` (the last few are kept; the
-  one it ``replaces``, the same model's for smaller batches, goes);
+  of the arena file at ``path``, kept under ``token``; the replicas listed in
+  ``drop`` go (the main process keeps track of what every worker holds);
 * ``forward``: shard k of a step of n samples on t shards, input and output in the
   arena; the step is kept for the backward that follows a training forward;
 * ``backward``: shard k's backward; its partial gradients go to the arena, the
@@ -23,13 +23,11 @@ import mmap
 import os
 import signal
 import sys
+import warnings
 
 import numpy
 
 from . import process_shards as ps
-
-KEEP = 4  # replicas kept (models used in turn: a trained one and its evaluation copy)
-
 
 class WorkerReducer:
     """Shard k's side of ``process_shards.MainReducer``."""
@@ -78,7 +76,10 @@ def serve(in_fd: int, out_fd: int) -> None:
                 continue
             cmd = json.loads(payload)
             try:
-                reply = run(cmd, replicas, reducer)
+                with warnings.catch_warnings(record=True) as found:
+                    warnings.simplefilter("always")
+                    reply = run(cmd, replicas, reducer)
+                reply["warnings"] = [[type(w.message).__name__, str(w.message)] for w in found]
             except Exception as exc:
                 ps.write_message(out_fd, ps.ERROR, ps.describe_exception(exc))
                 continue
@@ -90,16 +91,16 @@ def serve(in_fd: int, out_fd: int) -> None:
 def run(cmd, replicas, reducer) -> dict:
     op = cmd["op"]
     if op == "load":
-        replicas.pop(cmd.get("replaces"), None)  # the same model's replica for smaller batches
+        for token in cmd["drop"]:  # the main process decides which replicas stay
+            replicas.pop(token, None)
         replicas[cmd["token"]] = Replica(cmd)
-        while len(replicas) > KEEP:
-            replicas.pop(next(iter(replicas)))
         return {}
     rep = replicas[cmd["token"]]
     ex, v = rep.executor, rep.views
     with numpy.errstate(**cmd["err"]):
         if op == "forward":
             n, k = cmd["n"], cmd["k"]
+            ps.apply_settings(cmd["settings"])
             for layer, flag in zip(rep.model.layers, cmd["input_grads"]):
                 layer.needs_input_grad = flag
             x = v["x"][:n]

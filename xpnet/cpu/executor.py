@@ -273,4 +273,5 @@ class FusedExecutor:
         self.pending = None
 
 
-dispatch.register_chain("numpy", "fused CPU executor (batch shards in worker processes or threads)", FusedExecutor, applies)
+dispatch.register_chain("numpy", "fused CPU executor (batch shards in worker processes or threads)", FusedExecutor,
+                        applies)

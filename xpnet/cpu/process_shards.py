@@ -27,8 +27,9 @@ starts new ones (a backward whose forward ran on the stopped ones is refused).
 Warnings a worker's shard raises are raised again in the caller; the settings
 that change a shard's arithmetic (im2col budget, chunk size) go with every
 command.  Runtime changes to ``xpnet.dispatch`` (a preferred implementation) are
-not seen by the workers: use ``XPNET_SHARDS=threads`` with them.  Dropout masks are drawn in the main process, as with threads,
-and reach the workers through the arena.  Used for T > 1 unless
+not seen by the workers: use ``XPNET_SHARDS=threads`` with them.  Dropout masks
+are drawn in the main process, as with threads, and reach the workers through
+the arena.  Used for T > 1 unless
 ``XPNET_SHARDS=threads``; when a worker cannot start, threads are used from then
 on (with one warning).
 """
@@ -370,7 +371,8 @@ class ProcessGroup:
             arena = Arena(executor, n, len(self.workers))
         except OSError as exc:
             size = arena_layout(executor.model, n, len(self.workers))[1]
-            raise NoSharedMemory(f"no shared memory file of {size / 2**20:.1f} MB in {_arena_folder()}: {exc}") from None
+            raise NoSharedMemory(f"no shared memory file of {size / 2**20:.1f} MB in {_arena_folder()}: "
+                                 f"{exc}") from None
         self.arenas = dict(keep)
         self.arenas[id(executor)] = arena
         arena.spec = spec

@@ -23,6 +23,13 @@ from xpnet.nn.sequential import Sequential
 from .test_fused_executor import _restore_settings  # noqa: F401  (autouse fixture)
 
 
+@pytest.fixture
+def processes():
+    """Shards 1.. in worker processes, two shards (the settings come back after the test)."""
+    config.set_shard_mode("processes")
+    xpnet.set_num_threads(2)
+
+
 def _crnn():
     return xpnet.models.captcha_crnn(n_classes=5, input_shape=(1, 16, 24), channels=(4, 6, 8), hidden=5,
                                      batchnorm=True)
@@ -55,6 +62,14 @@ def _steps(model, mode, x, steps=2):
     return logits, grads, dx, {k: v.copy() for k, v in model.state_dict().items()}, ev
 
 
+def _twins(build, n, dtype=np.float32):
+    """The same model twice (same weights: one for each shard mode) and a batch of n for it."""
+    xpnet.seed(5)
+    on_threads = build()
+    x = np.random.default_rng(2).standard_normal((n,) + on_threads.input_shape).astype(dtype)
+    return on_threads, on_threads.clone(), x
+
+
 def _assert_same(a, b):
     np.testing.assert_array_equal(a[0], b[0])
     assert a[1].keys() == b[1].keys()
@@ -72,10 +87,7 @@ def _assert_same(a, b):
 def test_processes_give_the_bits_of_threads(build, dtype, threads):
     xpnet.set_dtype(dtype)
     xpnet.set_num_threads(threads)
-    xpnet.seed(5)
-    on_threads = build()
-    on_processes = on_threads.clone()
-    x = np.random.default_rng(2).standard_normal((13,) + on_threads.input_shape).astype(dtype)
+    on_threads, on_processes, x = _twins(build, 13, dtype)
     want = _steps(on_threads, "threads", x)
     got = _steps(on_processes, "processes", x)
     assert len(on_processes.executor.shards) == 1  # shards 1.. ran elsewhere
@@ -97,19 +109,14 @@ def test_batch_sizes_that_grow_and_models_used_in_turn():
 
 def test_a_layer_setting_changed_between_steps_reaches_the_workers():
     xpnet.set_num_threads(2)
-    xpnet.seed(4)
-    on_threads = _conv_bn()
-    on_processes = on_threads.clone()
-    x = np.random.default_rng(6).standard_normal((10,) + on_threads.input_shape).astype(np.float32)
+    on_threads, on_processes, x = _twins(_conv_bn, 10)
     _assert_same(_steps(on_threads, "threads", x, steps=1), _steps(on_processes, "processes", x, steps=1))
     for m in (on_threads, on_processes):
         m.layers[1].eps = 0.5  # not a parameter: only the workers' replicas of the model know it
     _assert_same(_steps(on_threads, "threads", x, steps=1), _steps(on_processes, "processes", x, steps=1))
 
 
-def test_an_error_in_a_worker_reaches_the_caller_and_the_next_step_works():
-    config.set_shard_mode("processes")
-    xpnet.set_num_threads(2)
+def test_an_error_in_a_worker_reaches_the_caller_and_the_next_step_works(processes):
     m = Sequential([Flatten(), Dense(3)], input_shape=(4,))
     x = np.zeros((8, 4), np.float32)
     x[-1] = 3e38  # only the last shard (a worker's) overflows
@@ -125,9 +132,7 @@ def test_an_error_in_a_worker_reaches_the_caller_and_the_next_step_works():
     assert [w.proc.pid for w in process_shards._group.workers] != before  # stopped on the error, started again
 
 
-def test_a_worker_that_died_is_reported_and_replaced():
-    config.set_shard_mode("processes")
-    xpnet.set_num_threads(2)
+def test_a_worker_that_died_is_reported_and_replaced(processes):
     m = _conv_bn()
     x = np.random.default_rng(0).standard_normal((10,) + m.input_shape).astype(np.float32)
     want = m.forward(x, train=False)
@@ -177,10 +182,7 @@ def test_dropout_masks_of_the_main_process_reach_the_workers():
         return Sequential([Conv2D(4, 3, pad=1), ReLU(), Dropout(0.3), Flatten(), Dense(6), Dropout(0.5), Dense(3)],
                           input_shape=(2, 6, 8))
 
-    xpnet.seed(8)
-    on_threads = build()
-    on_processes = on_threads.clone()
-    x = np.random.default_rng(4).standard_normal((12,) + on_threads.input_shape).astype(np.float32)
+    on_threads, on_processes, x = _twins(build, 12)
     xpnet.seed(9)
     want = _steps(on_threads, "threads", x)
     xpnet.seed(9)
@@ -189,18 +191,14 @@ def test_dropout_masks_of_the_main_process_reach_the_workers():
     _assert_same(want, got)
 
 
-def test_no_arena_file_is_left_behind():
-    config.set_shard_mode("processes")
-    xpnet.set_num_threads(2)
+def test_no_arena_file_is_left_behind(processes):
     m = _conv_bn()
     m.forward(np.ones((12,) + m.input_shape, np.float32), train=True)
     folder = process_shards._arena_folder()
     assert not [f for f in os.listdir(folder) if f.startswith(f"xpnet-shards-{os.getpid()}-")]
 
 
-def test_workers_that_cannot_start_fall_back_to_threads_with_one_warning(monkeypatch):
-    config.set_shard_mode("processes")
-    xpnet.set_num_threads(2)
+def test_workers_that_cannot_start_fall_back_to_threads_with_one_warning(monkeypatch, processes):
 
     def cannot_start(self):
         raise OSError("no such interpreter")
@@ -219,9 +217,7 @@ def test_workers_that_cannot_start_fall_back_to_threads_with_one_warning(monkeyp
         np.testing.assert_array_equal(m.forward(x, train=False), y)  # no second warning
 
 
-def test_a_frozen_application_never_starts_itself_as_a_worker(monkeypatch):
-    config.set_shard_mode("processes")
-    xpnet.set_num_threads(2)
+def test_a_frozen_application_never_starts_itself_as_a_worker(monkeypatch, processes):
     m = _conv_bn()
     m.forward(np.ones((8,) + m.input_shape, np.float32), train=False)
     assert process_shards.usable(2)
@@ -269,9 +265,7 @@ def test_a_worker_stopped_in_the_middle_of_a_step_exits_without_a_traceback():
             f.close()
 
 
-def test_a_forked_child_starts_workers_of_its_own_and_leaves_the_parents_alone():
-    config.set_shard_mode("processes")
-    xpnet.set_num_threads(2)
+def test_a_forked_child_starts_workers_of_its_own_and_leaves_the_parents_alone(processes):
     m = _conv_bn()
     x = np.random.default_rng(1).standard_normal((10,) + m.input_shape).astype(np.float32)
     want = m.forward(x, train=False)
@@ -291,11 +285,9 @@ def test_a_forked_child_starts_workers_of_its_own_and_leaves_the_parents_alone()
     assert [w.proc.pid for w in process_shards._group.workers] == parents
 
 
-def test_a_backward_whose_workers_were_stopped_since_its_forward_is_refused():
+def test_a_backward_whose_workers_were_stopped_since_its_forward_is_refused(processes):
     # Another model's error stops the workers between this model's forward and backward: the
     # backward must not run shard 0 alone (wrong gradients), it says to run the forward again.
-    config.set_shard_mode("processes")
-    xpnet.set_num_threads(2)
     m = _conv_bn()
     x = np.random.default_rng(0).standard_normal((10,) + m.input_shape).astype(np.float32)
     other = Sequential([Flatten(), Dense(3)], input_shape=(4,))
@@ -313,9 +305,7 @@ def test_a_backward_whose_workers_were_stopped_since_its_forward_is_refused():
     _assert_same(want, _steps(m, "processes", x, steps=1))  # and the next step is right
 
 
-def test_more_models_in_turn_than_the_workers_keep():
-    config.set_shard_mode("processes")
-    xpnet.set_num_threads(2)
+def test_more_models_in_turn_than_the_workers_keep(processes):
     xpnet.seed(2)
     models = [Sequential([Flatten(), Dense(5), BatchNorm(), Dense(2)], input_shape=(3,))
               for _ in range(process_shards.MAX_REPLICAS + 3)]
@@ -331,9 +321,7 @@ def test_more_models_in_turn_than_the_workers_keep():
     assert len(process_shards._group.arenas) <= process_shards.MAX_REPLICAS
 
 
-def test_no_room_for_shared_memory_falls_back_to_threads(monkeypatch):
-    config.set_shard_mode("processes")
-    xpnet.set_num_threads(2)
+def test_no_room_for_shared_memory_falls_back_to_threads(monkeypatch, processes):
     monkeypatch.setattr(process_shards, "_failed", None)
 
     def full(fd, offset, size):
@@ -355,20 +343,15 @@ def test_settings_changed_at_run_time_reach_the_workers():
     from xpnet.cpu import workspace
 
     xpnet.set_num_threads(2)
-    xpnet.seed(4)
-    on_threads = _conv_bn()
-    on_processes = on_threads.clone()
-    x = np.random.default_rng(6).standard_normal((12,) + on_threads.input_shape).astype(np.float32)
+    on_threads, on_processes, x = _twins(_conv_bn, 12)
     config.set_im2col_budget(0.002)  # conv chunks of a few images: other sums than one chunk
     workspace.CHUNK_BYTES = 4096
     _assert_same(_steps(on_threads, "threads", x, steps=1), _steps(on_processes, "processes", x, steps=1))
 
 
-def test_a_warning_in_a_workers_shard_reaches_the_callers_filters():
+def test_a_warning_in_a_workers_shard_reaches_the_callers_filters(processes):
     import warnings
 
-    config.set_shard_mode("processes")
-    xpnet.set_num_threads(2)
     m = Sequential([Flatten(), Dense(3)], input_shape=(4,))
     x = np.zeros((8, 4), np.float32)
     x[-1] = 3e38  # only the worker's shard overflows
@@ -383,9 +366,7 @@ def test_a_warning_in_a_workers_shard_reaches_the_callers_filters():
             m.forward(x, train=False)
 
 
-def test_a_numpy_scalar_in_a_layer_setting_is_sent():
-    config.set_shard_mode("processes")
-    xpnet.set_num_threads(2)
+def test_a_numpy_scalar_in_a_layer_setting_is_sent(processes):
     m = _conv_bn()
     m.layers[1].eps = np.float32(1e-3)
     x = np.random.default_rng(0).standard_normal((10,) + m.input_shape).astype(np.float32)
@@ -394,12 +375,10 @@ def test_a_numpy_scalar_in_a_layer_setting_is_sent():
     np.testing.assert_array_equal(m.clone().forward(x, train=True), got)
 
 
-def test_an_interpreter_that_never_answers_falls_back_to_threads(monkeypatch, tmp_path):
+def test_an_interpreter_that_never_answers_falls_back_to_threads(monkeypatch, tmp_path, processes):
     silent = tmp_path / "silent.sh"
     silent.write_text("#!/bin/sh\nexec sleep 30\n")
     silent.chmod(0o755)
-    config.set_shard_mode("processes")
-    xpnet.set_num_threads(2)
     monkeypatch.setattr(process_shards, "_group", None)
     monkeypatch.setattr(process_shards, "_failed", None)
     monkeypatch.setattr(process_shards, "STARTUP_TIMEOUT_S", 0.5)
@@ -419,13 +398,11 @@ def test_an_interpreter_that_never_answers_falls_back_to_threads(monkeypatch, tm
     assert left == []  # the silent "interpreter" was stopped, not left running
 
 
-def test_a_forked_child_does_not_keep_the_workers_waiting():
+def test_a_forked_child_does_not_keep_the_workers_waiting(processes):
     # The child closes its copies of the worker pipes at once: stopping the workers in the parent
-    # while the child lives is quick and clean (not a 2-second wait and a kill).
+    # while the child lives ends them cleanly (not a 2-second wait and a kill: status -9).
     import time
 
-    config.set_shard_mode("processes")
-    xpnet.set_num_threads(2)
     m = _conv_bn()
     m.forward(np.ones((10,) + m.input_shape, np.float32), train=False)
     procs = [w.proc for w in process_shards._group.workers]
@@ -434,10 +411,8 @@ def test_a_forked_child_does_not_keep_the_workers_waiting():
         time.sleep(3)
         os._exit(0)
     try:
-        start = time.perf_counter()
         process_shards._group.stop()
-        assert time.perf_counter() - start < 1.5
-        assert [p.returncode for p in procs] == [0]
+        assert [p.returncode for p in procs] == [0]  # ended by the closed pipe, not killed after 2 s
     finally:
         os.waitpid(pid, 0)
 

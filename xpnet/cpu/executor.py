@@ -203,7 +203,7 @@ class FusedExecutor:
         if tuple(dout.shape) != (step.n,) + tuple(self.model.output_shape):
             raise ShapeError(f"backward got d(logits) of shape {tuple(dout.shape)}, expected "
                              f"{(step.n,) + tuple(self.model.output_shape)}.")
-        need = self.input_grad_flags()
+        need = [s.layers[0].needs_input_grad for s in self.stages]
         want_dx = self.model.compute_input_grad
         dx_full = numpy.empty((step.n,) + tuple(self.model.input_shape), dtype=dout.dtype) if want_dx else None
         keys = self.param_keys()
@@ -225,9 +225,6 @@ class FusedExecutor:
         for sh in self.shards[:step.t]:
             sh.grads.clear()
         return dx_full
-
-    def input_grad_flags(self) -> list[bool]:
-        return [s.layers[0].needs_input_grad for s in self.stages]
 
     def param_keys(self) -> list:
         """(layer, parameter name) of every parameter, in layer order: the order partial gradients are summed in."""

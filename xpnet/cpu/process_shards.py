@@ -258,9 +258,6 @@ class MainReducer:
             w.write(VALUE, message)
         return total
 
-    def wait(self):
-        self.allreduce(0, "barrier", numpy.zeros(0))
-
 
 class Worker:
     """One worker process and its pipes."""

@@ -5,8 +5,8 @@ backward(dy, shard, step, need_dx), caches in ``shard.cache``, per-shard partial
 gradients as fresh arrays in ``shard.grads[(layer, name)]``).  These layers treat
 every sample on its own, so a shard of the batch is a smaller batch of the same
 computation.  The arithmetic is that of the reference ops (``xpnet.ops.recurrent``, here with
-both directions in one loop (``stacked_gru``), and ``xpnet.ops.dense``); the layer objects are never called from the shards' threads,
-as they keep their cache on themselves.
+both directions in one loop (``stacked_gru``), and ``xpnet.ops.dense``); the layer objects are
+never called from the shards, as they keep their cache on themselves.
 
 Shapes (n: the shard's samples): Columns (n, C, H, W) -> (n, W, C*H) with feature
 c*H + h; GRU (n, T, F) -> (n, T, 2H) (one-way: (n, T, H)); TimeDense (n, T, F) ->

@@ -29,6 +29,7 @@ import numpy
 
 from . import process_shards as ps
 
+
 class WorkerReducer:
     """Shard k's side of ``process_shards.MainReducer``."""
 
@@ -41,9 +42,6 @@ class WorkerReducer:
         if kind != ps.VALUE:
             raise ps.ShardWorkerError(f"expected an all-reduce total, got message {kind!r}")
         return ps.parse_value(payload, key, value).copy()
-
-    def wait(self):
-        self.allreduce(0, "barrier", numpy.zeros(0))
 
 
 class Replica:

@@ -80,6 +80,7 @@ _DEFAULT = {
     "div_factor": 25.0,            # start rate = lr / div_factor
     "final_div_factor": 1e4,       # end rate = start rate / final_div_factor
     "clip_norm": None,             # global gradient-norm clipping (None: off)
+    "label_smoothing": 0.0,        # eps of captcha.heads.CTCLoss / BCELoss (0: none)
     "prior_bias": True,            # start the output biases at log(p / (1 - p)), p = 1 / n_classes, so that
                                    # the first steps need not learn "mostly no"
     # augmentation, per image, on the device (before normalising)
@@ -266,6 +267,7 @@ class Settings:
     unlabelled_dir: str | None = None
     distort: dict = dataclasses.field(default_factory=dict)  # xpnet.data.distort settings (empty: none)
     stuck_retry: dict = dataclasses.field(default_factory=dict)  # how a stuck run starts again (empty: it stops)
+    label_smoothing: float = 0.0       # the loss's label smoothing (captcha.heads)
 
     @classmethod
     def field_names(cls) -> set:
@@ -444,6 +446,8 @@ def _check_configuration(s: dict, name: str) -> None:
         raise UsageError(f"configuration {name!r} has stuck_retry {retry!r}: use {{}} or lr_factor in (0, 1] and "
                          "warmup_factor >= 1.")
     Distort.from_dict((s.get("folder_small") or {}).get("distort"))
+    if not 0.0 <= float(s.get("label_smoothing") or 0.0) < 1.0:
+        raise UsageError(f"configuration {name!r} has label_smoothing {s['label_smoothing']!r}: use a value in [0, 1).")
 
 
 # Options that define a run: a resumed run must keep them (option name -> settings key).

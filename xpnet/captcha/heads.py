@@ -21,8 +21,9 @@ import numpy
 from .. import backend
 from ..data.images import Preprocess
 from ..data.labels import Charset
-from ..errors import DataError, ModelFileError, ShapeError
+from ..errors import DataError, ModelFileError, ShapeError, UsageError
 from ..ops.ctc import ctc_best_path, ctc_loss, label_starts
+from ..ops.loss import log_softmax, sigmoid_bce_with_logits
 
 HEADS = ("bce", "ctc")
 BLANK = 0
@@ -83,7 +84,19 @@ def ctc_targets(texts, charset: Charset, width: int | None = None) -> numpy.ndar
 
 class CTCLoss:
     """``loss(logits, y) -> (loss, dlogits)`` for ``xpnet.Trainer``: ``xpnet.ops.ctc_loss`` with the
-    blank at class 0, logits (N, T, K + 1), ``y`` packed by ``ctc_targets`` (on any backend)."""
+    blank at class 0, logits (N, T, K + 1), ``y`` packed by ``ctc_targets`` (on any backend).
+
+    ``smoothing`` eps in [0, 1) mixes in the cross-entropy of each column's scores against the
+    uniform distribution over the K + 1 classes (label smoothing for CTC): per sample
+    ``(1 - eps) * ctc + eps * sum_t mean_k(-log softmax(logits[t])_k)``, averaged over the batch;
+    its gradient adds ``eps * (softmax - 1 / (K + 1)) / N`` to every column.
+    """
+
+    def __init__(self, smoothing: float = 0.0):
+        smoothing = float(smoothing)
+        if not 0.0 <= smoothing < 1.0:
+            raise UsageError(f"CTC label smoothing must be in [0, 1), got {smoothing!r}.")
+        self.smoothing = smoothing
 
     def __call__(self, logits, y):
         if getattr(y, "ndim", None) != 2 or y.shape[1] < 2 or y.shape[0] != logits.shape[0]:
@@ -92,10 +105,48 @@ class CTCLoss:
         if y.dtype.kind not in "iu":
             xp = backend.get_array_module(y)
             y = xp.rint(y).astype(numpy.int64)  # a transform that made the targets floats
-        return ctc_loss(logits, y[:, 1:], y[:, 0], blank=BLANK)
+        loss, dlogits = ctc_loss(logits, y[:, 1:], y[:, 0], blank=BLANK)
+        if not self.smoothing:
+            return loss, dlogits
+        return _smoothed(loss, dlogits, logits, logits.dtype.type(self.smoothing))
 
     def __repr__(self):
-        return "CTCLoss()"
+        return f"CTCLoss(smoothing={self.smoothing:g})" if self.smoothing else "CTCLoss()"
+
+
+class BCELoss:
+    """``loss(logits, y) -> (loss, dlogits)`` of the bce head: ``sigmoid_bce_with_logits`` with the
+    multi-hot targets (N, L * K) smoothed towards 1/2 by ``smoothing`` eps in [0, 1):
+    ``t * (1 - eps) + eps / 2`` (eps = 0: the plain loss)."""
+
+    def __init__(self, smoothing: float = 0.0):
+        smoothing = float(smoothing)
+        if not 0.0 <= smoothing < 1.0:
+            raise UsageError(f"BCE label smoothing must be in [0, 1), got {smoothing!r}.")
+        self.smoothing = smoothing
+
+    def __call__(self, logits, y):
+        if self.smoothing:
+            eps = logits.dtype.type(self.smoothing)
+            y = y.astype(logits.dtype, copy=False) * (logits.dtype.type(1) - eps) + eps / logits.dtype.type(2)
+        return sigmoid_bce_with_logits(logits, y)
+
+    def __repr__(self):
+        return f"BCELoss(smoothing={self.smoothing:g})" if self.smoothing else "BCELoss()"
+
+
+def _smoothed(loss, dlogits, logits, eps):
+    """(1 - eps) * (loss, dlogits) of CTC + eps * the columns' cross-entropy against the uniform
+    distribution (``CTCLoss``); logits (N, T, K), computed in their dtype."""
+    xp = backend.get_array_module(logits)
+    n, _, k = logits.shape
+    dt = logits.dtype.type
+    logp = log_softmax(logits)  # (N, T, K)
+    uniform = -logp.sum(dtype=logits.dtype) / dt(k * n)
+    one = dt(1)
+    grad = (xp.exp(logp) - one / dt(k)) * (eps / dt(n))
+    grad += dlogits * (one - eps)
+    return loss * (one - eps) + uniform * eps, grad
 
 
 def columns_needed(text: str) -> int:

@@ -21,12 +21,11 @@ from .. import backend, checks
 from ..data import folder as data_folder
 from ..errors import UsageError
 from ..metrics import multilabel_metrics, wilson_interval
-from ..ops.loss import sigmoid_bce_with_logits
 from ..nn import serialization as xio
 from ..training.callbacks import StuckWatch
 from ..training.trainer import Trainer
 from .config import Settings, TrainOptions, merge_resume, resolve_settings, settings_for_head
-from .heads import CTCLoss, ctc_metrics, text_lengths
+from .heads import BCELoss, CTCLoss, ctc_metrics, text_lengths
 from .pretrain import PRETRAINED_FILE, pretrain, wants_pretraining
 from .pseudo import pseudo_label_rounds
 from .network import build_model, make_transforms, set_prior_bias
@@ -253,7 +252,7 @@ def _make_trainer(model, opt, out, settings, plan, batch_size, patience, train_b
                                       float_targets=not ctc, distort=settings.distort)
     metrics = ctc_metrics(plan.charset, text_lengths(plan.charset)) if ctc else multilabel_metrics(plan.charset.length)
     return Trainer(model, opt, out_dir=out, batch_size=batch_size, eval_batch_size=max(256, 2 * batch_size),
-                   loss=CTCLoss() if ctc else sigmoid_bce_with_logits,
+                   loss=(CTCLoss if ctc else BCELoss)(settings.label_smoothing),
                    metrics=metrics, monitor="val_string_accuracy", mode="max",
                    tie_break="val_loss", patience=patience, transform=train_t, eval_transform=eval_t,
                    seed=settings.seed, log_every=10,

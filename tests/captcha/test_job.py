@@ -287,7 +287,7 @@ def test_a_stuck_run_starts_once_more_with_a_lower_rate_and_a_longer_warm_up(tmp
 
     watches = []
 
-    def watch(plan):
+    def watch(plan, hint=""):
         watches.append(StuckAtOnce() if not watches else StuckWatch(min_steps=10 ** 9))
         return watches[-1]
 

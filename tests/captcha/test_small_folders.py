@@ -282,3 +282,57 @@ def test_unlabelled_images_add_pseudo_labels_in_rounds(tmp_path):
         resolve_settings(TrainOptions(unlabelled=str(extra)))
     with pytest.raises(UsageError, match="no such folder"):
         resolve_settings(TrainOptions(data=str(imgs), unlabelled=str(tmp_path / "nope")))
+
+
+def test_lookalikes_learnt_but_read_at_chance_are_evidence_against_the_labels():
+    from xpnet.captcha.pretrain import characters_read
+    from xpnet.training.history import History
+
+    def history(losses, key, values):
+        return History([{"train_loss": a, key: b} for a, b in zip(losses, values)])
+
+    # the pretraining of a 5-character development folder (19 classes) whose labels had been shuffled
+    learnt = [15.41, 1.153, 0.397, 0.288]
+    shuffled = characters_read(history(learnt, "val_char_error_rate", [0.9735, 0.959, 0.9639, 0.959]), 19)
+    assert shuffled["at_chance"] and shuffled["val_char_error_rate"] == 0.959
+    assert "training loss 15.4 -> 0.288" in shuffled["evidence"] and "error rate 0.96" in shuffled["evidence"]
+    right = characters_read(history(learnt, "val_char_error_rate", [0.6, 0.3, 0.2, 0.25]), 19)
+    assert right == {"val_char_error_rate": 0.2, "at_chance": False, "evidence": ""}
+    # look-alikes not learnt either: nothing to say about the labels
+    assert not characters_read(history([15.4, 14.9, 14.2], "val_char_error_rate", [1.0] * 3), 19)["at_chance"]
+    bce = [3.0, 0.5, 0.2]
+    assert characters_read(history(bce, "val_char_accuracy", [0.05, 0.07, 0.06]), 19)["at_chance"]
+    assert not characters_read(history(bce, "val_char_accuracy", [0.05, 0.3, 0.5]), 19)["at_chance"]
+    assert characters_read(History([{"train_loss": 1.0}]), 19) == {}
+
+
+def test_a_stuck_folder_run_after_such_pretraining_is_told_to_check_its_labels(tmp_path, monkeypatch):
+    from xpnet.training.callbacks import StuckWatch
+
+    imgs = tmp_path / "imgs"
+    write_captcha_pngs(imgs, 40, seed=8, charset="ABCD", length=2, workers=0, progress=False)
+    monkeypatch.setattr(job, "pretrain", lambda *a, **k: {"used": False, "at_chance": True, "seconds": 0.0})
+    original, advice = job._stuck_watch, []
+
+    class StuckAtOnce(StuckWatch):
+        def on_epoch_end(self, trainer, record):
+            if not self.stuck:
+                self.stuck = True
+                trainer.request_stop("stopping: nothing is being learned (a test); " + self.advice)
+
+    def watch(plan, hint=""):
+        advice.append(original(plan, hint).advice)
+        return StuckAtOnce(advice=advice[-1])
+
+    monkeypatch.setattr(job, "_stuck_watch", watch)
+    logged = []
+    settings = resolve_settings(TrainOptions(data=str(imgs), model="simple_convnet", steps=2, height=24, width=48,
+                                             seed=0))
+    results = job.run(settings, tmp_path / "run", workers=0, progress=False, log=logged.append)
+    assert results["stuck"] and len(advice) >= 2
+    assert all(a.startswith("check that the labels belong to their images") and "else try" in a for a in advice)
+    stopped = [m for m in logged if m.startswith("stopped: still nothing learned")]
+    assert len(stopped) == 1 and "check that the labels belong" in stopped[0]
+    assert stopped[0].endswith("or more labelled images")
+    # without that evidence the advice is the usual one
+    assert original(type("Plan", (), {"head": "ctc"})()).advice.startswith("try --head bce")

@@ -135,14 +135,15 @@ def run(settings: Settings, out, resume: bool = False, workers: int | None = Non
         run_doc["data"] = {**plan.describe, "pretrain": pretrain(model, settings, plan, out, make, log)}
         write_json(out / RUN_FILE, run_doc, "run description")
     train_budget = _training_budget(settings, t0)  # what data preparation and pretraining left
+    hint = _labels_hint(run_doc["data"].get("pretrain"))
     trainer = _make_trainer(model, opt, out, settings, plan, batch_size, patience, train_budget, metadata,
-                            progress, log)
+                            progress, log, hint)
     schedule.progress = trainer.fraction_done
     _log_plan(model, settings, plan, batch_size, spe, epochs, patience, train_budget, log)
     _fit(trainer, plan, batch_size, spe, epochs, resume, out, log)
     if _stuck(trainer) and settings.stuck_retry and not resume:
         again = _start_again(trainer, settings, plan, out, run_doc, metadata, batch_size, spe, epochs, patience,
-                             t0, progress, log)
+                             t0, progress, log, hint)
         if again is not None:
             settings, model, trainer = again
     # The model file holds the best weights (also when a resumed run had nothing left to do).
@@ -161,7 +162,7 @@ def _stuck(trainer) -> bool:
 
 
 def _start_again(stuck, settings, plan, out, run_doc, metadata, batch_size, spe, epochs, patience, t0, progress,
-                 log):
+                 log, hint=""):
     """After a stuck attempt (trainer ``stuck``): set its files aside in ``out/stuck-1``, start once more from the same
     first weights (fresh, ``--init`` or pretrained) with a lower peak rate and a longer warm-up.
     Returns (settings, model, trainer) of the new attempt, or None where the time budget has less
@@ -190,11 +191,11 @@ def _start_again(stuck, settings, plan, out, run_doc, metadata, batch_size, spe,
     run_doc["started_again"] = {"after": "nothing learned", "tried": tried, "first_attempt": aside.name}
     write_json(out / RUN_FILE, run_doc, "run description")
     trainer = _make_trainer(model, opt, out, settings, plan, batch_size, patience, _training_budget(settings, t0),
-                            metadata, progress, log)
+                            metadata, progress, log, hint)
     schedule.progress = trainer.fraction_done
     _fit(trainer, plan, batch_size, spe, epochs, False, out, log)
     if _stuck(trainer):
-        log(f"stopped: still nothing learned after starting again with {tried}")
+        log(f"stopped: still nothing learned after starting again with {tried}; {_stuck_watch(plan, hint).advice}")
     return settings, model, trainer
 
 
@@ -245,7 +246,8 @@ def _training_budget(settings: Settings, t0: float):
     return train_budget
 
 
-def _make_trainer(model, opt, out, settings, plan, batch_size, patience, train_budget, metadata, progress, log):
+def _make_trainer(model, opt, out, settings, plan, batch_size, patience, train_budget, metadata, progress, log,
+                  hint=""):
     """The trainer: best checkpoint by validation whole-string accuracy, ties broken by the lower loss."""
     ctc = plan.head == "ctc"
     train_t, eval_t = make_transforms(plan.preprocess, settings.max_shift, settings.max_scale,
@@ -258,15 +260,27 @@ def _make_trainer(model, opt, out, settings, plan, batch_size, patience, train_b
                    seed=settings.seed, log_every=10,
                    progress=sys.stderr.isatty() if progress is None else bool(progress), log=log,
                    metadata=metadata, time_budget=train_budget, max_steps=settings.steps, restore_best=True,
-                   plot=60.0, device_data_bytes=_device_data_bytes(), callbacks=[_stuck_watch(plan)])
+                   plot=60.0, device_data_bytes=_device_data_bytes(), callbacks=[_stuck_watch(plan, hint)])
 
 
-def _stuck_watch(plan: DataPlan) -> StuckWatch:
-    """Ends a run stuck at the class prior (BCE) or at all-blank (CTC) after a quarter of its work."""
+def _stuck_watch(plan: DataPlan, hint: str = "") -> StuckWatch:
+    """Ends a run stuck at the class prior (BCE) or at all-blank (CTC) after a quarter of its work;
+    ``hint`` (``_labels_hint``) comes first in its advice."""
     other = "--head bce" if plan.head == "ctc" else "--head ctc"
     return StuckWatch(monitor="val_string_accuracy", floor=0.0, advice=(
-        f"try {other}, half the learning rate (--lr), a wider input (--width) if the characters are narrow, "
+        (hint + "; else " if hint else "")
+        + f"try {other}, half the learning rate (--lr), a wider input (--width) if the characters are narrow, "
         f"or more labelled images"))
+
+
+def _labels_hint(pretrained) -> str:
+    """Advice from look-alike pretraining that learnt its own images but read the folder's no better than
+    chance (``pretrain.characters_read``): check the labels.  "" otherwise."""
+    if not (pretrained or {}).get("at_chance"):
+        return ""
+    return ("check that the labels belong to their images: the look-alike pretraining learnt its own images but "
+            "read the validation images no better than chance, as it does when labels are shuffled or a "
+            "labels file is off by a row (compare a few images with their labels by eye)")
 
 
 def _log_plan(model, settings, plan, batch_size, spe, epochs, patience, train_budget, log) -> None:

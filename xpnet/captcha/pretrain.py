@@ -73,13 +73,13 @@ def pretrain(model, settings: Settings, plan: FolderPlan, out: Path, make_traine
     h = trainer.history
     best = max((r.get("val_string_accuracy") or 0) for r in h.epochs) if len(h) else 0.0
     summary = {"images": count, "val_string_accuracy": best, "style": style.to_dict(),
-               "steps": h[-1]["step"] if len(h) else 0}
+               "steps": h[-1]["step"] if len(h) else 0, **characters_read(h, len(plan.charset.chars))}
     if not best:
         # Weights that read none of the folder's validation images are no better a start than fresh ones
         # (and a run stuck at the class prior can leave them worse): fine-tune from the fresh weights.
         model.load_state_dict(fresh)
-        log(f"pretraining read none of the validation images ({time.monotonic() - t0:.0f} s): fine-tuning "
-            f"starts from fresh weights")
+        log(f"pretraining read none of the validation images ({time.monotonic() - t0:.0f} s"
+            + (f"; {summary['evidence']}" if summary.get("evidence") else "") + "): fine-tuning starts from fresh weights")
         return {**summary, "used": False, "seconds": round(time.monotonic() - t0, 1)}
     xio.load_weights(model, folder / "model.npz")  # the best by validation
     metadata = metadata_for(plan.charset, plan.preprocess, model=settings.model, pretrained_on="lookalikes",
@@ -93,4 +93,38 @@ def pretrain(model, settings: Settings, plan: FolderPlan, out: Path, make_traine
     return {**summary, "used": True, "seconds": round(time.monotonic() - t0, 1)}
 
 
-__all__ = ["wants_pretraining", "pretrain", "PRETRAINED_FILE"]
+# A reader whose best character error rate stays at or above this reads characters no better than
+# chance (a CTC reader of a 5-character development folder whose labels were shuffled: 0.93-0.97;
+# an empty reading: 1.0); for the bce head, a per-character accuracy at most twice 1 / K.
+CHANCE_CHAR_ERROR_RATE = 0.9
+
+
+def characters_read(history, n_classes: int) -> dict:
+    """How well a trainer's validation passes read single characters, against chance.
+
+    Returns ``{"val_char_error_rate" or "val_char_accuracy": best, "at_chance": bool, "evidence":
+    sentence}`` ({} without such records).  At chance while the training loss fell a long way (the
+    network learnt its own images), a reader of look-alikes that reads the folder's images no better
+    than random texts is what labels that do not belong to their images look like.
+    """
+    epochs = history.epochs
+    cer = [r["val_char_error_rate"] for r in epochs if r.get("val_char_error_rate") is not None]
+    acc = [r["val_char_accuracy"] for r in epochs if r.get("val_char_accuracy") is not None]
+    if cer:
+        key, best = "val_char_error_rate", min(cer)
+        at_chance, shown = best >= CHANCE_CHAR_ERROR_RATE, f"best character error rate {best:.2f}"
+    elif acc:
+        key, best = "val_char_accuracy", max(acc)
+        at_chance, shown = best <= 2.0 / n_classes, f"best per-character accuracy {best:.1%}, chance {1 / n_classes:.1%}"
+    else:
+        return {}
+    losses = [r["train_loss"] for r in epochs if r.get("train_loss") is not None]
+    learnt = len(losses) >= 2 and losses[-1] < 0.2 * losses[0]
+    evidence = ""
+    if at_chance and learnt:
+        evidence = (f"it learnt its look-alikes (training loss {losses[0]:.3g} -> {losses[-1]:.3g}) but read the "
+                    f"folder's validation images no better than chance ({shown})")
+    return {key: round(float(best), 4), "at_chance": bool(at_chance and learnt), "evidence": evidence}
+
+
+__all__ = ["wants_pretraining", "pretrain", "characters_read", "PRETRAINED_FILE"]

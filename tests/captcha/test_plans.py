@@ -30,7 +30,7 @@ def test_large_folders_synthetic_runs_and_chosen_models_keep_their_network(tmp_p
     chosen, said = for_small_folder(folder_settings(tmp_path, model="captcha_net"), 10)
     assert chosen.model_kwargs == {} and chosen.max_shift == 3
     assert said == ("fewer than 5,000 training images: shifts of up to 3 px and scales of up to 10%, distortions "
-                    "rotate 4, shear 0.15, elastic 0.8, noise 6, blur 0.2, contrast 0.2")
+                    "rotate 4, shear 0.15, elastic 0.8, noise 6, blur 0.2, contrast 0.2, label smoothing 0.1")
     assert chosen.distort == chosen.folder_small["distort"]
 
 
@@ -39,11 +39,23 @@ def test_a_small_folder_gets_the_configured_distortions_unless_the_user_chose(tm
     s = folder_settings(tmp_path)
     s = s.replace(folder_small={**s.folder_small, "distort": extra})
     small, said = for_small_folder(s, 1000)
-    assert small.distort == extra and said.endswith("distortions rotate 3, noise 4")
+    assert small.distort == extra and said.endswith("distortions rotate 3, noise 4, label smoothing 0.1")
     mine = folder_settings(tmp_path, distort="blur=0.2")
     mine = mine.replace(folder_small={**mine.folder_small, "distort": extra})
     assert for_small_folder(mine, 1000)[0].distort == {"blur": 0.2}
     assert for_small_folder(s, 5000)[0].distort == s.distort  # large folders: as configured
+
+
+def test_a_small_folder_gets_label_smoothing_unless_the_user_chose(tmp_path):
+    s = folder_settings(tmp_path)
+    assert s.label_smoothing == 0.0 and for_small_folder(s, 1000)[0].label_smoothing == 0.1
+    assert for_small_folder(s, 5000)[0].label_smoothing == 0.0
+    for mine in (0.0, 0.3):
+        assert for_small_folder(folder_settings(tmp_path, label_smoothing=mine), 1000)[0].label_smoothing == mine
+    assert resolve_settings(TrainOptions(label_smoothing=0.2)).label_smoothing == 0.2
+    for bad in (1.0, -0.1):
+        with pytest.raises(UsageError, match="--label-smoothing"):
+            folder_settings(tmp_path, label_smoothing=bad)
 
 
 def test_saved_settings_are_read_back_and_damage_is_one_sentence(tmp_path):

@@ -286,7 +286,7 @@ def folder_patience(epochs: int, settings: Settings | None = None):
 
 def for_small_folder(settings: Settings, n_train: int):
     """``(settings, message or None)``: a folder with fewer training images than ``folder_small["below"]``
-    gets its stronger augmentation and, for a plain captcha_net, BatchNorm (small sets need both; large
+    gets its stronger augmentation, label smoothing and, for a plain captcha_net, BatchNorm (small sets need both; large
     ones do as well without them and train faster).  Returns new settings; ``settings`` is unchanged."""
     small = settings.folder_small or {}
     if settings.data_dir is None or not small or n_train >= small["below"]:
@@ -296,6 +296,9 @@ def for_small_folder(settings: Settings, n_train: int):
     if small.get("distort") and "distort" not in (settings.chosen or ()):
         changes["distort"] = dict(small["distort"])
         said += ", distortions " + ", ".join(f"{k} {v:g}" for k, v in small["distort"].items())
+    if small.get("label_smoothing") and "label_smoothing" not in (settings.chosen or ()):
+        changes["label_smoothing"] = float(small["label_smoothing"])
+        said += f", label smoothing {small['label_smoothing']:g}"
     kwargs = settings.model_kwargs or {}
     if small["batchnorm"] and settings.model == "captcha_net" and "batchnorm" not in kwargs:
         changes["model_kwargs"] = {**kwargs, "batchnorm": True}

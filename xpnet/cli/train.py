@@ -49,6 +49,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         f"{d['folder_small']['below']:,} training images "
                         + (",".join(f"{k}={v:g}" for k, v in d["folder_small"]["distort"].items()) or "none")
                         + ", on the folder's images only, never on the look-alikes)")
+    p.add_argument("--label-smoothing", type=float, metavar="EPS", default=None,
+                   help="label smoothing of the loss, in [0, 1): ctc mixes in each column's cross-entropy against "
+                        "uniform scores, bce pulls its targets towards 1/2 (default: the configuration's; 0 for "
+                        f"synthetic data; below {d['folder_small']['below']:,} training images "
+                        f"{d['folder_small'].get('label_smoothing', 0):g})")
     p.add_argument("--init", metavar="MODEL", default=None,
                    help="start from a saved reader (model.npz): its layers whose names and shapes match are "
                         "loaded, the others (an output layer for another charset or length) start fresh "

@@ -166,23 +166,26 @@ def test_ctc_targets_pack_lengths_then_labels_and_the_loss_is_ctc_loss(rng):
         CTCLoss()(logits, y[:, 0])
 
 
-def test_label_smoothing_adds_the_columns_cross_entropy_to_uniform_and_its_gradient(rng):
+def test_label_smoothing_follows_the_columns_cross_entropy_to_uniform_and_reports_the_plain_loss(rng):
     y = ctc_targets(["23", "9", "234"], CHARSET)
     logits = rng.standard_normal((3, 6, 9))
     eps = 0.2
-    loss, d = CTCLoss(smoothing=eps)(logits, y)
+    smoothed = CTCLoss(smoothing=eps)
+    loss, d = smoothed(logits, y)
     ctc, dctc = ops.ctc_loss(logits, y[:, 1:], y[:, 0])
+    assert float(loss) == float(ctc)  # the loss reported: -log p(label), as without smoothing
     # naive float64 reference: per column -mean_k log softmax, summed over columns, averaged over samples
     logp = logits - np.log(np.exp(logits).sum(axis=2, keepdims=True))
     uniform = sum(-logp[n, t].mean() for n in range(3) for t in range(6)) / 3
-    assert float(loss) == pytest.approx((1 - eps) * float(ctc) + eps * uniform, rel=1e-12)
+    assert float(smoothed.objective(logits, y)) == pytest.approx((1 - eps) * float(ctc) + eps * uniform, rel=1e-12)
     x = logits.copy()
-    np.testing.assert_allclose(d, numerical_gradient(lambda: float(CTCLoss(smoothing=eps)(x, y)[0]), x),
+    np.testing.assert_allclose(d, numerical_gradient(lambda: float(smoothed.objective(x, y)), x),
                                rtol=1e-6, atol=1e-8)
     assert not np.allclose(d, dctc)
-    loss32, d32 = CTCLoss(smoothing=eps)(logits.astype(np.float32), y)
+    loss32, d32 = smoothed(logits.astype(np.float32), y)
     assert loss32.dtype == np.float32 and d32.dtype == np.float32
-    assert float(loss32) == pytest.approx(float(loss), rel=1e-5)
+    np.testing.assert_allclose(d32, d, rtol=1e-4, atol=1e-6)
+    assert float(CTCLoss().objective(logits, y)) == float(ctc)
     with pytest.raises(UsageError, match=r"smoothing must be in \[0, 1\)"):
         CTCLoss(smoothing=1.0)
 
@@ -192,9 +195,11 @@ def test_bce_label_smoothing_pulls_the_targets_towards_one_half(rng):
     t = (rng.random((4, 6)) < 0.3).astype(np.float64)
     loss, d = BCELoss(smoothing=0.1)(logits, t)
     want, dwant = ops.sigmoid_bce_with_logits(logits, t * 0.9 + 0.05)
-    assert float(loss) == pytest.approx(float(want), rel=1e-12) and np.allclose(d, dwant, rtol=1e-12)
-    plain, _ = BCELoss()(logits, t)
-    assert float(plain) == float(ops.sigmoid_bce_with_logits(logits, t)[0]) != float(loss)
+    assert np.allclose(d, dwant, rtol=1e-12)
+    assert float(loss) == float(ops.sigmoid_bce_with_logits(logits, t)[0]) != float(want)
+    assert float(BCELoss(smoothing=0.1).objective(logits, t)) == pytest.approx(float(want), rel=1e-12)
+    plain, dplain = BCELoss()(logits, t)
+    assert float(plain) == float(loss) and not np.allclose(dplain, d)
     with pytest.raises(UsageError):
         BCELoss(smoothing=-0.1)
 

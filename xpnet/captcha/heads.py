@@ -86,67 +86,93 @@ class CTCLoss:
     """``loss(logits, y) -> (loss, dlogits)`` for ``xpnet.Trainer``: ``xpnet.ops.ctc_loss`` with the
     blank at class 0, logits (N, T, K + 1), ``y`` packed by ``ctc_targets`` (on any backend).
 
-    ``smoothing`` eps in [0, 1) mixes in the cross-entropy of each column's scores against the
-    uniform distribution over the K + 1 classes (label smoothing for CTC): per sample
-    ``(1 - eps) * ctc + eps * sum_t mean_k(-log softmax(logits[t])_k)``, averaged over the batch;
-    its gradient adds ``eps * (softmax - 1 / (K + 1)) / N`` to every column.
+    ``smoothing`` eps in [0, 1) is label smoothing for CTC: the gradient is that of
+    ``objective`` = (1 - eps) * ctc + eps * u, where u is each column's cross-entropy against the
+    uniform distribution over the K + 1 classes, summed over the columns and averaged over the
+    batch (it adds ``eps * (softmax - 1 / (K + 1)) / N`` to every column's gradient).  The loss
+    returned stays the plain CTC loss, -log p(label), so that logs, the validation loss and
+    ``StuckWatch`` read the same scale with or without smoothing (u alone is about 10 at any
+    accuracy for 32 columns, which would hide a loss that falls).
     """
 
     def __init__(self, smoothing: float = 0.0):
-        smoothing = float(smoothing)
-        if not 0.0 <= smoothing < 1.0:
-            raise UsageError(f"CTC label smoothing must be in [0, 1), got {smoothing!r}.")
-        self.smoothing = smoothing
+        self.smoothing = _check_smoothing(smoothing, "CTC")
 
     def __call__(self, logits, y):
+        loss, dlogits = ctc_loss(logits, *self._labels(logits, y), blank=BLANK)
+        if self.smoothing:
+            eps = logits.dtype.type(self.smoothing)
+            dlogits *= logits.dtype.type(1) - eps
+            dlogits += _uniform_cross_entropy(logits)[1] * eps
+        return loss, dlogits
+
+    def objective(self, logits, y):
+        """The value whose gradient ``__call__`` returns (0-d array): (1 - eps) * ctc + eps * u."""
+        loss, _ = ctc_loss(logits, *self._labels(logits, y), blank=BLANK)
+        if not self.smoothing:
+            return loss
+        eps = logits.dtype.type(self.smoothing)
+        return loss * (logits.dtype.type(1) - eps) + _uniform_cross_entropy(logits)[0] * eps
+
+    @staticmethod
+    def _labels(logits, y):
         if getattr(y, "ndim", None) != 2 or y.shape[1] < 2 or y.shape[0] != logits.shape[0]:
             raise ShapeError(f"CTCLoss needs targets (N, 1 + S) packed by ctc_targets for {logits.shape[0]} "
                              f"samples, got shape {getattr(y, 'shape', None)}.")
         if y.dtype.kind not in "iu":
             xp = backend.get_array_module(y)
             y = xp.rint(y).astype(numpy.int64)  # a transform that made the targets floats
-        loss, dlogits = ctc_loss(logits, y[:, 1:], y[:, 0], blank=BLANK)
-        if not self.smoothing:
-            return loss, dlogits
-        return _smoothed(loss, dlogits, logits, logits.dtype.type(self.smoothing))
+        return y[:, 1:], y[:, 0]
 
     def __repr__(self):
         return f"CTCLoss(smoothing={self.smoothing:g})" if self.smoothing else "CTCLoss()"
 
 
 class BCELoss:
-    """``loss(logits, y) -> (loss, dlogits)`` of the bce head: ``sigmoid_bce_with_logits`` with the
-    multi-hot targets (N, L * K) smoothed towards 1/2 by ``smoothing`` eps in [0, 1):
-    ``t * (1 - eps) + eps / 2`` (eps = 0: the plain loss)."""
+    """``loss(logits, y) -> (loss, dlogits)`` of the bce head: ``sigmoid_bce_with_logits`` on
+    multi-hot targets (N, L * K).  ``smoothing`` eps in [0, 1): the gradient is that of
+    ``objective``, the loss against targets pulled towards 1/2, ``t * (1 - eps) + eps / 2``; the
+    loss returned stays the one against the targets themselves (as for ``CTCLoss``)."""
 
     def __init__(self, smoothing: float = 0.0):
-        smoothing = float(smoothing)
-        if not 0.0 <= smoothing < 1.0:
-            raise UsageError(f"BCE label smoothing must be in [0, 1), got {smoothing!r}.")
-        self.smoothing = smoothing
+        self.smoothing = _check_smoothing(smoothing, "BCE")
 
     def __call__(self, logits, y):
-        if self.smoothing:
-            eps = logits.dtype.type(self.smoothing)
-            y = y.astype(logits.dtype, copy=False) * (logits.dtype.type(1) - eps) + eps / logits.dtype.type(2)
-        return sigmoid_bce_with_logits(logits, y)
+        if not self.smoothing:
+            return sigmoid_bce_with_logits(logits, y)
+        loss, _ = sigmoid_bce_with_logits(logits, y)
+        return loss, sigmoid_bce_with_logits(logits, self._smoothed(logits, y))[1]
+
+    def objective(self, logits, y):
+        """The value whose gradient ``__call__`` returns (0-d array)."""
+        return sigmoid_bce_with_logits(logits, self._smoothed(logits, y) if self.smoothing else y)[0]
+
+    def _smoothed(self, logits, y):
+        eps = logits.dtype.type(self.smoothing)
+        return y.astype(logits.dtype, copy=False) * (logits.dtype.type(1) - eps) + eps / logits.dtype.type(2)
 
     def __repr__(self):
         return f"BCELoss(smoothing={self.smoothing:g})" if self.smoothing else "BCELoss()"
 
 
-def _smoothed(loss, dlogits, logits, eps):
-    """(1 - eps) * (loss, dlogits) of CTC + eps * the columns' cross-entropy against the uniform
-    distribution (``CTCLoss``); logits (N, T, K), computed in their dtype."""
+def _check_smoothing(value, head: str) -> float:
+    value = float(value)
+    if not 0.0 <= value < 1.0:
+        raise UsageError(f"{head} label smoothing must be in [0, 1), got {value!r}.")
+    return value
+
+
+def _uniform_cross_entropy(logits):
+    """(u, du/dlogits): each column's cross-entropy against the uniform distribution, summed over
+    the columns and averaged over the batch.  logits (N, T, K); in their dtype."""
     xp = backend.get_array_module(logits)
     n, _, k = logits.shape
     dt = logits.dtype.type
     logp = log_softmax(logits)  # (N, T, K)
-    uniform = -logp.sum(dtype=logits.dtype) / dt(k * n)
-    one = dt(1)
-    grad = (xp.exp(logp) - one / dt(k)) * (eps / dt(n))
-    grad += dlogits * (one - eps)
-    return loss * (one - eps) + uniform * eps, grad
+    grad = xp.exp(logp)
+    grad -= dt(1) / dt(k)
+    grad /= dt(n)
+    return -logp.sum(dtype=logits.dtype) / dt(k * n), grad
 
 
 def columns_needed(text: str) -> int:

@@ -46,6 +46,28 @@ def test_a_range_of_lengths_trains_a_ctc_reader(tmp_path):
     assert again.string_accuracy == pytest.approx(test["string_accuracy"])
 
 
+def test_label_smoothing_logs_the_plain_loss_and_breaks_ties_by_the_smoothed_one(tmp_path, monkeypatch):
+    from xpnet.captcha.heads import CTCLoss
+
+    made, original = [], job._make_trainer
+
+    def spy(*args, **kwargs):
+        made.append(original(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(job, "_make_trainer", spy)
+    job.run(tiny_settings(epochs=2, label_smoothing=0.1), tmp_path, workers=0, progress=False, log=quiet)
+    trainer = made[-1]
+    assert isinstance(trainer.loss, CTCLoss) and trainer.loss.smoothing == 0.1
+    assert trainer.early_stopping.tie_break == "val_smoothed_loss"
+    record = json.loads((tmp_path / "history.json").read_text())["epochs"][-1]
+    val = trainer.history.epochs[-1]
+    assert record["val_smoothed_loss"] == val["val_smoothed_loss"] != val["val_loss"]
+    unsmoothed = job.run(tiny_settings(epochs=2), tmp_path / "plain", workers=0, progress=False, log=quiet)
+    assert made[-1].early_stopping.tie_break == "val_loss" and made[-1].loss.smoothing == 0.0
+    assert "val_smoothed_loss" not in made[-1].history.epochs[-1] and unsmoothed["epochs"] == 2
+
+
 def test_stream_mode_codes_ctc_targets(tmp_path):
     results = job.run(tiny_settings(data="stream", stream_epoch_steps=3, epochs=2, val_images=30, test_images=30),
                       tmp_path, workers=0, progress=False, log=quiet)

@@ -253,10 +253,18 @@ def _make_trainer(model, opt, out, settings, plan, batch_size, patience, train_b
     train_t, eval_t = make_transforms(plan.preprocess, settings.max_shift, settings.max_scale,
                                       float_targets=not ctc, distort=settings.distort)
     metrics = ctc_metrics(plan.charset, text_lengths(plan.charset)) if ctc else multilabel_metrics(plan.charset.length)
+    loss = (CTCLoss if ctc else BCELoss)(settings.label_smoothing)
+    tie_break = "val_loss"
+    if loss.smoothing:
+        # The loss logged is the plain one (StuckWatch reads it); ties of the validation accuracy (often
+        # 100% of a small folder's validation images) are broken by the smoothed objective, which
+        # training lowers: the plain validation loss rises as smoothing makes readings less sure, and
+        # would end such runs early (a development folder: 98.65% after 76 epochs, 99.85% after 200).
+        metrics["smoothed_loss"] = lambda logits, y: float(loss.objective(logits, y))
+        tie_break = "val_smoothed_loss"
     return Trainer(model, opt, out_dir=out, batch_size=batch_size, eval_batch_size=max(256, 2 * batch_size),
-                   loss=(CTCLoss if ctc else BCELoss)(settings.label_smoothing),
-                   metrics=metrics, monitor="val_string_accuracy", mode="max",
-                   tie_break="val_loss", patience=patience, transform=train_t, eval_transform=eval_t,
+                   loss=loss, metrics=metrics, monitor="val_string_accuracy", mode="max",
+                   tie_break=tie_break, patience=patience, transform=train_t, eval_transform=eval_t,
                    seed=settings.seed, log_every=10,
                    progress=sys.stderr.isatty() if progress is None else bool(progress), log=log,
                    metadata=metadata, time_budget=train_budget, max_steps=settings.steps, restore_best=True,

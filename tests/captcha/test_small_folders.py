@@ -177,23 +177,29 @@ def test_k_fold_tests_every_image_once_and_reports_mean_spread_and_pooled_interv
 
 
 def test_a_small_folder_pretrains_on_lookalikes_then_fine_tunes(tmp_path, monkeypatch):
+    from xpnet.training.callbacks import StuckWatch
+
     imgs = tmp_path / "imgs"
     write_captcha_pngs(imgs, 40, seed=8, charset="ABCD", length=2, workers=0, progress=False)
     options = TrainOptions(data=str(imgs), model="simple_convnet", epochs=1, height=24, width=48, seed=0, pretrain=2)
     settings = resolve_settings(options)
     settings = settings.replace(pretrain={**settings.pretrain, "images": 64})
-    distortions = []   # per trainer: pretraining's, then fine-tuning's
+    distortions, watched = [], []   # per trainer: pretraining's, then fine-tuning's
     real_make = job._make_trainer
 
-    def spy_make(model, opt, out, s, *args):
+    def spy_make(model, opt, out, s, *args, **kwargs):
         distortions.append(s.distort)
-        return real_make(model, opt, out, s, *args)
+        trainer = real_make(model, opt, out, s, *args, **kwargs)
+        watched.append(any(isinstance(c, StuckWatch) for c in trainer.callbacks))
+        return trainer
 
     monkeypatch.setattr(job, "_make_trainer", spy_make)
     logged = []
     job.run(settings, tmp_path / "run", workers=0, progress=False, log=logged.append)
     # the look-alikes are not distorted; the folder's images get the small-folder distortions
     assert distortions == [{}, settings.folder_small["distort"]] and distortions[1]
+    # the look-alikes' trainer has no StuckWatch (it would judge them on the folder's images)
+    assert watched == [False, True]
     run_doc = json.loads((tmp_path / "run" / "run.json").read_text())
     done = run_doc["data"]["pretrain"]
     assert done["images"] == 64 and done["steps"] >= 1 and 0 <= done["val_string_accuracy"] <= 1
@@ -296,6 +302,10 @@ def test_lookalikes_learnt_but_read_at_chance_are_evidence_against_the_labels():
     shuffled = characters_read(history(learnt, "val_char_error_rate", [0.9735, 0.959, 0.9639, 0.959]), 19)
     assert shuffled["at_chance"] and shuffled["val_char_error_rate"] == 0.959
     assert "training loss 15.4 -> 0.288" in shuffled["evidence"] and "error rate 0.96" in shuffled["evidence"]
+    # with label smoothing the look-alikes' plain loss levels out higher, still under half its start
+    smoothed = characters_read(history([13.53, 4.03, 3.60, 3.50], "val_char_error_rate", [0.959] * 4), 19)
+    assert smoothed["at_chance"]
+    assert not characters_read(history([17.0, 15.3, 15.2], "val_char_error_rate", [0.96] * 3), 19)["at_chance"]
     right = characters_read(history(learnt, "val_char_error_rate", [0.6, 0.3, 0.2, 0.25]), 19)
     assert right == {"val_char_error_rate": 0.2, "at_chance": False, "evidence": ""}
     # look-alikes not learnt either: nothing to say about the labels

@@ -131,7 +131,11 @@ def run(settings: Settings, out, resume: bool = False, workers: int | None = Non
         metadata["lengths"] = text_lengths(plan.charset)  # read as texts of the lengths trained on
     if wants_pretraining(settings, plan, resume):
         def make(m, o, folder, s, p, budget):
-            return _make_trainer(m, o, folder, s, p, batch_size, None, budget, metadata, progress, log)
+            # no StuckWatch: it judges the folder's validation images, which look-alikes may not read yet
+            # while they are learnt (a shuffled-label folder's pretraining was stopped so); pretraining
+            # that reads none of them is dropped for fresh weights instead (captcha.pretrain)
+            return _make_trainer(m, o, folder, s, p, batch_size, None, budget, metadata, progress, log,
+                                 watch=False)
         run_doc["data"] = {**plan.describe, "pretrain": pretrain(model, settings, plan, out, make, log)}
         write_json(out / RUN_FILE, run_doc, "run description")
     train_budget = _training_budget(settings, t0)  # what data preparation and pretraining left
@@ -247,7 +251,7 @@ def _training_budget(settings: Settings, t0: float):
 
 
 def _make_trainer(model, opt, out, settings, plan, batch_size, patience, train_budget, metadata, progress, log,
-                  hint=""):
+                  hint="", watch=True):
     """The trainer: best checkpoint by validation whole-string accuracy, ties broken by the lower loss."""
     ctc = plan.head == "ctc"
     train_t, eval_t = make_transforms(plan.preprocess, settings.max_shift, settings.max_scale,
@@ -268,7 +272,7 @@ def _make_trainer(model, opt, out, settings, plan, batch_size, patience, train_b
                    seed=settings.seed, log_every=10,
                    progress=sys.stderr.isatty() if progress is None else bool(progress), log=log,
                    metadata=metadata, time_budget=train_budget, max_steps=settings.steps, restore_best=True,
-                   plot=60.0, device_data_bytes=_device_data_bytes(), callbacks=[_stuck_watch(plan, hint)])
+                   plot=60.0, device_data_bytes=_device_data_bytes(), callbacks=[_stuck_watch(plan, hint)] if watch else [])
 
 
 def _stuck_watch(plan: DataPlan, hint: str = "") -> StuckWatch:

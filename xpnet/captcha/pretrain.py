@@ -103,9 +103,11 @@ def characters_read(history, n_classes: int) -> dict:
     """How well a trainer's validation passes read single characters, against chance.
 
     Returns ``{"val_char_error_rate" or "val_char_accuracy": best, "at_chance": bool, "evidence":
-    sentence}`` ({} without such records).  At chance while the training loss fell a long way (the
-    network learnt its own images), a reader of look-alikes that reads the folder's images no better
-    than random texts is what labels that do not belong to their images look like.
+    sentence}`` ({} without such records).  At chance while the training loss fell to less than half
+    its first epoch's (the network learnt its own images: 13.5 -> 3.5 with label smoothing, 15.4 -> 0.3
+    without, on a development folder; a run stuck at the prior levels out far higher), a reader of
+    look-alikes that reads the folder's images no better than random texts is what labels that do not
+    belong to their images look like.
     """
     epochs = history.epochs
     cer = [r["val_char_error_rate"] for r in epochs if r.get("val_char_error_rate") is not None]
@@ -119,7 +121,7 @@ def characters_read(history, n_classes: int) -> dict:
     else:
         return {}
     losses = [r["train_loss"] for r in epochs if r.get("train_loss") is not None]
-    learnt = len(losses) >= 2 and losses[-1] < 0.2 * losses[0]
+    learnt = len(losses) >= 2 and losses[-1] < 0.5 * losses[0]
     evidence = ""
     if at_chance and learnt:
         evidence = (f"it learnt its look-alikes (training loss {losses[0]:.3g} -> {losses[-1]:.3g}) but read the "

@@ -106,9 +106,9 @@ _DEFAULT = {
                                    # were learnt slower). Development folders, read on 2,000 other images of their
                                    # kind: lines5 (216 training images) 99.60% against 98.85% without;
                                    # really_simple (144) 99.70% against 99.75% and 99.70% without
-        "label_smoothing": 0.1,    # in pretraining and fine-tuning; lines5 (216): 99.85% against 99.30% without
-                                   # in the same sitting; really_simple (144): 99.80% against 99.70% (mean
-                                   # confidence of right readings ~0.6-0.7 instead of ~0.99: a softer scale)
+        "label_smoothing": 0.1,    # in pretraining and fine-tuning; lines5 (216): 99.85% and 99.90% against
+                                   # 99.30% without in the same sitting; really_simple (144): 99.80% against
+                                   # 99.70% (mean confidence of right readings ~0.6-0.7 instead of ~0.99)
     },
     "pretrain": {                  # folders with fewer training images than "below": first train on look-alikes
         "below": 5000,             # (xpnet.captcha.pretrain) for "seconds", then fine-tune on the folder

@@ -272,7 +272,8 @@ def _make_trainer(model, opt, out, settings, plan, batch_size, patience, train_b
                    seed=settings.seed, log_every=10,
                    progress=sys.stderr.isatty() if progress is None else bool(progress), log=log,
                    metadata=metadata, time_budget=train_budget, max_steps=settings.steps, restore_best=True,
-                   plot=60.0, device_data_bytes=_device_data_bytes(), callbacks=[_stuck_watch(plan, hint)] if watch else [])
+                   plot=60.0, device_data_bytes=_device_data_bytes(),
+                   callbacks=[_stuck_watch(plan, hint)] if watch else [])
 
 
 def _stuck_watch(plan: DataPlan, hint: str = "") -> StuckWatch:

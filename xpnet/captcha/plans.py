@@ -286,8 +286,8 @@ def folder_patience(epochs: int, settings: Settings | None = None):
 
 def for_small_folder(settings: Settings, n_train: int):
     """``(settings, message or None)``: a folder with fewer training images than ``folder_small["below"]``
-    gets its stronger augmentation, label smoothing and, for a plain captcha_net, BatchNorm (small sets need both; large
-    ones do as well without them and train faster).  Returns new settings; ``settings`` is unchanged."""
+    gets its stronger augmentation, label smoothing and, for a plain captcha_net, BatchNorm (small sets need
+    them; large ones do as well without them and train faster).  Returns new settings; ``settings`` is unchanged."""
     small = settings.folder_small or {}
     if settings.data_dir is None or not small or n_train >= small["below"]:
         return settings, None

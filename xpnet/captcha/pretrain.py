@@ -79,7 +79,8 @@ def pretrain(model, settings: Settings, plan: FolderPlan, out: Path, make_traine
         # (and a run stuck at the class prior can leave them worse): fine-tune from the fresh weights.
         model.load_state_dict(fresh)
         log(f"pretraining read none of the validation images ({time.monotonic() - t0:.0f} s"
-            + (f"; {summary['evidence']}" if summary.get("evidence") else "") + "): fine-tuning starts from fresh weights")
+            + (f"; {summary['evidence']}" if summary.get("evidence") else "")
+            + "): fine-tuning starts from fresh weights")
         return {**summary, "used": False, "seconds": round(time.monotonic() - t0, 1)}
     xio.load_weights(model, folder / "model.npz")  # the best by validation
     metadata = metadata_for(plan.charset, plan.preprocess, model=settings.model, pretrained_on="lookalikes",
@@ -117,7 +118,8 @@ def characters_read(history, n_classes: int) -> dict:
         at_chance, shown = best >= CHANCE_CHAR_ERROR_RATE, f"best character error rate {best:.2f}"
     elif acc:
         key, best = "val_char_accuracy", max(acc)
-        at_chance, shown = best <= 2.0 / n_classes, f"best per-character accuracy {best:.1%}, chance {1 / n_classes:.1%}"
+        at_chance = best <= 2.0 / n_classes
+        shown = f"best per-character accuracy {best:.1%}, chance {1 / n_classes:.1%}"
     else:
         return {}
     losses = [r["train_loss"] for r in epochs if r.get("train_loss") is not None]

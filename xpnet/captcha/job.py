@@ -199,7 +199,7 @@ def _start_again(stuck, settings, plan, out, run_doc, metadata, batch_size, spe,
     schedule.progress = trainer.fraction_done
     _fit(trainer, plan, batch_size, spe, epochs, False, out, log)
     if _stuck(trainer):
-        log(f"stopped: still nothing learned after starting again with {tried}; {_stuck_watch(plan, hint).advice}")
+        log(f"stopped: still nothing learned after starting again with {tried}; {_stuck_advice(plan, hint)}")
     return settings, model, trainer
 
 
@@ -264,6 +264,7 @@ def _make_trainer(model, opt, out, settings, plan, batch_size, patience, train_b
         # 100% of a small folder's validation images) are broken by the smoothed objective, which
         # training lowers: the plain validation loss rises as smoothing makes readings less sure, and
         # would end such runs early (a development folder: 98.65% after 76 epochs, 99.85% after 200).
+        # (its name holds "loss": EarlyStopping takes the lower value as the better tie-break)
         metrics["smoothed_loss"] = lambda logits, y: float(loss.objective(logits, y))
         tie_break = "val_smoothed_loss"
     return Trainer(model, opt, out_dir=out, batch_size=batch_size, eval_batch_size=max(256, 2 * batch_size),
@@ -277,13 +278,16 @@ def _make_trainer(model, opt, out, settings, plan, batch_size, patience, train_b
 
 
 def _stuck_watch(plan: DataPlan, hint: str = "") -> StuckWatch:
-    """Ends a run stuck at the class prior (BCE) or at all-blank (CTC) after a quarter of its work;
-    ``hint`` (``_labels_hint``) comes first in its advice."""
+    """Ends a run stuck at the class prior (BCE) or at all-blank (CTC) after a quarter of its work."""
+    return StuckWatch(monitor="val_string_accuracy", floor=0.0, advice=_stuck_advice(plan, hint))
+
+
+def _stuck_advice(plan: DataPlan, hint: str = "") -> str:
+    """What a stuck run is told to try; ``hint`` (``_labels_hint``) first."""
     other = "--head bce" if plan.head == "ctc" else "--head ctc"
-    return StuckWatch(monitor="val_string_accuracy", floor=0.0, advice=(
-        (hint + "; else " if hint else "")
-        + f"try {other}, half the learning rate (--lr), a wider input (--width) if the characters are narrow, "
-        f"or more labelled images"))
+    return ((hint + "; else " if hint else "")
+            + f"try {other}, half the learning rate (--lr), a wider input (--width) if the characters are narrow, "
+            f"or more labelled images")
 
 
 def _labels_hint(pretrained) -> str:

@@ -41,6 +41,12 @@ def _conv_bn():
                       input_shape=(2, 8, 10))
 
 
+def _wide():  # a Winograd block (32 channels in) after a first im2col block
+    return Sequential([Conv2D(32, 3, pad="same", bias=False), BatchNorm(), ReLU(), MaxPool2D(2),
+                       Conv2D(8, 3, pad="same", bias=False), BatchNorm(), ReLU(), MaxPool2D((2, 1)),
+                       Flatten(), Dense(3)], input_shape=(2, 8, 12))
+
+
 def _steps(model, mode, x, steps=2):
     """Outputs, gradients, input gradient, state and evaluation outputs after Adam steps in one shard mode."""
     config.set_shard_mode(mode)
@@ -81,7 +87,7 @@ def _assert_same(a, b):
     np.testing.assert_array_equal(a[4], b[4])
 
 
-@pytest.mark.parametrize("build", [_crnn, _conv_bn], ids=["crnn", "conv_bn"])
+@pytest.mark.parametrize("build", [_crnn, _conv_bn, _wide], ids=["crnn", "conv_bn", "winograd"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("threads", [2, 3])
 def test_processes_give_the_bits_of_threads(build, dtype, threads):
@@ -247,7 +253,7 @@ def test_a_worker_stopped_in_the_middle_of_a_step_exits_without_a_traceback():
         receive = lambda: process_shards.read_message(proc.stdout.fileno())
         assert receive()[0] == process_shards.READY
         send(op="load", token=arena.token, drop=[], path=arena.path, regions=arena.regions, spec=m.spec(),
-             dtype=np.dtype(m.dtype).str)
+             dtype=np.dtype(m.dtype).str, settings=process_shards.worker_settings())
         assert receive()[0] == process_shards.DONE
         send(op="forward", token=arena.token, n=8, t=2, k=1, train=True, err=np.geterr(),
              input_grads=[layer.needs_input_grad for layer in m.layers], masks=[],
@@ -347,6 +353,19 @@ def test_settings_changed_at_run_time_reach_the_workers():
     config.set_im2col_budget(0.002)  # conv chunks of a few images: other sums than one chunk
     workspace.CHUNK_BYTES = 4096
     _assert_same(_steps(on_threads, "threads", x, steps=1), _steps(on_processes, "processes", x, steps=1))
+
+
+@pytest.mark.parametrize("winograd", [True, False])
+def test_the_winograd_switch_and_chunk_size_reach_the_workers(monkeypatch, winograd):
+    # The two ways give other bits, so a worker that ignored either setting would differ.
+    from xpnet.cpu import conv_block, conv_plan
+
+    monkeypatch.setattr(conv_block.ConvBlock, "USE_WINOGRAD", winograd)
+    monkeypatch.setattr(conv_plan, "WINOGRAD_CHUNK_BYTES", 1)
+    xpnet.set_num_threads(2)
+    on_threads, on_processes, x = _twins(_wide, 12)
+    _assert_same(_steps(on_threads, "threads", x, steps=1), _steps(on_processes, "processes", x, steps=1))
+    assert [getattr(s, "winograd", None) for s in on_processes.executor.stages[:2]] == [False, winograd]
 
 
 def test_a_warning_in_a_workers_shard_reaches_the_callers_filters(processes):

@@ -11,6 +11,13 @@ the pool's routing (from K-1 bool "beat the running max" records), im2col again
 zero-padded dz, otherwise one product with every kernel tap side by side and one
 strided addition per tap into dx.
 
+**Winograd** (``winograd``): a 3x3 'same' stride-1 conv on 32 or more channels whose
+pool (if any) is 1 or 2 in each direction computes each chunk's z as 2x2 output tiles
+-- 16 products of (tiles, C) x (C, F) between an input and an output transform, 2.25x
+fewer multiplications -- and its backward as their transposes, z and dz in the same
+pool-grouped row order.  Its input is kept padded and split by column parity, so the
+transforms' strided slices are contiguous.
+
 BatchNorm in training: convolve every chunk and keep z, all-reduce the batch
 statistics between shards, then normalise, pool and ReLU -- or, when every
 BatchNorm scale is positive (max commutes with a positive affine map), pool the
@@ -39,7 +46,7 @@ from ..errors import UsageError
 from ..nn.layers import Conv2D, MaxPool2D
 from ..ops import norm
 from ..ops.pool import pool_blocks_backward, pool_blocks_forward
-from . import grouped_im2col
+from . import grouped_im2col, winograd
 from .conv_plan import ShardPlan, buffer_key
 from .grouped_im2col import ConvGeometry
 from .stages import NCHW, NHWC, BatchStats, Stage, batch_moments, bn_update_running, convert
@@ -58,6 +65,7 @@ class ConvBlock(Stage):
     # channels) takes its statistics from their (KH*KW*C)^2 Gram matrix: cheaper than two passes
     # over its many-channel z, and the weight gradient reuses it.
     GRAM_MAX_KDIM = 32
+    USE_WINOGRAD = True  # off: every block convolves by im2col (the tests compare the two)
 
     def __init__(self, index, conv: Conv2D, bn=None, relu=None, pool=None):
         super().__init__(index, [l for l in (conv, bn, relu, pool) if l is not None])
@@ -77,12 +85,20 @@ class ConvBlock(Stage):
         self.has_bias = {True: conv.bias, False: conv.bias or bn is not None}
         # (F, KH*KW*C): the kernel taps' (F, C) matrices side by side, for the input gradient.
         self.weight_taps = aligned_buffer((geom.f, geom.kh * geom.kw * geom.c), dt)
-        # Input gradient: for a stride-1 conv whose output covers about as many
+        # 3x3 'same' convs into 2x2 pools, on enough channels: Winograd F(2x2, 3x3), 2.25x fewer
+        # multiplications (``winograd``) in all three products; U = G W G^T by mode, as (16, C, F).
+        self.winograd = self.USE_WINOGRAD and not self.kmajor and winograd.applies(geom)
+        if self.winograd:
+            self.winograd_u = {True: aligned_buffer((16, geom.c, geom.f), dt),
+                               False: aligned_buffer((16, geom.c, geom.f), dt)}
+            self.winograd_ut = aligned_buffer((16, geom.f, geom.c), dt)  # U^T of training, for dV
+            self.weight_taps_fc = aligned_buffer((geom.kh * geom.kw, geom.f, geom.c), dt)
+        # Input gradient otherwise: for a stride-1 conv whose output covers about as many
         # pixels as its input ('same' padding), one product with the flipped kernel
         # over the im2col of the zero-padded dz (K = KH*KW*F) beats the tap
         # products (K = F) and their additions.  Otherwise dz @ weight_taps, then col2im.
-        self.dx_by_im2col = ((geom.sh, geom.sw) == (1, 1) and geom.ph < geom.kh and geom.pw < geom.kw
-                             and geom.h * geom.w <= 1.15 * geom.rows)
+        self.dx_by_im2col = (not self.winograd and (geom.sh, geom.sw) == (1, 1) and geom.ph < geom.kh
+                             and geom.pw < geom.kw and geom.h * geom.w <= 1.15 * geom.rows)
         if self.dx_by_im2col:
             # dx is the 'full' convolution of dz with the flipped kernel: F in, C out
             self.dx_geom = ConvGeometry(geom.f, geom.oh, geom.ow, geom.c, geom.kh, geom.kw, 1, 1,
@@ -134,7 +150,12 @@ class ConvBlock(Stage):
         numpy.copyto(self.weight_matrix[train].reshape(geom.kh, geom.kw, geom.c, geom.f), w.transpose(2, 3, 1, 0))
         if b is not None:
             numpy.copyto(self.bias[train], b)
-        if train and self.dx_by_im2col:
+        if self.winograd:  # U from the (KH*KW, C, F) taps just laid out; U^T from (KH*KW, F, C) taps
+            winograd.kernel_transform(self.weight_matrix[train], out=self.winograd_u[train])
+            if train:
+                numpy.copyto(self.weight_taps_fc.reshape(geom.kh, geom.kw, geom.f, geom.c), w.transpose(2, 3, 0, 1))
+                winograd.kernel_transform(self.weight_taps_fc, out=self.winograd_ut)
+        elif train and self.dx_by_im2col:
             numpy.copyto(self.flipped_weight_matrix.reshape(geom.kh, geom.kw, geom.f, geom.c),
                          w[:, :, ::-1, ::-1].transpose(2, 3, 0, 1))
         elif train:
@@ -148,7 +169,9 @@ class ConvBlock(Stage):
         plan = self.plan(sh, x.shape[0], x.dtype, train, need_dx)
         x = convert(x, step.layouts[self.index], NHWC)
         key = buffer_key(x) if plan.may_read_input else None
-        if plan.phase_planes is not None and geom.ph == geom.pw == 0:
+        if self.winograd:
+            winograd.split_columns(x, plan.input_phases)
+        elif plan.phase_planes is not None and geom.ph == geom.pw == 0:
             numpy.copyto(plan.phase_planes, grouped_im2col.phase_planes_view(x, geom))  # straight from the input
         elif key is not None and key in (plan.source_key, plan.seen_key):
             if key != plan.source_key:
@@ -166,12 +189,11 @@ class ConvBlock(Stage):
             self._forward_bn(plan, sh, step)
         else:
             # Local aliases: these run once per chunk, in every shard's thread.
-            mm, cp, mx, add = numpy.matmul, numpy.copyto, numpy.maximum, numpy.add
+            mx, add, convolve = numpy.maximum, numpy.add, self._convolve
             pooled, relu = self.pool is not None, self.relu is not None
             for group in plan.groups:
                 for chunk in group.chunks:
-                    cp(chunk.im2col_dst, chunk.im2col_src)  # im2col, rows grouped by pool position
-                    mm(chunk.col, wmat, out=chunk.z)
+                    convolve(chunk, wmat, train)
                 if pooled:
                     pool_blocks_forward(group.z_blocks, group.y, group.winner_records)
                 if bias is not None:
@@ -181,6 +203,30 @@ class ConvBlock(Stage):
         if train:
             sh.cache[self.index] = plan
         return plan.y
+
+    def _convolve(self, chunk, wmat, train):
+        """The chunk's conv output z (rows, F), rows grouped by pool window: one im2col copy and one
+        product, or Winograd's input transform, 16 products and output transform."""
+        views = chunk.winograd
+        if views is None:
+            numpy.copyto(chunk.im2col_dst, chunk.im2col_src)  # im2col, rows grouped by pool position
+            numpy.matmul(chunk.col, wmat, out=chunk.z)
+            return
+        winograd.input_transform(views.phases, views.cols, views.v)
+        numpy.matmul(views.v_mat, self.winograd_u[train], out=views.m_mat)
+        winograd.output_transform(views.m, views.scratch_forward, views.z_blocks)
+
+    def _winograd_backward(self, plan, chunk, need_dx):
+        """One chunk's share of dW (summed into plan.winograd_du as dU) and its dx, from its dz."""
+        views = chunk.winograd
+        winograd.output_transform_transpose(views.dz_blocks, views.scratch_backward, views.m)  # dM
+        winograd.input_transform(views.phases, views.cols, views.v)  # V again (cheaper than keeping it)
+        numpy.matmul(views.v_mat.transpose(0, 2, 1), views.m_mat, out=plan.winograd_du_chunk)
+        numpy.add(plan.winograd_du, plan.winograd_du_chunk, out=plan.winograd_du)
+        if need_dx:  # dV = dM U^T into V's buffer, then its tiles added into the padded dx
+            numpy.matmul(views.m_mat, self.winograd_ut, out=views.v_mat)
+            winograd.input_transform_transpose(views.v, views.cols, views.dx_phases)
+            winograd.join_columns(views.dx_phases, views.dx)
 
     def _forward_bn(self, plan, sh, step):
         geom, bn = self.geom, self.bn
@@ -198,8 +244,7 @@ class ConvBlock(Stage):
             stats = BatchStats()
             for group in plan.groups:
                 for chunk in group.chunks:
-                    numpy.copyto(chunk.im2col_dst, chunk.im2col_src)
-                    numpy.matmul(chunk.col, wmat, out=chunk.z)
+                    self._convolve(chunk, wmat, True)
                 if bias is not None:
                     numpy.add(group.z, bias, out=group.z)
                 stats.add(batch_moments(group.z, dt, group.scratch))
@@ -277,7 +322,7 @@ class ConvBlock(Stage):
         bn_terms = self._bn_backward_terms(plan, sh, step) if self.bn is not None else None
         if bn_terms is not None and self.conv.bias:
             db = numpy.zeros(geom.f, numpy.float64)
-        plan.dweight_matrix.fill(0)
+        (plan.winograd_du if self.winograd else plan.dweight_matrix).fill(0)
         mm, add = numpy.matmul, numpy.add  # local aliases, as in forward
         pooled = self.pool is not None
         dx_by_im2col = need_dx and self.dx_by_im2col
@@ -308,6 +353,9 @@ class ConvBlock(Stage):
             elif pooled:
                 pool_blocks_backward(group.dpooled, group.winner_records, group.dz_blocks, *group.pool_scratch)
             for chunk in group.chunks:
+                if chunk.winograd is not None:
+                    self._winograd_backward(plan, chunk, need_dx)
+                    continue
                 numpy.copyto(chunk.bwd_im2col_dst, chunk.bwd_im2col_src)  # im2col again
                 mm(chunk.bwd_col_t, chunk.dz, out=plan.dweight_chunk)
                 add(plan.dweight_matrix, plan.dweight_chunk, out=plan.dweight_matrix)
@@ -326,6 +374,8 @@ class ConvBlock(Stage):
             c_z64, c_0_64 = bn_terms[4]
             linear = (col_gram @ w64) * c_z64 + numpy.outer(col_sums, c_0_64)
             plan.dweight_matrix += linear.astype(dt)
+        if self.winograd:  # dW as (KH*KW*C, F), the im2col path's layout
+            winograd.kernel_transform_transpose(plan.winograd_du, out=plan.dweight_matrix)
         sh.grads[(self.conv, "W")] = grouped_im2col.weight_grad_from_matrix(plan.dweight_matrix,
                                                                              self.conv.params["W"].shape)
         if db is not None:
@@ -333,7 +383,7 @@ class ConvBlock(Stage):
         if not need_dx:
             return None
         # dx in the layout the input came in (the block reads either).
-        if self.dx_by_im2col:
+        if self.dx_by_im2col or self.winograd:
             dx = plan.dx_buffer
         else:
             dx = plan.dx_padded[:, geom.ph:geom.ph + geom.h, geom.pw:geom.pw + geom.w]

@@ -20,6 +20,10 @@ from .. import config
 from . import grouped_im2col
 from .workspace import aligned_buffer, chunk_images, group_images
 
+# Winograd blocks: images per chunk such that their transformed input and products fill about this
+# much (measured on captcha_crnn's blocks: 2-5 images ran fastest, 1 and 8-16 slower).
+WINOGRAD_CHUNK_BYTES = 2 * 1024 * 1024
+
 if TYPE_CHECKING:
     from .conv_block import ConvBlock
 
@@ -60,6 +64,29 @@ class ChunkViews:
     dx_storage: numpy.ndarray | None = None      # the chunk's images of the padded dx buffer, in storage order
     tap_slabs: numpy.ndarray | None = None       # (rows, KH*KW*C): dz times every tap, side by side
     taps: list | None = None                     # per kernel tap: (its view of the padded dx, its slab)
+    winograd: "WinogradChunk | None" = None      # the Winograd path's views (then no im2col views)
+
+
+@dataclass(slots=True)
+class WinogradChunk:
+    """The views one chunk of a Winograd block (``winograd``) reads and writes: TH x TW tiles an image.
+
+    Transformed arrays are indexed (4, 4, ...) by tile position; the ``_mat`` views
+    are the same memory as the (16, rows, columns) stacks the products read.
+    """
+
+    phases: numpy.ndarray                        # (2, images, 2TH+2, TW+1, C) the padded input by column parity
+    cols: numpy.ndarray                          # (4, images, 2TH+2, TW, C) scratch of the column pass
+    v: numpy.ndarray                             # (4, 4, images, TH, TW, C) the transformed input (dV in backward)
+    v_mat: numpy.ndarray                         # (16, images*TH*TW, C)
+    m: numpy.ndarray                             # (4, 4, images, TH, TW, F) the products (dM in backward)
+    m_mat: numpy.ndarray                         # (16, images*TH*TW, F)
+    scratch_forward: numpy.ndarray               # (2, 4, images, TH, TW, F)
+    z_blocks: list                               # [pi][pj] (images, TH, TW, F): z's rows of tile position (pi, pj)
+    scratch_backward: numpy.ndarray | None = None  # (4, 2, images, TH, TW, F)
+    dz_blocks: list | None = None                # the same views of dz
+    dx_phases: numpy.ndarray | None = None       # (2, images, 2TH+2, TW+1, C) the padded dx by column parity
+    dx: numpy.ndarray | None = None              # (images, H, W, C) the chunk's dx
 
 
 @dataclass(slots=True)
@@ -104,7 +131,8 @@ class ShardPlan:
         bn_train = blk.bn is not None and train
         # Backward works in plain row order only for the tap-by-tap input gradient
         # (long runs for its additions); BatchNorm keeps z in backward's order.
-        self.backward_plain = need_dx and not blk.dx_by_im2col
+        # (Winograd writes and reads whole pool windows: grouped order.)
+        self.backward_plain = need_dx and not (blk.dx_by_im2col or blk.winograd)
         self.forward_plain = bn_train and self.backward_plain
         # with BatchNorm in training: (mean, inv_std, scale, values per channel, float64 mean, pooled first)
         self.bn_stats = None
@@ -122,8 +150,13 @@ class ShardPlan:
         self.dz_padded = self.dz_col = None         # input gradient by im2col: per chunk
         self.dx_buffer = self.dx_padded = self.tap_slabs = None
         empty, zeros = aligned_buffer, partial(aligned_buffer, zero=True)
-        self.input_buffer, self.padded_input = padded_buffer(blk, n, dt, zeros)  # the padding border stays zero
-        self.interior = self.padded_input[:, geom.ph:geom.ph + geom.h, geom.pw:geom.pw + geom.w]
+        if blk.winograd:  # the padded input by column parity (winograd.split_columns); the border stays zero
+            self.input_phases = zeros((2, n, geom.hp, geom.w // 2 + 1, geom.c), dt)
+            self.input_buffer = self.padded_input = self.interior = None
+        else:
+            self.input_phases = None
+            self.input_buffer, self.padded_input = padded_buffer(blk, n, dt, zeros)  # the padding border stays zero
+            self.interior = self.padded_input[:, geom.ph:geom.ph + geom.h, geom.pw:geom.pw + geom.w]
         # A K-major im2col in grouped order is copied from phase planes: long runs
         # (grouped_im2col.phase_planes_view), when they fit the im2col budget.
         self.phase_planes = None
@@ -136,12 +169,19 @@ class ShardPlan:
         itemsize = numpy.dtype(dt).itemsize
         # A chunk's im2col block, or its conv output where that is the larger (a first layer of
         # few input channels), stays near the core's cache: the element-wise passes then read it there.
-        chunk = chunk_images(geom.rows * max(geom.kdim, geom.f) * itemsize, n)
+        # Winograd: its transformed input and products (4*rows*(C + F) values an image).
+        if blk.winograd:
+            chunk = chunk_images(4 * geom.rows * (geom.c + geom.f) * itemsize, n, WINOGRAD_CHUNK_BYTES)
+        else:
+            chunk = chunk_images(geom.rows * max(geom.kdim, geom.f) * itemsize, n)
         group = group_images(chunk, geom.rows * geom.f * itemsize, n)
         chunk_rows, group_rows = chunk * geom.rows, group * geom.rows
         # Buffers every chunk (or group) reuses: the im2col block, and for the input
         # gradient its counterpart (and the zero-padded dz it is built from).
-        self.col = empty((geom.kdim, chunk_rows) if blk.kmajor else (chunk_rows, geom.kdim), dt)
+        self.col = None if blk.winograd else empty((geom.kdim, chunk_rows) if blk.kmajor
+                                                   else (chunk_rows, geom.kdim), dt)
+        self.winograd_buffers = self._winograd_buffers(blk, chunk, dt, need_dx) if blk.winograd else None
+        self.winograd_du = self.winograd_du_chunk = None  # (16, C, F): dU summed over chunks, one chunk's part
         z = empty((group_rows, geom.f), dt) if (pooled and (not bn_train or self.gram_stats)) else None
         self.col64 = empty((geom.kdim, chunk_rows), numpy.float64) if self.gram_stats else None
         u = scratch = dz = pool_scratch = None
@@ -163,7 +203,12 @@ class ShardPlan:
                 pool_scratch = (empty((group, geom.qh, geom.qw, geom.f), bool),
                                 empty((group, geom.qh, geom.qw, geom.f), bool),
                                 empty((group, geom.qh, geom.qw, geom.f), dt))
-            if need_dx and blk.dx_by_im2col:
+            if blk.winograd:
+                self.winograd_du = empty((16, geom.c, geom.f), dt)
+                self.winograd_du_chunk = empty((16, geom.c, geom.f), dt)
+                if need_dx:
+                    self.dx_buffer = empty((n, geom.h, geom.w, geom.c), dt)
+            elif need_dx and blk.dx_by_im2col:
                 dx_geom = blk.dx_geom
                 # borders (and rows no pool reads) stay zero
                 self.dz_padded = zeros((chunk, dx_geom.hp, dx_geom.wp, dx_geom.c), dt)
@@ -179,7 +224,8 @@ class ShardPlan:
         # lies -- the previous stage's output, which nothing changes before the next
         # forward -- instead of copying it into padded_input, once the same buffer comes twice.
         self.may_read_input = blk.index > 0 and geom.ph == geom.pw == 0 and not blk.kmajor
-        self.source_key, self.seen_key = buffer_key(self.padded_input), None
+        self.source_key = None if blk.winograd else buffer_key(self.padded_input)
+        self.seen_key = None
 
     def _group(self, blk, start, stop, chunk, bn_train, z_buffer, u_buffer, scratch_buffer, dz_buffer,
                pool_scratch_buffers) -> GroupViews:
@@ -228,6 +274,11 @@ class ShardPlan:
         geom = blk.geom
         images, rows = stop - start, (stop - start) * geom.rows
         in_group = slice((start - group_start) * geom.rows, (stop - group_start) * geom.rows)
+        if blk.winograd:
+            z = group_z[in_group]
+            dz = group_dz[in_group] if group_dz is not None else None
+            views = self._winograd_chunk(blk, start, stop, z, dz)
+            return ChunkViews(start, stop, None, None, None, z, dz=dz, winograd=views)
         if self.phase_planes is not None:
             part = self.col[:, :rows]
             src = grouped_im2col.phase_window_view(self.phase_planes[start:stop], geom)
@@ -269,6 +320,46 @@ class ShardPlan:
                           bwd_im2col_dst=bwd_dst, bwd_col_t=bwd_col.T, dz=dz, dz_padded_dst=dz_padded_dst,
                           dz_src=dz_src, dz_col_src=dz_col_src, dz_col_dst=dz_col_dst, dz_col=dz_col, dx_rows=dx_rows,
                           dx_storage=dx_storage, tap_slabs=tap_slabs, taps=taps)
+
+    @staticmethod
+    def _winograd_buffers(blk, chunk, dt, need_dx):
+        """Flat buffers every Winograd chunk reuses; a chunk takes the leading part of each, so that
+        its views stay contiguous for any number of images."""
+        geom = blk.geom
+        tiles, phase = geom.rows // 4, geom.hp * (geom.w // 2 + 1) * geom.c
+        sizes = {"cols": 4 * geom.hp * (geom.w // 2) * geom.c, "v": 16 * tiles * geom.c, "m": 16 * tiles * geom.f,
+                 "scratch": 8 * tiles * geom.f, "dx_phases": 2 * phase if need_dx else 0}
+        return {name: aligned_buffer(chunk * size, dt) for name, size in sizes.items()}
+
+    def _winograd_chunk(self, blk, start, stop, z, dz) -> WinogradChunk:
+        """Views of the Winograd buffers, z and dz (rows grouped by pool window) for images start:stop."""
+        geom, images = blk.geom, stop - start
+        th, tw, c, f = geom.h // 2, geom.w // 2, geom.c, geom.f
+        pkh, pkw = geom.pkh, geom.pkw
+        buffers = self.winograd_buffers
+
+        def lead(name, *shape):
+            return buffers[name][:int(numpy.prod(shape))].reshape(shape)
+
+        def tile_positions(a):
+            """Rows (images*rows, F) in pool-grouped order -> [pi][pj] (images, TH, TW, F): output
+            (2i + pi, 2j + pj), which is pool position ((2i + pi) % PKH, (2j + pj) % PKW) of pooled
+            cell ((2i + pi) // PKH, (2j + pj) // PKW)."""
+            a = a.reshape(images, pkh, pkw, th, 2 // pkh, tw, 2 // pkw, f)
+            return [[a[:, pi % pkh, pj % pkw, :, pi // pkh, :, pj // pkw] for pj in range(2)] for pi in range(2)]
+
+        views = WinogradChunk(phases=self.input_phases[:, start:stop], cols=lead("cols", 4, images, geom.hp, tw, c),
+                              v=lead("v", 4, 4, images, th, tw, c), v_mat=lead("v", 16, images * th * tw, c),
+                              m=lead("m", 4, 4, images, th, tw, f), m_mat=lead("m", 16, images * th * tw, f),
+                              scratch_forward=lead("scratch", 2, 4, images, th, tw, f),
+                              z_blocks=tile_positions(z))
+        if dz is not None:
+            views.scratch_backward = lead("scratch", 4, 2, images, th, tw, f)
+            views.dz_blocks = tile_positions(dz)
+            if self.need_dx:
+                views.dx_phases = lead("dx_phases", 2, images, geom.hp, tw + 1, c)
+                views.dx = self.dx_buffer[start:stop]
+        return views
 
     def read_from(self, blk, src):
         """Point the chunks' im2col sources at src (N, Hp, Wp, C): padded_input, or the input itself."""

@@ -91,6 +91,8 @@ def run(cmd, replicas, reducer) -> dict:
     if op == "load":
         for token in cmd["drop"]:  # the main process decides which replicas stay
             replicas.pop(token, None)
+        ps.apply_settings(cmd["settings"])  # before its conv blocks are built
+        ps.apply_settings(cmd["settings"])  # before its conv blocks are built
         replicas[cmd["token"]] = Replica(cmd)
         return {}
     rep = replicas[cmd["token"]]

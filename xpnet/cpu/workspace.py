@@ -39,9 +39,10 @@ def aligned_buffer(shape, dtype, zero: bool = False):
     return out
 
 
-def chunk_images(bytes_per_image: int, n: int) -> int:
-    """Images per chunk: about CHUNK_BYTES of im2col (or conv output), never above the im2col budget."""
-    budget = min(CHUNK_BYTES, config.get_im2col_budget_bytes())
+def chunk_images(bytes_per_image: int, n: int, target: int | None = None) -> int:
+    """Images per chunk: about ``target`` (default CHUNK_BYTES) of im2col (or conv output), never
+    above the im2col budget."""
+    budget = min(CHUNK_BYTES if target is None else target, config.get_im2col_budget_bytes())
     return max(1, min(n, budget // max(1, bytes_per_image)))
 
 

@@ -253,7 +253,7 @@ def test_a_worker_stopped_in_the_middle_of_a_step_exits_without_a_traceback():
         receive = lambda: process_shards.read_message(proc.stdout.fileno())
         assert receive()[0] == process_shards.READY
         send(op="load", token=arena.token, drop=[], path=arena.path, regions=arena.regions, spec=m.spec(),
-             dtype=np.dtype(m.dtype).str, settings=process_shards.worker_settings())
+             dtype=np.dtype(m.dtype).str, winograd=True)
         assert receive()[0] == process_shards.DONE
         send(op="forward", token=arena.token, n=8, t=2, k=1, train=True, err=np.geterr(),
              input_grads=[layer.needs_input_grad for layer in m.layers], masks=[],
@@ -356,16 +356,35 @@ def test_settings_changed_at_run_time_reach_the_workers():
 
 
 @pytest.mark.parametrize("winograd", [True, False])
-def test_the_winograd_switch_and_chunk_size_reach_the_workers(monkeypatch, winograd):
-    # The two ways give other bits, so a worker that ignored either setting would differ.
+def test_the_winograd_choice_and_chunk_size_reach_the_workers(monkeypatch, winograd):
     from xpnet.cpu import conv_block, conv_plan
 
     monkeypatch.setattr(conv_block.ConvBlock, "USE_WINOGRAD", winograd)
     monkeypatch.setattr(conv_plan, "WINOGRAD_CHUNK_BYTES", 1)
     xpnet.set_num_threads(2)
     on_threads, on_processes, x = _twins(_wide, 12)
-    _assert_same(_steps(on_threads, "threads", x, steps=1), _steps(on_processes, "processes", x, steps=1))
+    other_way = on_threads.clone()
+    want = _steps(on_threads, "threads", x, steps=1)
+    _assert_same(want, _steps(on_processes, "processes", x, steps=1))
     assert [getattr(s, "winograd", None) for s in on_processes.executor.stages[:2]] == [False, winograd]
+    # the two ways give other bits: a worker that took the other one would have been seen
+    monkeypatch.setattr(conv_block.ConvBlock, "USE_WINOGRAD", not winograd)
+    assert not np.array_equal(_steps(other_way, "threads", x, steps=1)[1]["conv2.W"], want[1]["conv2.W"])
+
+
+def test_workers_keep_the_main_executors_conv_path_when_the_default_changes(monkeypatch):
+    # Built with Winograd; the default switched off before a larger batch makes the workers load
+    # the model again: they must still compute as the main executor does.
+    from xpnet.cpu import conv_block
+
+    xpnet.set_num_threads(2)
+    on_threads, on_processes, x = _twins(_wide, 12)
+    small = x[:6]
+    first = (_steps(on_threads, "threads", small, steps=1), _steps(on_processes, "processes", small, steps=1))
+    _assert_same(*first)
+    monkeypatch.setattr(conv_block.ConvBlock, "USE_WINOGRAD", False)
+    _assert_same(_steps(on_threads, "threads", x, steps=1), _steps(on_processes, "processes", x, steps=1))
+    assert on_processes.executor.winograd and on_processes.executor.stages[1].winograd
 
 
 def test_a_warning_in_a_workers_shard_reaches_the_callers_filters(processes):

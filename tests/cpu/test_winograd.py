@@ -15,13 +15,14 @@ from .test_fused_executor import assert_paths_agree
 
 @pytest.fixture(autouse=True)
 def _restore_settings():
-    saved = (config.fast_paths_enabled(), config.get_num_threads(), workspace.CHUNK_BYTES,
+    saved = (config.fast_paths_enabled(), config.get_num_threads(), config.get_shard_mode(), workspace.CHUNK_BYTES,
              conv_plan.WINOGRAD_CHUNK_BYTES, conv_block.ConvBlock.USE_WINOGRAD)
     config.fast_paths(True)
     yield
     config.fast_paths(saved[0])
     config.set_num_threads(saved[1])
-    workspace.CHUNK_BYTES, conv_plan.WINOGRAD_CHUNK_BYTES, conv_block.ConvBlock.USE_WINOGRAD = saved[2:]
+    config.set_shard_mode(saved[2])
+    workspace.CHUNK_BYTES, conv_plan.WINOGRAD_CHUNK_BYTES, conv_block.ConvBlock.USE_WINOGRAD = saved[3:]
 
 
 def naive_conv(x, w):
@@ -139,6 +140,7 @@ def test_which_geometries_it_computes():
 
 def wide_blocks():  # a first block by im2col (2 channels in), then Winograd blocks with every pool shape
     return [Conv2D(32, 3, pad="same"), ReLU(), MaxPool2D(2),
+            Conv2D(32, 3, pad="same"), ReLU(), MaxPool2D(2),
             Conv2D(32, 3, pad="same"), ReLU(), MaxPool2D((2, 1)),
             Conv2D(33, 3, pad="same"), ReLU(), MaxPool2D((1, 2)),
             Conv2D(7, 3, pad="same"), ReLU(), Flatten(), Dense(5)]
@@ -157,8 +159,8 @@ def uses_winograd(model):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_winograd_blocks_match_the_plain_path(threads):
-    fast = assert_paths_agree(wide_blocks, (2, 16, 16), n=7, threads=threads)
-    assert uses_winograd(fast) == [False, True, True, True]
+    fast = assert_paths_agree(wide_blocks, (2, 32, 32), n=7, threads=threads)
+    assert uses_winograd(fast) == [False, True, True, True, True]
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, None])
@@ -191,8 +193,28 @@ def test_float32_winograd_blocks_within_the_model_tolerance():
 
 def test_winograd_can_be_switched_off():
     conv_block.ConvBlock.USE_WINOGRAD = False
-    fast = assert_paths_agree(wide_blocks, (2, 16, 16), n=5, threads=2)
-    assert uses_winograd(fast) == [False, False, False, False]
+    fast = assert_paths_agree(wide_blocks, (2, 32, 32), n=5, threads=2)
+    assert uses_winograd(fast) == [False, False, False, False, False]
+
+
+def test_short_last_chunks_and_aligned_winograd_buffers(monkeypatch):
+    # Two images a chunk on shards of 4 and 3 images: each shard's last chunk is short (views
+    # of the leading part of every chunk buffer).  Threads: the patched chunking stays in this process.
+    config.set_shard_mode("threads")
+    monkeypatch.setattr(conv_plan, "chunk_images", lambda nbytes, n, target=None: min(n, 2))
+    fast = assert_paths_agree(wide_bn_blocks, (2, 16, 24), n=7, threads=2)
+    blocks = [s for s in fast.executor.stages if getattr(s, "winograd", False)]
+    assert blocks and all(s.weight_taps is None for s in blocks)  # the im2col path's buffers are not made
+    sizes = set()
+    for sh in fast.executor.shards:
+        for key, plan in sh.plans.items():
+            if plan.winograd_buffers is None:
+                continue
+            sizes |= {chunk.stop - chunk.start for group in plan.groups for chunk in group.chunks}
+            for buffer in (*plan.winograd_buffers.values(), plan.input_phases):
+                assert buffer.ctypes.data % workspace.ALIGN_BYTES == 0
+            assert plan.col is None and plan.dweight_chunk is None
+    assert sizes == {1, 2}
 
 
 def test_captcha_crnn_convolves_its_wide_blocks_by_winograd():

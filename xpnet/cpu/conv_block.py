@@ -46,7 +46,8 @@ from ..errors import UsageError
 from ..nn.layers import Conv2D, MaxPool2D
 from ..ops import norm
 from ..ops.pool import pool_blocks_backward, pool_blocks_forward
-from . import grouped_im2col, winograd
+from . import grouped_im2col
+from . import winograd as winograd_conv
 from .conv_plan import ShardPlan, buffer_key
 from .grouped_im2col import ConvGeometry
 from .stages import NCHW, NHWC, BatchStats, Stage, batch_moments, bn_update_running, convert
@@ -65,9 +66,9 @@ class ConvBlock(Stage):
     # channels) takes its statistics from their (KH*KW*C)^2 Gram matrix: cheaper than two passes
     # over its many-channel z, and the weight gradient reuses it.
     GRAM_MAX_KDIM = 32
-    USE_WINOGRAD = True  # off: every block convolves by im2col (the tests compare the two)
+    USE_WINOGRAD = True  # the executors' default; off: every block convolves by im2col (the tests compare the two)
 
-    def __init__(self, index, conv: Conv2D, bn=None, relu=None, pool=None):
+    def __init__(self, index, conv: Conv2D, bn=None, relu=None, pool=None, winograd: bool = True):
         super().__init__(index, [l for l in (conv, bn, relu, pool) if l is not None])
         self.conv, self.bn, self.relu, self.pool = conv, bn, relu, pool
         w = conv.params["W"]
@@ -83,11 +84,10 @@ class ConvBlock(Stage):
                               False: aligned_buffer((geom.kdim, geom.f), dt)}
         self.bias = {True: aligned_buffer(geom.f, dt), False: aligned_buffer(geom.f, dt)}
         self.has_bias = {True: conv.bias, False: conv.bias or bn is not None}
-        # (F, KH*KW*C): the kernel taps' (F, C) matrices side by side, for the input gradient.
-        self.weight_taps = aligned_buffer((geom.f, geom.kh * geom.kw * geom.c), dt)
-        # 3x3 'same' convs into 2x2 pools, on enough channels: Winograd F(2x2, 3x3), 2.25x fewer
-        # multiplications (``winograd``) in all three products; U = G W G^T by mode, as (16, C, F).
-        self.winograd = self.USE_WINOGRAD and not self.kmajor and winograd.applies(geom)
+        # 3x3 'same' stride-1 convs on 32+ input channels into pools of 1 or 2 each way
+        # (``winograd.applies``): Winograd F(2x2, 3x3), 2.25x fewer multiplications in all three
+        # products; U = G W G^T by mode, as (16, C, F).
+        self.winograd = bool(winograd) and not self.kmajor and winograd_conv.applies(geom)
         if self.winograd:
             self.winograd_u = {True: aligned_buffer((16, geom.c, geom.f), dt),
                                False: aligned_buffer((16, geom.c, geom.f), dt)}
@@ -99,6 +99,9 @@ class ConvBlock(Stage):
         # products (K = F) and their additions.  Otherwise dz @ weight_taps, then col2im.
         self.dx_by_im2col = (not self.winograd and (geom.sh, geom.sw) == (1, 1) and geom.ph < geom.kh
                              and geom.pw < geom.kw and geom.h * geom.w <= 1.15 * geom.rows)
+        # (F, KH*KW*C): the kernel taps' (F, C) matrices side by side, for the tap-by-tap input gradient.
+        self.weight_taps = (None if (self.winograd or self.dx_by_im2col)
+                            else aligned_buffer((geom.f, geom.kh * geom.kw * geom.c), dt))
         if self.dx_by_im2col:
             # dx is the 'full' convolution of dz with the flipped kernel: F in, C out
             self.dx_geom = ConvGeometry(geom.f, geom.oh, geom.ow, geom.c, geom.kh, geom.kw, 1, 1,
@@ -151,10 +154,10 @@ class ConvBlock(Stage):
         if b is not None:
             numpy.copyto(self.bias[train], b)
         if self.winograd:  # U from the (KH*KW, C, F) taps just laid out; U^T from (KH*KW, F, C) taps
-            winograd.kernel_transform(self.weight_matrix[train], out=self.winograd_u[train])
+            winograd_conv.kernel_transform(self.weight_matrix[train], out=self.winograd_u[train])
             if train:
                 numpy.copyto(self.weight_taps_fc.reshape(geom.kh, geom.kw, geom.f, geom.c), w.transpose(2, 3, 0, 1))
-                winograd.kernel_transform(self.weight_taps_fc, out=self.winograd_ut)
+                winograd_conv.kernel_transform(self.weight_taps_fc, out=self.winograd_ut)
         elif train and self.dx_by_im2col:
             numpy.copyto(self.flipped_weight_matrix.reshape(geom.kh, geom.kw, geom.f, geom.c),
                          w[:, :, ::-1, ::-1].transpose(2, 3, 0, 1))
@@ -170,7 +173,7 @@ class ConvBlock(Stage):
         x = convert(x, step.layouts[self.index], NHWC)
         key = buffer_key(x) if plan.may_read_input else None
         if self.winograd:
-            winograd.split_columns(x, plan.input_phases)
+            winograd_conv.split_columns(x, plan.input_phases)
         elif plan.phase_planes is not None and geom.ph == geom.pw == 0:
             numpy.copyto(plan.phase_planes, grouped_im2col.phase_planes_view(x, geom))  # straight from the input
         elif key is not None and key in (plan.source_key, plan.seen_key):
@@ -212,21 +215,21 @@ class ConvBlock(Stage):
             numpy.copyto(chunk.im2col_dst, chunk.im2col_src)  # im2col, rows grouped by pool position
             numpy.matmul(chunk.col, wmat, out=chunk.z)
             return
-        winograd.input_transform(views.phases, views.cols, views.v)
+        winograd_conv.input_transform(views.phases, views.cols, views.v)
         numpy.matmul(views.v_mat, self.winograd_u[train], out=views.m_mat)
-        winograd.output_transform(views.m, views.scratch_forward, views.z_blocks)
+        winograd_conv.output_transform(views.m, views.scratch_forward, views.z_blocks)
 
     def _winograd_backward(self, plan, chunk, need_dx):
         """One chunk's share of dW (summed into plan.winograd_du as dU) and its dx, from its dz."""
         views = chunk.winograd
-        winograd.output_transform_transpose(views.dz_blocks, views.scratch_backward, views.m)  # dM
-        winograd.input_transform(views.phases, views.cols, views.v)  # V again (cheaper than keeping it)
+        winograd_conv.output_transform_transpose(views.dz_blocks, views.scratch_backward, views.m)  # dM
+        winograd_conv.input_transform(views.phases, views.cols, views.v)  # V again (cheaper than keeping it)
         numpy.matmul(views.v_mat.transpose(0, 2, 1), views.m_mat, out=plan.winograd_du_chunk)
         numpy.add(plan.winograd_du, plan.winograd_du_chunk, out=plan.winograd_du)
         if need_dx:  # dV = dM U^T into V's buffer, then its tiles added into the padded dx
             numpy.matmul(views.m_mat, self.winograd_ut, out=views.v_mat)
-            winograd.input_transform_transpose(views.v, views.cols, views.dx_phases)
-            winograd.join_columns(views.dx_phases, views.dx)
+            winograd_conv.input_transform_transpose(views.v, views.cols, views.dx_phases)
+            winograd_conv.join_columns(views.dx_phases, views.dx)
 
     def _forward_bn(self, plan, sh, step):
         geom, bn = self.geom, self.bn
@@ -375,7 +378,7 @@ class ConvBlock(Stage):
             linear = (col_gram @ w64) * c_z64 + numpy.outer(col_sums, c_0_64)
             plan.dweight_matrix += linear.astype(dt)
         if self.winograd:  # dW as (KH*KW*C, F), the im2col path's layout
-            winograd.kernel_transform_transpose(plan.winograd_du, out=plan.dweight_matrix)
+            winograd_conv.kernel_transform_transpose(plan.winograd_du, out=plan.dweight_matrix)
         sh.grads[(self.conv, "W")] = grouped_im2col.weight_grad_from_matrix(plan.dweight_matrix,
                                                                              self.conv.params["W"].shape)
         if db is not None:

@@ -194,7 +194,7 @@ class ShardPlan:
             self.dpooled = empty((n, geom.qh, geom.qw, geom.f), dt)
             self.relu_positive = empty(self.dpooled.shape, bool) if blk.relu is not None else None
             self.dweight_matrix = empty((geom.kdim, geom.f), dt)
-            self.dweight_chunk = empty((geom.kdim, geom.f), dt)
+            self.dweight_chunk = None if blk.winograd else empty((geom.kdim, geom.f), dt)
             dz = empty((group_rows, geom.f), dt) if (pooled or bn_train) else None
             if bn_train:
                 self.du_shard = (empty((n * geom.rows, geom.f), dt) if pooled
@@ -328,7 +328,9 @@ class ShardPlan:
         geom = blk.geom
         tiles, phase = geom.rows // 4, geom.hp * (geom.w // 2 + 1) * geom.c
         sizes = {"cols": 4 * geom.hp * (geom.w // 2) * geom.c, "v": 16 * tiles * geom.c, "m": 16 * tiles * geom.f,
-                 "scratch": 8 * tiles * geom.f, "dx_phases": 2 * phase if need_dx else 0}
+                 "scratch": 8 * tiles * geom.f}
+        if need_dx:
+            sizes["dx_phases"] = 2 * phase
         return {name: aligned_buffer(chunk * size, dt) for name, size in sizes.items()}
 
     def _winograd_chunk(self, blk, start, stop, z, dz) -> WinogradChunk:

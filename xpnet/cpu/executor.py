@@ -68,8 +68,11 @@ UFUNC_BUFSIZE = 1024
 
 
 # --------------------------------------------------------------------------- planning
-def plan_stages(layers) -> list[Stage]:
-    """Group a layer list into stages (the list must hold only PLANNED_TYPES, built)."""
+def plan_stages(layers, winograd: bool = True) -> list[Stage]:
+    """Group a layer list into stages (the list must hold only PLANNED_TYPES, built).
+
+    ``winograd``: whether conv blocks may convolve by Winograd where it applies.
+    """
     stages: list[Stage] = []
     i = 0
     while i < len(layers):
@@ -84,7 +87,7 @@ def plan_stages(layers) -> list[Stage]:
                 relu, j = layers[j], j + 1
             if j < len(layers) and type(layers[j]) is MaxPool2D and ConvBlock.can_group(layer, bn, layers[j]):
                 pool, j = layers[j], j + 1
-            stages.append(ConvBlock(idx, layer, bn, relu, pool))
+            stages.append(ConvBlock(idx, layer, bn, relu, pool, winograd=winograd))
             i = j
             continue
         cls = {Dense: DenseStage, ReLU: ReLUStage, Flatten: FlattenStage, Dropout: DropoutStage,
@@ -115,10 +118,13 @@ class FusedExecutor:
     ``has_pending``, ``backward(dout)``, ``invalidate()``.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, winograd: bool | None = None):
         self.model = model
         self.key = _plan_key(model)
-        self.stages = plan_stages(model.layers)
+        # Fixed when built (default ``ConvBlock.USE_WINOGRAD``); a shard worker's replica is built
+        # with the main executor's choice, so every shard computes the same way.
+        self.winograd = ConvBlock.USE_WINOGRAD if winograd is None else bool(winograd)
+        self.stages = plan_stages(model.layers, self.winograd)
         for s in self.stages:
             s.dtype = model.dtype
         self.shards: list[Shard] = []

@@ -213,21 +213,18 @@ class Arena:
 
 
 def worker_settings() -> dict:
-    """This process's settings that change what a shard computes, for the workers to use too
-    (sent with every model a worker loads, since conv blocks choose Winograd when built, and with every step)."""
-    from . import conv_block, conv_plan, workspace
+    """This process's settings that change what a shard computes, for the workers to use too."""
+    from . import conv_plan, workspace
 
     return {"im2col_budget_bytes": config.get_im2col_budget_bytes(), "chunk_bytes": workspace.CHUNK_BYTES,
-            "winograd": bool(conv_block.ConvBlock.USE_WINOGRAD),
             "winograd_chunk_bytes": conv_plan.WINOGRAD_CHUNK_BYTES}
 
 
 def apply_settings(settings: dict) -> None:
-    from . import conv_block, conv_plan, workspace
+    from . import conv_plan, workspace
 
     config._budget_bytes = int(settings["im2col_budget_bytes"])
     workspace.CHUNK_BYTES = int(settings["chunk_bytes"])
-    conv_block.ConvBlock.USE_WINOGRAD = bool(settings["winograd"])
     conv_plan.WINOGRAD_CHUNK_BYTES = int(settings["winograd_chunk_bytes"])
 
 
@@ -382,7 +379,7 @@ class ProcessGroup:
         try:
             for w in self.workers:
                 w.command(op="load", token=arena.token, drop=drop, path=arena.path, regions=arena.regions,
-                          spec=spec, dtype=numpy.dtype(model.dtype).str, settings=worker_settings())
+                          spec=spec, dtype=numpy.dtype(model.dtype).str, winograd=executor.winograd)
             for w in self.workers:
                 w.reply()
         finally:

@@ -55,7 +55,7 @@ class Replica:
         self.model = Sequential.from_spec(cmd["spec"], dtype=numpy.dtype(cmd["dtype"]))
         for i, kind, name, _ in ps.state_arrays(self.model):
             getattr(self.model.layers[i], kind)[name] = self.views[f"state/{i}/{kind}/{name}"]
-        self.executor = FusedExecutor(self.model)
+        self.executor = FusedExecutor(self.model, winograd=cmd["winograd"])  # the main executor's choice
         self.step = None
         self.k = None
 
@@ -91,8 +91,6 @@ def run(cmd, replicas, reducer) -> dict:
     if op == "load":
         for token in cmd["drop"]:  # the main process decides which replicas stay
             replicas.pop(token, None)
-        ps.apply_settings(cmd["settings"])  # before its conv blocks are built
-        ps.apply_settings(cmd["settings"])  # before its conv blocks are built
         replicas[cmd["token"]] = Replica(cmd)
         return {}
     rep = replicas[cmd["token"]]

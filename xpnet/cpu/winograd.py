@@ -1,9 +1,9 @@
 """Winograd F(2x2, 3x3) convolution for the fused conv blocks (``conv_block``).
 
-A 3x3, stride-1, 'same' convolution whose output goes into a 2x2 max pool is
-computed tile by tile, one tile per pool window (Lavin and Gray, "Fast
-Algorithms for Convolutional Neural Networks", 2016): the 2x2 output tile Y of
-each 4x4 input tile d is
+A 3x3, stride-1, 'same' convolution (even output size, a pool of 1 or 2 in each
+direction after it, ``applies``) is computed tile by tile, each 2x2 output tile
+holding whole pool windows (Lavin and Gray, "Fast Algorithms for Convolutional
+Neural Networks", 2016): the 2x2 output tile Y of each 4x4 input tile d is
 
     Y = A^T [ U (.) V ] A,    U = G W G^T (per input and output channel),  V = B^T d B,
 
@@ -39,23 +39,22 @@ B = tuple(zip(*B_T))
 A = tuple(zip(*A_T))
 
 
+# Below this many input channels the im2col product (K = 9C) stays: the 16 products of K = C are
+# too thin.  Measured (2 cores, batch 64, three BatchNorm blocks at 32x80, 16x40, 8x20): 16 channels
+# ran 6-12% slower by Winograd, 32 channels 18% faster.
+MIN_CHANNELS = 32
+
+
 def applies(geom) -> bool:
     """Whether a conv block's geometry is one this module computes.
 
     3x3 kernel, stride 1, padding 1 (output size = input size, even in both
     directions: whole 2x2 tiles), and a pool of 1 or 2 in each direction, so that
-    every tile holds whole pool windows.  Few input channels (a first layer) gain
-    nothing: its products are not what costs.
+    every tile holds whole pool windows; at least MIN_CHANNELS input channels.
     """
     return ((geom.kh, geom.kw, geom.sh, geom.sw, geom.ph, geom.pw) == (3, 3, 1, 1, 1, 1)
             and geom.pkh in (1, 2) and geom.pkw in (1, 2) and geom.h % 2 == 0 and geom.w % 2 == 0
             and geom.c >= MIN_CHANNELS)
-
-
-# Below this many input channels the im2col product (K = 9C) stays: the 16 products of K = C are
-# too thin.  Measured (2 cores, batch 64, three BatchNorm blocks at 32x80, 16x40, 8x20): 16 channels
-# ran 6-12% slower by Winograd, 32 channels 18% faster.
-MIN_CHANNELS = 32
 
 
 _KRON_G: dict = {}  # dtype -> kron(G, G)

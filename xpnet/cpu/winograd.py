@@ -41,7 +41,7 @@ A = tuple(zip(*A_T))
 
 # Below this many input channels the im2col product (K = 9C) stays: the 16 products of K = C are
 # too thin.  Measured (2 cores, batch 64, three BatchNorm blocks at 32x80, 16x40, 8x20): 16 channels
-# ran 6-12% slower by Winograd, 32 channels 18% faster.
+# ran 6-13% slower by Winograd, 32 channels 18% faster.
 MIN_CHANNELS = 32
 
 
